@@ -1,0 +1,86 @@
+//! The admin listener: `/healthz` (the process runs) and `/readyz` (every credential holds a
+//! valid token). Neither ever shows a token.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::{json, Map, Value};
+use tokio::time::Instant;
+
+use crate::proxy::json_response;
+use crate::token::slot::{SlotState, TokenSlot};
+
+/// Serves the admin endpoints over the credentials' slots.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    slots: Arc<[Arc<TokenSlot>]>,
+}
+
+impl AdminService {
+    /// An admin service reporting on `slots`.
+    pub fn new(slots: Vec<Arc<TokenSlot>>) -> Self {
+        AdminService {
+            slots: slots.into(),
+        }
+    }
+
+    /// `/readyz`: status and JSON per credential.
+    pub fn readiness(&self) -> (StatusCode, Value) {
+        let now = Instant::now();
+        let mut ready = true;
+        let mut creds = Map::new();
+        for slot in self.slots.iter() {
+            let (state, left, error) = slot.status(now);
+            ready &= state == SlotState::Valid;
+            creds.insert(
+                slot.name().to_string(),
+                json!({
+                    "state": state.as_str(),
+                    "expires_in_secs": left.map(|d| d.as_secs()),
+                    "last_error": error,
+                }),
+            );
+        }
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, json!({ "ready": ready, "credentials": creds }))
+    }
+
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "method_not_allowed", "message": "admin endpoints answer GET only"}),
+            );
+        }
+        match req.uri().path() {
+            "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+            "/readyz" => {
+                let (status, body) = self.readiness();
+                json_response(status, &body)
+            }
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "message": "admin endpoints: /healthz, /readyz"}),
+            ),
+        }
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        ready(Ok(self.respond(&req)))
+    }
+}

@@ -1,0 +1,756 @@
+//! Configuration: TOML text -> raw serde structs -> validated [`Config`].
+//!
+//! The raw structs mirror the file one to one and refuse unknown keys (a credential proxy fails
+//! closed: a misspelt `client_secret_file` must not silently become "no secret"). Validation then
+//! expands `${VAR}` in every string, checks each value and builds typed settings whose invariants
+//! hold, so nothing downstream re-checks them. Every error names the file, the key and the fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+use serde::Deserialize;
+use url::Url;
+
+use crate::secret::Secret;
+
+/// Default seconds before expiry at which a token is refreshed.
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(300);
+/// Default timeout of one token request.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime assumed when a token response carries no `expires_in`.
+pub const DEFAULT_EXPIRES_IN: Duration = Duration::from_secs(600);
+/// Default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time to wait for the upstream's response headers.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time a request waits for a token when none is valid.
+pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(10);
+/// Default time requests in flight get to finish on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// A configuration problem: which file, which key, what is wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("config error in {file}: {key}: {problem}\n  fix: {fix}")]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: String,
+    /// The dotted key path (`credentials.cn-api.token_url`), or a location for parse errors.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do about it.
+    pub fix: String,
+}
+
+/// The validated configuration of one token-proxy process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration was read from (for messages).
+    pub source: String,
+    /// Address of the admin listener (`/healthz`, `/readyz`), if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Number of runtime worker threads; `None` means one per core.
+    pub workers: Option<usize>,
+    /// How long requests in flight may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Credentials by name, sorted by name.
+    pub credentials: Vec<CredentialConfig>,
+    /// Routes in file order; each has its own listener.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// `client_id` and `client_secret` as form fields.
+    ClientSecretPost,
+    /// HTTP Basic with the form-encoded id and secret.
+    ClientSecretBasic,
+}
+
+/// Where the client secret comes from.
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    /// Given in the config (usually through `${VAR}`).
+    Inline(Secret),
+    /// Read from this file at every token request, so a rotated secret is picked up.
+    File(PathBuf),
+}
+
+/// One OAuth 2.0 client-credentials identity.
+#[derive(Debug, Clone)]
+pub struct CredentialConfig {
+    /// The name routes refer to.
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: Url,
+    /// The OAuth client id.
+    pub client_id: String,
+    /// The OAuth client secret.
+    pub client_secret: SecretSource,
+    /// The `scope` form field, if any.
+    pub scope: Option<String>,
+    /// How the id and secret are sent.
+    pub auth_method: AuthMethod,
+    /// Extra form fields sent with every token request, in key order.
+    pub extra_params: Vec<(String, String)>,
+    /// Extra PEM roots trusted for the token endpoint.
+    pub ca_file: Option<PathBuf>,
+    /// Timeout of one token request.
+    pub token_timeout: Duration,
+    /// Refresh this long before expiry (never later than half way through the lifetime).
+    pub refresh_before: Duration,
+    /// Lifetime assumed when a response has no `expires_in`.
+    pub default_expires_in: Duration,
+}
+
+/// Where a route forwards to: scheme, authority and base path of the upstream URL.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port, as sent in `Host`.
+    pub authority: Authority,
+    /// The `Host` header value, ready-made.
+    pub host_header: HeaderValue,
+    /// Base path without a trailing slash (empty for none).
+    pub base_path: String,
+    /// The URL as configured, for messages.
+    pub url: Url,
+}
+
+/// One listener that forwards to one upstream with one credential's token.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Where the route listens.
+    pub listen: SocketAddr,
+    /// Where it forwards.
+    pub upstream: Upstream,
+    /// The credential whose token is stamped on requests.
+    pub credential: String,
+    /// Extra PEM roots trusted for the upstream.
+    pub ca_file: Option<PathBuf>,
+    /// Upstream TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's response headers.
+    pub response_timeout: Duration,
+    /// Time a request waits for a token when none is valid, before `503 token_unavailable`.
+    pub token_wait: Duration,
+}
+
+// ---- raw, as in the file ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    admin_listen: Option<String>,
+    workers: Option<usize>,
+    shutdown_grace_secs: Option<f64>,
+    #[serde(default)]
+    credentials: BTreeMap<String, RawCredential>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_file: Option<String>,
+    scope: Option<String>,
+    auth_method: Option<String>,
+    #[serde(default)]
+    extra_params: BTreeMap<String, String>,
+    ca_file: Option<String>,
+    token_timeout_secs: Option<f64>,
+    refresh_before_secs: Option<f64>,
+    default_expires_in_secs: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    listen: Option<String>,
+    upstream: Option<String>,
+    credential: Option<String>,
+    ca_file: Option<String>,
+    connect_timeout_secs: Option<f64>,
+    response_timeout_secs: Option<f64>,
+    token_wait_secs: Option<f64>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            problem: format!("cannot read the file: {e}"),
+            fix: "pass an existing, readable TOML file with --config".into(),
+        })?;
+        Config::parse(&text, &file, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates TOML `text`; `file` names it in messages and `env` resolves `${VAR}`.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let problem = e.message().to_string();
+            let key = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}")
+                }
+                None => "(document)".into(),
+            };
+            let fix = if problem.contains("unknown field") {
+                "remove or correct the key; the README's configuration reference lists every key"
+            } else {
+                "correct the TOML; the README's configuration reference lists every key and type"
+            };
+            ConfigError {
+                file: file.into(),
+                key,
+                problem,
+                fix: fix.into(),
+            }
+        })?;
+        Validator { file, env }.config(raw)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: &str, problem: impl fmt::Display, fix: impl fmt::Display) -> ConfigError {
+        ConfigError {
+            file: self.file.into(),
+            key: key.into(),
+            problem: problem.to_string(),
+            fix: fix.to_string(),
+        }
+    }
+
+    /// Expands `${VAR}` references; a missing variable is an error naming it.
+    fn expand(&self, key: &str, value: &str) -> Result<String, ConfigError> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                return Err(self.err(
+                    key,
+                    "unclosed `${` in value",
+                    "write `${NAME}` with a closing brace",
+                ));
+            };
+            let name = &after[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(self.err(
+                    key,
+                    format!("`${{{name}}}` is not a valid environment variable reference"),
+                    "use letters, digits and `_` only, as in `${CN_API_CLIENT_ID}`",
+                ));
+            }
+            match (self.env)(name) {
+                Some(v) => out.push_str(&v),
+                None => {
+                    return Err(self.err(
+                        key,
+                        format!("environment variable {name} is not set"),
+                        format!(
+                        "export {name} before starting token-proxy, or write the value in the file"
+                    ),
+                    ))
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    fn required(
+        &self,
+        key: &str,
+        value: Option<String>,
+        example: &str,
+    ) -> Result<String, ConfigError> {
+        match value {
+            Some(v) => {
+                let v = self.expand(key, &v)?;
+                if v.trim().is_empty() {
+                    Err(self.err(key, "is empty", format!("set it, e.g. {example}")))
+                } else {
+                    Ok(v)
+                }
+            }
+            None => Err(self.err(key, "is missing", format!("add it, e.g. {example}"))),
+        }
+    }
+
+    fn optional(&self, key: &str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+        value.map(|v| self.expand(key, &v)).transpose()
+    }
+
+    fn secs(
+        &self,
+        key: &str,
+        value: Option<f64>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 * 365.0 => {
+                Ok(Duration::from_secs_f64(s))
+            }
+            Some(s) => Err(self.err(
+                key,
+                format!("{s} is not a positive number of seconds"),
+                format!("use a positive number, e.g. {}", default.as_secs()),
+            )),
+        }
+    }
+
+    fn socket_addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("`{value}` is not an IP address and port"),
+                "write an address and port such as \"127.0.0.1:8080\" (host names are not resolved)",
+            )
+        })
+    }
+
+    fn path(&self, key: &str, value: Option<String>) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(p) = self.optional(key, value)? else {
+            return Ok(None);
+        };
+        let path = PathBuf::from(p);
+        if !path.is_file() {
+            return Err(self.err(
+                key,
+                format!("{} does not exist or is not a file", path.display()),
+                "point it at an existing file (mount it into the container if needed)",
+            ));
+        }
+        Ok(Some(path))
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let admin_listen = match self.optional("admin_listen", raw.admin_listen)? {
+            Some(a) => Some(self.socket_addr("admin_listen", &a)?),
+            None => None,
+        };
+        if raw.workers == Some(0) {
+            return Err(self.err(
+                "workers",
+                "must be at least 1",
+                "remove it (one per core) or set e.g. workers = 2",
+            ));
+        }
+        let shutdown_grace = self.secs(
+            "shutdown_grace_secs",
+            raw.shutdown_grace_secs,
+            DEFAULT_SHUTDOWN_GRACE,
+        )?;
+
+        if raw.credentials.is_empty() {
+            return Err(self.err(
+                "credentials",
+                "no credential is configured",
+                "add a [credentials.NAME] table with token_url, client_id and client_secret",
+            ));
+        }
+        let credentials = raw
+            .credentials
+            .into_iter()
+            .map(|(name, c)| self.credential(name, c))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let route = self.route(i, r, &credentials)?;
+            if let Some(other) = routes
+                .iter()
+                .position(|o: &RouteConfig| o.listen == route.listen)
+            {
+                return Err(self.err(
+                    &format!("routes[{i}].listen"),
+                    format!("{} is already used by routes[{other}]", route.listen),
+                    "give every route its own listen address",
+                ));
+            }
+            if admin_listen == Some(route.listen) {
+                return Err(self.err(
+                    &format!("routes[{i}].listen"),
+                    format!("{} is also admin_listen", route.listen),
+                    "use different addresses for routes and the admin listener",
+                ));
+            }
+            routes.push(route);
+        }
+
+        Ok(Config {
+            source: self.file.into(),
+            admin_listen,
+            workers: raw.workers,
+            shutdown_grace,
+            credentials,
+            routes,
+        })
+    }
+
+    fn credential(
+        &self,
+        name: String,
+        raw: RawCredential,
+    ) -> Result<CredentialConfig, ConfigError> {
+        let k = |field: &str| format!("credentials.{name}.{field}");
+        let url_text = self.required(
+            &k("token_url"),
+            raw.token_url,
+            "token_url = \"https://login.chinacloudapi.cn/<tenant>/oauth2/v2.0/token\"",
+        )?;
+        let token_url = self.http_url(&k("token_url"), &url_text)?;
+        let client_id = self.required(
+            &k("client_id"),
+            raw.client_id,
+            "client_id = \"${CLIENT_ID}\"",
+        )?;
+        let client_secret = match (raw.client_secret, raw.client_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    &k("client_secret"),
+                    "both client_secret and client_secret_file are set",
+                    "keep only one of them",
+                ))
+            }
+            (Some(s), None) => {
+                let s = self.expand(&k("client_secret"), &s)?;
+                if s.is_empty() {
+                    return Err(self.err(&k("client_secret"), "is empty", "set it, e.g. client_secret = \"${CLIENT_SECRET}\""));
+                }
+                SecretSource::Inline(Secret::new(s))
+            }
+            (None, Some(f)) => match self.path(&k("client_secret_file"), Some(f))? {
+                Some(p) => SecretSource::File(p),
+                None => unreachable!("path() returns Some for Some input"),
+            },
+            (None, None) => {
+                return Err(self.err(
+                    &k("client_secret"),
+                    "is missing",
+                    "add client_secret = \"${CLIENT_SECRET}\" or client_secret_file = \"/run/secrets/NAME\"",
+                ))
+            }
+        };
+        let auth_method = match self
+            .optional(&k("auth_method"), raw.auth_method)?
+            .as_deref()
+        {
+            None | Some("client_secret_post") => AuthMethod::ClientSecretPost,
+            Some("client_secret_basic") => AuthMethod::ClientSecretBasic,
+            Some(other) => {
+                return Err(self.err(
+                    &k("auth_method"),
+                    format!("`{other}` is not a supported method"),
+                    "use \"client_secret_post\" (the default) or \"client_secret_basic\"",
+                ))
+            }
+        };
+        const RESERVED: [&str; 4] = ["grant_type", "client_id", "client_secret", "scope"];
+        let mut extra_params = Vec::with_capacity(raw.extra_params.len());
+        for (key, value) in raw.extra_params {
+            let kk = format!("{}.{key}", k("extra_params"));
+            if RESERVED.contains(&key.as_str()) {
+                return Err(self.err(
+                    &kk,
+                    format!("`{key}` is set by token-proxy itself"),
+                    format!("remove it from extra_params; use the credential's own `{key}` key where there is one"),
+                ));
+            }
+            let value = self.expand(&kk, &value)?;
+            extra_params.push((key, value));
+        }
+        Ok(CredentialConfig {
+            scope: self
+                .optional(&k("scope"), raw.scope)?
+                .filter(|s| !s.is_empty()),
+            ca_file: self.path(&k("ca_file"), raw.ca_file)?,
+            token_timeout: self.secs(
+                &k("token_timeout_secs"),
+                raw.token_timeout_secs,
+                DEFAULT_TOKEN_TIMEOUT,
+            )?,
+            refresh_before: self.secs(
+                &k("refresh_before_secs"),
+                raw.refresh_before_secs,
+                DEFAULT_REFRESH_BEFORE,
+            )?,
+            default_expires_in: self.secs(
+                &k("default_expires_in_secs"),
+                raw.default_expires_in_secs,
+                DEFAULT_EXPIRES_IN,
+            )?,
+            name,
+            token_url,
+            client_id,
+            client_secret,
+            auth_method,
+            extra_params,
+        })
+    }
+
+    fn http_url(&self, key: &str, text: &str) -> Result<Url, ConfigError> {
+        let url = Url::parse(text).map_err(|e| {
+            self.err(
+                key,
+                format!("`{text}` is not a valid URL: {e}"),
+                "write a full URL such as \"https://host/path\"",
+            )
+        })?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(self.err(
+                key,
+                format!("scheme `{}` is not supported", url.scheme()),
+                "use an http:// or https:// URL",
+            ));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(self.err(
+                key,
+                format!("`{text}` has no host"),
+                "write a full URL such as \"https://host/path\"",
+            ));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(self.err(
+                key,
+                "the URL carries user credentials",
+                "remove `user:password@` from the URL; credentials go in client_id and client_secret",
+            ));
+        }
+        if url.fragment().is_some() {
+            return Err(self.err(key, "the URL has a #fragment", "remove the #fragment"));
+        }
+        Ok(url)
+    }
+
+    fn route(
+        &self,
+        i: usize,
+        raw: RawRoute,
+        credentials: &[CredentialConfig],
+    ) -> Result<RouteConfig, ConfigError> {
+        let k = |field: &str| format!("routes[{i}].{field}");
+        let listen_text = self.required(&k("listen"), raw.listen, "listen = \"127.0.0.1:8080\"")?;
+        let listen = self.socket_addr(&k("listen"), &listen_text)?;
+        let upstream_text = self.required(
+            &k("upstream"),
+            raw.upstream,
+            "upstream = \"https://api.example.com/base\"",
+        )?;
+        let upstream = self.upstream(&k("upstream"), &upstream_text)?;
+        let credential =
+            self.required(&k("credential"), raw.credential, "credential = \"NAME\"")?;
+        if !credentials.iter().any(|c| c.name == credential) {
+            let known: Vec<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
+            return Err(self.err(
+                &k("credential"),
+                format!("no credential is named `{credential}`"),
+                format!(
+                    "use one of: {} (or add [credentials.{credential}])",
+                    known.join(", ")
+                ),
+            ));
+        }
+        Ok(RouteConfig {
+            listen,
+            upstream,
+            credential,
+            ca_file: self.path(&k("ca_file"), raw.ca_file)?,
+            connect_timeout: self.secs(
+                &k("connect_timeout_secs"),
+                raw.connect_timeout_secs,
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            response_timeout: self.secs(
+                &k("response_timeout_secs"),
+                raw.response_timeout_secs,
+                DEFAULT_RESPONSE_TIMEOUT,
+            )?,
+            token_wait: self.secs(
+                &k("token_wait_secs"),
+                raw.token_wait_secs,
+                DEFAULT_TOKEN_WAIT,
+            )?,
+        })
+    }
+
+    fn upstream(&self, key: &str, text: &str) -> Result<Upstream, ConfigError> {
+        let url = self.http_url(key, text)?;
+        if url.query().is_some() {
+            return Err(self.err(
+                key,
+                "the upstream URL has a ?query",
+                "remove the query; clients send their own",
+            ));
+        }
+        let host = url.host_str().unwrap_or_default();
+        let authority_text = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        };
+        let bad = |_| {
+            self.err(
+                key,
+                format!("`{text}` has an invalid host"),
+                "write a host name or IP address",
+            )
+        };
+        let authority: Authority = authority_text.parse().map_err(bad)?;
+        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+            self.err(
+                key,
+                "the host is not a valid Host header",
+                "write a plain host name",
+            )
+        })?;
+        let scheme = if url.scheme() == "https" {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let base_path = url.path().trim_end_matches('/').to_string();
+        Ok(Upstream {
+            scheme,
+            authority,
+            host_header,
+            base_path,
+            url,
+        })
+    }
+}
+
+impl Config {
+    /// The credential named `name`.
+    pub fn credential(&self, name: &str) -> Option<&CredentialConfig> {
+        self.credentials.iter().find(|c| c.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "ID" => Some("my-id".into()),
+            "SECRET" => Some("s3cr3t".into()),
+            _ => None,
+        }
+    }
+
+    const GOOD: &str = r#"
+admin_listen = "127.0.0.1:9901"
+[credentials.api]
+token_url = "https://login.example.com/t/oauth2/v2.0/token"
+client_id = "${ID}"
+client_secret = "${SECRET}"
+scope = "app/.default"
+extra_params = { Type = "oauth2" }
+[[routes]]
+listen = "127.0.0.1:8080"
+upstream = "https://api.example.com/base/"
+credential = "api"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", &env)
+    }
+
+    #[test]
+    fn good_config_validates_and_expands_env() {
+        let c = parse(GOOD).unwrap();
+        let cred = &c.credentials[0];
+        assert_eq!(cred.client_id, "my-id");
+        assert!(matches!(&cred.client_secret, SecretSource::Inline(s) if s.expose() == "s3cr3t"));
+        assert_eq!(
+            cred.extra_params,
+            vec![("Type".to_string(), "oauth2".to_string())]
+        );
+        assert_eq!(cred.auth_method, AuthMethod::ClientSecretPost);
+        let r = &c.routes[0];
+        assert_eq!(r.upstream.base_path, "/base");
+        assert_eq!(r.upstream.authority.as_str(), "api.example.com");
+        assert_eq!(r.upstream.scheme, Scheme::HTTPS);
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_a_fix() {
+        let e = parse(&GOOD.replace("scope =", "scopes ="))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("scopes") && e.contains("fix:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_env_var_is_named() {
+        let e = parse(&GOOD.replace("${SECRET}", "${NOPE_NOT_SET}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("NOPE_NOT_SET") && e.contains("credentials.api.client_secret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_refused() {
+        for bad in ["ftp://x/y", "not a url", "https://user:pw@host/"] {
+            let e = parse(&GOOD.replace("https://api.example.com/base/", bad))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("routes[0].upstream"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn route_must_name_a_known_credential() {
+        let e = parse(&GOOD.replace("credential = \"api\"", "credential = \"other\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("routes[0].credential") && e.contains("api"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_and_secret_file_conflict() {
+        let e = parse(&GOOD.replace("scope =", "client_secret_file = \"/x\"\nscope ="))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keep only one"), "{e}");
+    }
+}

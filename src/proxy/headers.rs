@@ -1,0 +1,189 @@
+//! Header hygiene for both directions, as pure functions: hop-by-hop removal (including the
+//! headers a `Connection` header names), `Authorization` replacement and `Host` rewriting.
+//!
+//! Two deliberate exceptions keep protocols working end to end: on an upgrade (WebSocket) the
+//! `Upgrade` header and `Connection: upgrade` pass; and `Trailer`, which hyper needs to emit
+//! trailer fields on HTTP/1.1, passes when the message body is streamed (no `Content-Length`),
+//! the only case where trailers can follow. `TE: trailers` is re-sent as such, as gRPC needs.
+
+use http::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::HeaderMap;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether the comma-separated header value holds `token` (case-insensitive).
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+/// Removes hop-by-hop headers. `upgrade` keeps `Upgrade` and `Connection: upgrade`;
+/// `streamed` keeps `Trailer`. Returns whether the message's `TE` accepted trailers.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, streamed: bool) -> bool {
+    let te_trailers = headers.get_all(TE).iter().any(|v| has_token(v, "trailers"));
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &PROXY_AUTHORIZATION,
+        &PROXY_AUTHENTICATE,
+        &TE,
+        &TRANSFER_ENCODING,
+    ] {
+        headers.remove(name);
+    }
+    if !streamed {
+        headers.remove(TRAILER);
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+    te_trailers
+}
+
+/// Readies client request headers for the upstream: hop-by-hop removed, the token stamped
+/// (replacing whatever `Authorization` the client sent) and `Host` set to the upstream's.
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    authorization: HeaderValue,
+    host: &HeaderValue,
+    upgrade: bool,
+    streamed: bool,
+) {
+    let te_trailers = strip_hop_by_hop(headers, upgrade, streamed);
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    headers.insert(AUTHORIZATION, authorization);
+    headers.insert(HOST, host.clone());
+}
+
+/// Readies upstream response headers for the client.
+pub fn prepare_response(headers: &mut HeaderMap, upgrade: bool, streamed: bool) {
+    strip_hop_by_hop(headers, upgrade, streamed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn removes_hop_by_hop_and_connection_named_headers() {
+        let mut h = map(&[
+            ("connection", "close, X-Foo"),
+            ("connection", "x-bar"),
+            ("x-foo", "1"),
+            ("x-bar", "2"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic abc"),
+            ("te", "gzip"),
+            ("trailer", "x-sum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-keep", "yes"),
+        ]);
+        prepare_request(
+            &mut h,
+            HeaderValue::from_static("Bearer t"),
+            &HeaderValue::from_static("up:1"),
+            false,
+            false,
+        );
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h[AUTHORIZATION], "Bearer t");
+        assert_eq!(h[HOST], "up:1");
+    }
+
+    #[test]
+    fn client_authorization_is_replaced_not_duplicated() {
+        let mut h = map(&[
+            ("authorization", "Bearer client"),
+            ("authorization", "Basic x"),
+            ("host", "me"),
+        ]);
+        prepare_request(
+            &mut h,
+            HeaderValue::from_static("Bearer ours"),
+            &HeaderValue::from_static("up"),
+            false,
+            false,
+        );
+        let auth: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(auth, vec!["Bearer ours"]);
+        assert_eq!(h.get_all(HOST).iter().count(), 1);
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers_and_te_trailers_survives() {
+        let mut h = map(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers, deflate"),
+        ]);
+        assert!(is_upgrade_request(&h));
+        prepare_request(
+            &mut h,
+            HeaderValue::from_static("Bearer t"),
+            &HeaderValue::from_static("up"),
+            true,
+            false,
+        );
+        assert_eq!(h[UPGRADE], "websocket");
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h[TE], "trailers");
+    }
+
+    #[test]
+    fn trailer_passes_only_on_streamed_bodies() {
+        let mut h = map(&[("trailer", "x-sum")]);
+        prepare_response(&mut h, false, true);
+        assert_eq!(h[TRAILER], "x-sum");
+        prepare_response(&mut h, false, false);
+        assert!(h.get(TRAILER).is_none());
+    }
+}

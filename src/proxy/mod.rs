@@ -1,0 +1,74 @@
+//! The request path: a client request becomes an upstream request with the token stamped on,
+//! and the upstream's response (or the proxy's own JSON error) goes back.
+
+pub mod headers;
+pub mod service;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+/// Body of a proxied response: the upstream's, streamed, or a small one of the proxy's own.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// An error the proxy answers itself. Each maps to one status and one stable `error` code.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// No valid token could be had in time.
+    #[error("{0}")]
+    TokenUnavailable(String),
+    /// The upstream could not be reached or broke the connection.
+    #[error("{0}")]
+    UpstreamUnavailable(String),
+    /// The upstream did not answer in time.
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    /// The request is not one the proxy forwards.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::TokenUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The stable `error` code in the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::TokenUnavailable(_) => "token_unavailable",
+            ProxyError::UpstreamUnavailable(_) => "upstream_unavailable",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// The JSON response for this error.
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        json_response(
+            self.status(),
+            &serde_json::json!({ "error": self.code(), "message": self.to_string() }),
+        )
+        .map(Either::Right)
+    }
+}
+
+/// A JSON response that no cache keeps.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut bytes = serde_json::to_vec(body).unwrap_or_default();
+    bytes.push(b'\n');
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,93 @@
+//! Tokens: what one is, how one is fetched, the slot that holds the current one, and the task
+//! that keeps that slot fresh.
+//!
+//! Data flows one way: [`source::TokenSource`] fetches, [`refresh::run`] decides when and stores
+//! into a [`slot::TokenSlot`], and the request path only ever reads the slot.
+
+pub mod refresh;
+pub mod slot;
+pub mod source;
+
+use std::fmt;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+
+use crate::secret::Secret;
+
+/// A usable token: the ready-made `Authorization` header and when to stop using it.
+///
+/// The header is built once per token and marked sensitive (so HTTP/2 never indexes it and
+/// `http`'s `Debug` hides it); the request path clones it, which only bumps a reference count.
+#[derive(Clone)]
+pub struct Token {
+    header: HeaderValue,
+    expires_at: Instant,
+    lifetime: Duration,
+}
+
+impl Token {
+    /// Builds the token from a fetched one; `None` if the value cannot be an HTTP header.
+    pub fn new(access_token: &Secret, expires_at: Instant, lifetime: Duration) -> Option<Token> {
+        let mut value = Vec::with_capacity(7 + access_token.expose().len());
+        value.extend_from_slice(b"Bearer ");
+        value.extend_from_slice(access_token.expose().as_bytes());
+        let mut header = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()?;
+        header.set_sensitive(true);
+        Some(Token {
+            header,
+            expires_at,
+            lifetime,
+        })
+    }
+
+    /// The `Authorization: Bearer …` value.
+    pub fn header(&self) -> &HeaderValue {
+        &self.header
+    }
+
+    /// The instant after which this token must not be sent (already early by the skew margin).
+    pub fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+
+    /// The lifetime the token endpoint granted.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// Whether the token may still be sent at `now`.
+    pub fn is_valid_at(&self, now: Instant) -> bool {
+        now < self.expires_at
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("header", &"Bearer <redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_sensitive_and_debug_redacts() {
+        let t = Token::new(
+            &Secret::new("tok-abc"),
+            Instant::now(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(t.header().is_sensitive());
+        assert_eq!(t.header().as_bytes(), b"Bearer tok-abc");
+        assert!(!format!("{t:?}").contains("tok-abc"));
+        assert!(Token::new(&Secret::new("bad\nvalue"), Instant::now(), Duration::ZERO).is_none());
+    }
+}

@@ -1,0 +1,206 @@
+//! The slot holding a credential's current token.
+//!
+//! The refresher is the only writer; the request path only reads. Reads are a lock-free
+//! `ArcSwap` load plus an expiry check against the clock, so a token past its (early) expiry is
+//! never handed out, whatever the refresher is doing. When no valid token exists a request can
+//! wait, bounded, for the refresher's next attempt; it nudges the refresher through `demand`
+//! instead of fetching itself, which keeps one token request in flight per credential.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::HeaderValue;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::Token;
+
+/// What `/readyz` reports about a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// No token was ever obtained.
+    Pending,
+    /// A token is held and valid.
+    Valid,
+    /// The last token expired and no new one was obtained.
+    Expired,
+}
+
+impl SlotState {
+    /// The name used in `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Pending => "pending",
+            SlotState::Valid => "valid",
+            SlotState::Expired => "expired",
+        }
+    }
+}
+
+/// Why a request got no token.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenUnavailable(pub String);
+
+/// Holds the current token of one credential.
+#[derive(Debug)]
+pub struct TokenSlot {
+    name: String,
+    current: ArcSwapOption<Token>,
+    last_error: ArcSwap<Option<String>>,
+    changed: Notify,
+    demand: Notify,
+}
+
+impl TokenSlot {
+    /// An empty slot for the credential `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        TokenSlot {
+            name: name.into(),
+            current: ArcSwapOption::empty(),
+            last_error: ArcSwap::from_pointee(None),
+            changed: Notify::new(),
+            demand: Notify::new(),
+        }
+    }
+
+    /// The credential's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The `Authorization` value of the current token, if it is valid at `now`. The hot path.
+    #[inline]
+    pub fn header_at(&self, now: Instant) -> Option<HeaderValue> {
+        let guard = self.current.load();
+        match guard.as_deref() {
+            Some(t) if t.is_valid_at(now) => Some(t.header().clone()),
+            _ => None,
+        }
+    }
+
+    /// The current token, valid or not (for status reports and the refresher).
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.current.load_full()
+    }
+
+    /// State, seconds to expiry and last error, for `/readyz`.
+    pub fn status(&self, now: Instant) -> (SlotState, Option<Duration>, Option<String>) {
+        let error = (**self.last_error.load()).clone();
+        match self.current.load().as_deref() {
+            None => (SlotState::Pending, None, error),
+            Some(t) if t.is_valid_at(now) => (SlotState::Valid, Some(t.expires_at() - now), error),
+            Some(_) => (SlotState::Expired, Some(Duration::ZERO), error),
+        }
+    }
+
+    /// Installs a new token and wakes waiting requests. Called by the refresher only.
+    pub fn store(&self, token: Token) {
+        self.current.store(Some(Arc::new(token)));
+        self.last_error.store(Arc::new(None));
+        self.changed.notify_waiters();
+    }
+
+    /// Records a failed attempt (the current token stays) and wakes waiting requests.
+    pub fn record_failure(&self, message: String) {
+        self.last_error.store(Arc::new(Some(message)));
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the refresher has been asked for a token (used by the refresher).
+    pub async fn demanded(&self) {
+        self.demand.notified().await
+    }
+
+    /// Waits up to `limit` for a valid token: for the attempt in flight, or for one the
+    /// refresher starts on our demand. Fails at once when that attempt fails.
+    pub async fn wait_for_header(&self, limit: Duration) -> Result<HeaderValue, TokenUnavailable> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(h) = self.header_at(Instant::now()) {
+                return Ok(h);
+            }
+            self.demand.notify_one();
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(self.unavailable(format!(
+                    "waited {:.1} s for the token endpoint",
+                    limit.as_secs_f64()
+                )));
+            }
+            if let Some(h) = self.header_at(Instant::now()) {
+                return Ok(h);
+            }
+            if let Some(e) = &**self.last_error.load() {
+                return Err(self.unavailable(e.clone()));
+            }
+        }
+    }
+
+    fn unavailable(&self, why: String) -> TokenUnavailable {
+        let last = (**self.last_error.load()).clone();
+        let why = match last {
+            Some(e) if !why.contains(&e) => format!("{why}; last error: {e}"),
+            _ => why,
+        };
+        TokenUnavailable(format!(
+            "no valid token for credential {}: {why}",
+            self.name
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn token(valid_for: Duration) -> Token {
+        Token::new(&Secret::new("t"), Instant::now() + valid_for, valid_for).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_token_is_never_handed_out() {
+        let slot = TokenSlot::new("c");
+        assert!(slot.header_at(Instant::now()).is_none());
+        slot.store(token(Duration::from_secs(10)));
+        assert!(slot.header_at(Instant::now()).is_some());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(slot.header_at(Instant::now()).is_none());
+        assert_eq!(slot.status(Instant::now()).0, SlotState::Expired);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiter_gets_the_stored_token_or_the_failure() {
+        let slot = Arc::new(TokenSlot::new("c"));
+        let s = slot.clone();
+        let waiter = tokio::spawn(async move { s.wait_for_header(Duration::from_secs(5)).await });
+        slot.demanded().await;
+        slot.store(token(Duration::from_secs(60)));
+        assert!(waiter.await.unwrap().is_ok());
+
+        let empty = Arc::new(TokenSlot::new("d"));
+        let s = empty.clone();
+        let waiter = tokio::spawn(async move { s.wait_for_header(Duration::from_secs(5)).await });
+        empty.demanded().await;
+        empty.record_failure("HTTP 401 invalid_client".into());
+        let e = waiter.await.unwrap().unwrap_err().to_string();
+        assert!(
+            e.contains("invalid_client") && e.contains("credential d"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiter_gives_up_after_the_limit() {
+        let slot = TokenSlot::new("c");
+        let e = slot
+            .wait_for_header(Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("waited 2.0 s"), "{e}");
+    }
+}

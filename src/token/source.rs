@@ -1,0 +1,613 @@
+//! One token request to the token endpoint (RFC 6749 §4.4, client credentials) and the parsing
+//! of its answer into a lifetime and an access token, or a [`TokenError`] that says what went
+//! wrong and what to check.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, StatusCode};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::config::{AuthMethod, CredentialConfig, SecretSource};
+use crate::secret::Secret;
+use crate::tls;
+
+/// Largest token response body read; anything longer is an invalid response.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// Longest lifetime believed; larger `expires_in` values are clamped to it.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How much of an error text is kept for logs and `/readyz`.
+const MAX_TEXT: usize = 400;
+
+/// A token as the endpoint granted it.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The access token.
+    pub access_token: Secret,
+    /// `expires_in`, clamped to [`MAX_LIFETIME`].
+    pub lifetime: Duration,
+    /// When the request was sent: the lifetime counts from here, which absorbs transit time.
+    pub requested_at: Instant,
+}
+
+/// The fields of an RFC 6749 §5.2 error response, plus Azure's extras, already sanitised.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OAuthError {
+    /// `error`, e.g. `invalid_client`.
+    pub error: String,
+    /// `error_description`, shortened.
+    pub description: Option<String>,
+    /// Azure's `error_codes` (AADSTS numbers).
+    pub error_codes: Vec<i64>,
+    /// Azure's `trace_id`.
+    pub trace_id: Option<String>,
+    /// Azure's `correlation_id`.
+    pub correlation_id: Option<String>,
+}
+
+impl OAuthError {
+    /// A hint at the likely fix, by error code.
+    pub fn hint(&self) -> &'static str {
+        match self.error.as_str() {
+            "invalid_client" => "check client_id and the client secret (wrong or expired secret; Azure AADSTS7000215 = wrong secret, AADSTS7000222 = expired)",
+            "unauthorized_client" => "the client may not use the client_credentials grant; check the app registration and tenant",
+            "invalid_scope" => "check scope (Azure expects \"<app-id or app-id-uri>/.default\")",
+            "invalid_request" => "check token_url (tenant), scope and extra_params",
+            "invalid_grant" => "check the grant settings of the app registration",
+            "unsupported_grant_type" => "the endpoint does not support the client_credentials grant",
+            "temporarily_unavailable" | "server_error" => "the identity provider has a problem; token-proxy retries with backoff",
+            _ => "see error_description",
+        }
+    }
+}
+
+impl fmt::Display for OAuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.error)?;
+        if let Some(d) = &self.description {
+            write!(f, ": {d}")?;
+        }
+        if !self.error_codes.is_empty() {
+            write!(f, " (error_codes {:?})", self.error_codes)?;
+        }
+        if let Some(t) = &self.trace_id {
+            write!(f, " trace_id={t}")?;
+        }
+        if let Some(c) = &self.correlation_id {
+            write!(f, " correlation_id={c}")?;
+        }
+        write!(f, "; hint: {}", self.hint())
+    }
+}
+
+/// Why a token request failed. The texts are safe to log and to show to clients: they never
+/// hold the secret or a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The client secret file could not be read.
+    #[error("cannot read client_secret_file {path}: {problem}")]
+    SecretFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        problem: String,
+    },
+    /// The request did not complete in time.
+    #[error("token request to {url} timed out after {secs:.1} s")]
+    Timeout {
+        /// The token endpoint.
+        url: String,
+        /// The timeout.
+        secs: f64,
+    },
+    /// The endpoint could not be reached.
+    #[error("could not reach the token endpoint {url}: {problem}")]
+    Unreachable {
+        /// The token endpoint.
+        url: String,
+        /// What the transport said.
+        problem: String,
+    },
+    /// The endpoint answered with an error status.
+    #[error("token endpoint answered HTTP {status}: {detail}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth error, or a description of the body.
+        detail: String,
+        /// The parsed OAuth error, if the body was one.
+        oauth: Option<Box<OAuthError>>,
+        /// `Retry-After`, on 429 and 503.
+        retry_after: Option<Duration>,
+    },
+    /// The endpoint answered 2xx but the body is not a usable token response.
+    #[error("token endpoint sent an invalid response: {0}")]
+    InvalidResponse(String),
+}
+
+impl TokenError {
+    /// How long the endpoint asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TokenError::Rejected { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// The OAuth `error` code, if the endpoint sent one.
+    pub fn oauth_error(&self) -> Option<&OAuthError> {
+        match self {
+            TokenError::Rejected { oauth, .. } => oauth.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Fetches tokens for one credential.
+#[derive(Debug)]
+pub struct TokenSource {
+    name: String,
+    client: reqwest::Client,
+    url: Url,
+    client_id: String,
+    secret: SecretSource,
+    scope: Option<String>,
+    auth_method: AuthMethod,
+    extra_params: Vec<(String, String)>,
+    timeout: Duration,
+    default_expires_in: Duration,
+}
+
+impl TokenSource {
+    /// Builds the HTTP client for this credential's token endpoint.
+    pub fn new(cfg: &CredentialConfig) -> Result<TokenSource, tls::TlsError> {
+        let tls = tls::client_config(cfg.ca_file.as_deref())?;
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            // The secret goes in the body: never let a redirect carry it to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.token_timeout)
+            .timeout(cfg.token_timeout)
+            .user_agent(concat!("token-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| tls::TlsError::CaFile {
+                path: "(token client)".into(),
+                problem: e.to_string(),
+            })?;
+        Ok(TokenSource {
+            name: cfg.name.clone(),
+            client,
+            url: cfg.token_url.clone(),
+            client_id: cfg.client_id.clone(),
+            secret: cfg.client_secret.clone(),
+            scope: cfg.scope.clone(),
+            auth_method: cfg.auth_method,
+            extra_params: cfg.extra_params.clone(),
+            timeout: cfg.token_timeout,
+            default_expires_in: cfg.default_expires_in,
+        })
+    }
+
+    /// The credential's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The token endpoint.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    async fn secret(&self) -> Result<Secret, TokenError> {
+        match &self.secret {
+            SecretSource::Inline(s) => Ok(s.clone()),
+            SecretSource::File(path) => read_secret_file(path).await,
+        }
+    }
+
+    /// The `application/x-www-form-urlencoded` body of a token request.
+    fn form(&self, secret: &Secret) -> String {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials");
+        if self.auth_method == AuthMethod::ClientSecretPost {
+            form.append_pair("client_id", &self.client_id);
+            form.append_pair("client_secret", secret.expose());
+        }
+        if let Some(scope) = &self.scope {
+            form.append_pair("scope", scope);
+        }
+        for (k, v) in &self.extra_params {
+            form.append_pair(k, v);
+        }
+        form.finish()
+    }
+
+    /// Makes one token request.
+    pub async fn fetch(&self) -> Result<Fetched, TokenError> {
+        let secret = self.secret().await?;
+        let requested_at = Instant::now();
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(ACCEPT, "application/json")
+            .body(self.form(&secret));
+        if self.auth_method == AuthMethod::ClientSecretBasic {
+            request = request.header(AUTHORIZATION, basic_auth(&self.client_id, &secret));
+        }
+        let url = self.url.as_str();
+        let exchange = async {
+            let mut response = request.send().await?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(parse_retry_after);
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await? {
+                if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                    return Ok(Err(TokenError::InvalidResponse(format!(
+                        "body larger than {MAX_RESPONSE_BYTES} bytes"
+                    ))));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, reqwest::Error>(Ok((status, retry_after, content_type, body)))
+        };
+        let (status, retry_after, content_type, body) =
+            match tokio::time::timeout(self.timeout, exchange).await {
+                Err(_) => {
+                    return Err(TokenError::Timeout {
+                        url: url.into(),
+                        secs: self.timeout.as_secs_f64(),
+                    })
+                }
+                Ok(Err(e)) if e.is_timeout() => {
+                    return Err(TokenError::Timeout {
+                        url: url.into(),
+                        secs: self.timeout.as_secs_f64(),
+                    })
+                }
+                Ok(Err(e)) => {
+                    return Err(TokenError::Unreachable {
+                        url: url.into(),
+                        problem: error_chain(&e),
+                    })
+                }
+                Ok(Ok(result)) => result?,
+            };
+        let (access_token, lifetime) = parse_response(
+            status,
+            retry_after,
+            &content_type,
+            &body,
+            self.default_expires_in,
+            &secret,
+        )?;
+        Ok(Fetched {
+            access_token,
+            lifetime,
+            requested_at,
+        })
+    }
+}
+
+async fn read_secret_file(path: &PathBuf) -> Result<Secret, TokenError> {
+    let err = |problem: String| TokenError::SecretFile {
+        path: path.display().to_string(),
+        problem,
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let trimmed = text.trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    Ok(Secret::new(trimmed))
+}
+
+/// `Basic base64(urlencode(id) ":" urlencode(secret))`, as RFC 6749 §2.3.1 asks.
+fn basic_auth(client_id: &str, secret: &Secret) -> HeaderValue {
+    let id: String = form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
+    let pw: String = form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{pw}"));
+    let mut value =
+        HeaderValue::try_from(format!("Basic {encoded}")).expect("base64 is a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+/// `Retry-After` in seconds (HTTP dates are rare on token endpoints and are ignored).
+fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let secs: u64 = value.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(3600)))
+}
+
+/// The error and its causes, without the URL (the caller names it once).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut current = e.source();
+    while let Some(cause) = current {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause.to_string());
+        current = cause.source();
+    }
+    if text.is_empty() {
+        text = e.to_string();
+    }
+    text
+}
+
+/// Shortens `text`, removes control characters and any occurrence of the secret.
+fn sanitize(text: &str, secret: &Secret) -> String {
+    let mut clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if !secret.is_empty() && clean.contains(secret.expose()) {
+        clean = clean.replace(secret.expose(), "<redacted>");
+    }
+    if clean.chars().count() > MAX_TEXT {
+        clean = clean.chars().take(MAX_TEXT).collect::<String>() + "…";
+    }
+    clean
+}
+
+fn string_field(v: &serde_json::Value, key: &str, secret: &Secret) -> Option<String> {
+    v.get(key)
+        .and_then(|x| x.as_str())
+        .map(|s| sanitize(s, secret))
+}
+
+fn oauth_error(v: &serde_json::Value, secret: &Secret) -> Option<OAuthError> {
+    let error = string_field(v, "error", secret)?;
+    Some(OAuthError {
+        error,
+        description: string_field(v, "error_description", secret),
+        error_codes: v
+            .get("error_codes")
+            .and_then(|c| c.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_i64()).collect())
+            .unwrap_or_default(),
+        trace_id: string_field(v, "trace_id", secret),
+        correlation_id: string_field(v, "correlation_id", secret),
+    })
+}
+
+/// What a body that is not JSON looks like, for the error message.
+fn describe_body(content_type: &str, body: &[u8], secret: &Secret) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(120)]);
+    let kind = if content_type.contains("html") || text.trim_start().starts_with('<') {
+        "an HTML page (a proxy, gateway or wrong token_url?)"
+    } else {
+        "a non-JSON body"
+    };
+    let ct = if content_type.is_empty() {
+        "no content-type"
+    } else {
+        content_type
+    };
+    format!(
+        "{kind} ({ct}, {} bytes, starting {:?})",
+        body.len(),
+        sanitize(text.trim(), secret)
+    )
+}
+
+/// Interprets a token endpoint's answer.
+pub fn parse_response(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    content_type: &str,
+    body: &[u8],
+    default_expires_in: Duration,
+    secret: &Secret,
+) -> Result<(Secret, Duration), TokenError> {
+    let json: Option<serde_json::Value> = serde_json::from_slice(body)
+        .ok()
+        .filter(|v: &serde_json::Value| v.is_object());
+    if !status.is_success() {
+        let oauth = json
+            .as_ref()
+            .and_then(|v| oauth_error(v, secret))
+            .map(Box::new);
+        let detail = match &oauth {
+            Some(o) => o.to_string(),
+            None if body.is_empty() => "empty body".into(),
+            None => describe_body(content_type, body, secret),
+        };
+        let retry_after = match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => retry_after,
+            _ => None,
+        };
+        return Err(TokenError::Rejected {
+            status: status.as_u16(),
+            detail,
+            oauth,
+            retry_after,
+        });
+    }
+    let Some(json) = json else {
+        return Err(TokenError::InvalidResponse(describe_body(
+            content_type,
+            body,
+            secret,
+        )));
+    };
+    if let Some(o) = oauth_error(&json, secret) {
+        return Err(TokenError::Rejected {
+            status: status.as_u16(),
+            detail: o.to_string(),
+            oauth: Some(Box::new(o)),
+            retry_after: None,
+        });
+    }
+    let access_token = match json.get("access_token") {
+        Some(serde_json::Value::String(t)) if !t.is_empty() => Secret::new(t.as_str()),
+        Some(_) => {
+            return Err(TokenError::InvalidResponse(
+                "access_token is empty or not a string".into(),
+            ))
+        }
+        None => {
+            return Err(TokenError::InvalidResponse(
+                "no access_token in the response".into(),
+            ))
+        }
+    };
+    if let Some(tt) = json.get("token_type") {
+        let tt = tt.as_str().unwrap_or("");
+        if !tt.eq_ignore_ascii_case("bearer") {
+            return Err(TokenError::InvalidResponse(format!(
+                "token_type is {:?}, token-proxy only sends Bearer tokens",
+                sanitize(tt, secret)
+            )));
+        }
+    }
+    let lifetime = match json.get("expires_in") {
+        None | Some(serde_json::Value::Null) => default_expires_in,
+        Some(v) => {
+            let secs = match v {
+                serde_json::Value::Number(n) => n.as_f64(),
+                serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+                _ => None,
+            };
+            match secs {
+                Some(s) if s.is_finite() && s >= 1.0 => {
+                    Duration::from_secs_f64(s.min(MAX_LIFETIME.as_secs_f64()))
+                }
+                _ => {
+                    return Err(TokenError::InvalidResponse(format!(
+                        "expires_in {} is not a positive number of seconds",
+                        sanitize(&v.to_string(), secret)
+                    )))
+                }
+            }
+        }
+    };
+    Ok((access_token, lifetime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(status: u16, body: &str) -> Result<(Secret, Duration), TokenError> {
+        parse_response(
+            StatusCode::from_u16(status).unwrap(),
+            Some(Duration::from_secs(7)),
+            "application/json",
+            body.as_bytes(),
+            Duration::from_secs(600),
+            &Secret::new("the-secret"),
+        )
+    }
+
+    #[test]
+    fn azure_answer_with_number_or_string_lifetime() {
+        let (t, l) = parse(200, r#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"abc"}"#).unwrap();
+        assert_eq!((t.expose(), l), ("abc", Duration::from_secs(3599)));
+        let (_, l) = parse(
+            200,
+            r#"{"token_type":"bearer","expires_in":"3599","access_token":"abc"}"#,
+        )
+        .unwrap();
+        assert_eq!(l, Duration::from_secs(3599));
+    }
+
+    #[test]
+    fn missing_lifetime_uses_default_and_huge_is_clamped() {
+        assert_eq!(
+            parse(200, r#"{"access_token":"a"}"#).unwrap().1,
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            parse(200, r#"{"access_token":"a","expires_in":1099511627776}"#)
+                .unwrap()
+                .1,
+            MAX_LIFETIME
+        );
+    }
+
+    #[test]
+    fn bad_lifetimes_and_bodies_are_errors() {
+        for body in [
+            r#"{"access_token":"a","expires_in":0}"#,
+            r#"{"access_token":"a","expires_in":-5}"#,
+            r#"{"access_token":"a","expires_in":"soon"}"#,
+            r#"{"token_type":"Bearer","expires_in":10}"#,
+            r#"{"access_token":"a","token_type":"mac"}"#,
+            "<!DOCTYPE html><html>oops</html>",
+        ] {
+            assert!(parse(200, body).is_err(), "{body}");
+        }
+    }
+
+    #[test]
+    fn azure_error_is_explained_and_sanitised() {
+        let body = r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided: the-secret.\r\nTrace ID: x","error_codes":[7000215],"trace_id":"t-1","correlation_id":"c-1"}"#;
+        let e = parse(401, body).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("invalid_client")
+                && text.contains("7000215")
+                && text.contains("t-1")
+                && text.contains("c-1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hint: check client_id and the client secret"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("the-secret") && !text.contains('\n'),
+            "{text}"
+        );
+        assert_eq!(e.retry_after(), None);
+    }
+
+    #[test]
+    fn retry_after_only_on_429_and_503() {
+        assert_eq!(
+            parse(429, "{}").unwrap_err().retry_after(),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse(503, "busy").unwrap_err().retry_after(),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(parse(500, "busy").unwrap_err().retry_after(), None);
+    }
+
+    #[test]
+    fn html_error_page_is_described() {
+        let e = parse(500, "<html><body>Bad Gateway</body></html>")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("HTML page"), "{e}");
+    }
+
+    #[test]
+    fn basic_auth_form_encodes_id_and_secret() {
+        let v = basic_auth("id:1", &Secret::new("p@ss word"));
+        assert!(v.is_sensitive());
+        let b64 = v.to_str().unwrap().strip_prefix("Basic ").unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(raw, b"id%3A1:p%40ss+word");
+    }
+}
