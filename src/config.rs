@@ -386,17 +386,19 @@ impl Validator<'_> {
         let mut routes = Vec::with_capacity(raw.routes.len());
         for (i, r) in raw.routes.into_iter().enumerate() {
             let route = self.route(i, r, &credentials)?;
-            if let Some(other) = routes
+            // Port 0 asks the OS for a free port, so it never clashes.
+            let port_fixed = route.listen.port() != 0;
+            let clash = routes
                 .iter()
-                .position(|o: &RouteConfig| o.listen == route.listen)
-            {
+                .position(|o: &RouteConfig| port_fixed && o.listen == route.listen);
+            if let Some(other) = clash {
                 return Err(self.err(
                     &format!("routes[{i}].listen"),
                     format!("{} is already used by routes[{other}]", route.listen),
                     "give every route its own listen address",
                 ));
             }
-            if admin_listen == Some(route.listen) {
+            if port_fixed && admin_listen == Some(route.listen) {
                 return Err(self.err(
                     &format!("routes[{i}].listen"),
                     format!("{} is also admin_listen", route.listen),

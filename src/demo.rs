@@ -6,8 +6,8 @@
 //! The echo API answers 401 to any request without a current token (and counts it), and
 //! otherwise echoes what crossed the wire as JSON, without the token itself. A few paths do
 //! more: `…/download/N` streams N bytes, `…/status/N` answers status N, `…/trailers` answers
-//! with trailers, `…/slow/MS` waits before answering, and `…/ws` switches protocols and echoes
-//! bytes.
+//! with trailers, `…/hop` answers with hop-by-hop headers, `…/slow/MS` waits before
+//! answering, and `…/ws` switches protocols and echoes bytes.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -248,8 +248,18 @@ pub async fn start_token_endpoint(
     addr: SocketAddr,
     lifetime: Duration,
 ) -> std::io::Result<DemoServer<IdpState>> {
+    start_token_endpoint_with(addr, lifetime, Arc::default()).await
+}
+
+/// Starts the demo token endpoint recording its tokens in `tokens` (shared with an echo API
+/// started earlier).
+pub async fn start_token_endpoint_with(
+    addr: SocketAddr,
+    lifetime: Duration,
+    tokens: Arc<IssuedTokens>,
+) -> std::io::Result<DemoServer<IdpState>> {
     let state = Arc::new(IdpState {
-        tokens: Arc::default(),
+        tokens,
         lifetime: Mutex::new(lifetime),
         expires_in_as_string: AtomicBool::new(false),
         canned: Mutex::new(None),
@@ -536,6 +546,20 @@ async fn echo(
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             json_reply(StatusCode::OK, json!({"slept_ms": ms}))
         }
+        (_, "hop") => {
+            // Hop-by-hop headers the proxy must not pass on to its client.
+            let mut r = json_reply(StatusCode::OK, json!({"hop": true}));
+            let h = r.headers_mut();
+            h.insert(CONNECTION, HeaderValue::from_static("x-upstream-hop"));
+            h.insert("x-upstream-hop", HeaderValue::from_static("1"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert(
+                "proxy-authenticate",
+                HeaderValue::from_static("Basic realm=x"),
+            );
+            h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+            r
+        }
         (_, "trailers") => {
             let mut t = HeaderMap::new();
             t.insert("x-checksum", HeaderValue::from_static("abc123"));
@@ -555,14 +579,16 @@ async fn echo(
     }
 }
 
-/// A body of `remaining` bytes in 64 KiB chunks, produced as it is read.
-struct RepeatBody {
+/// A body of `remaining` bytes in 64 KiB chunks, produced as it is read (no buffering).
+#[derive(Debug)]
+pub struct RepeatBody {
     remaining: u64,
     chunk: Bytes,
 }
 
 impl RepeatBody {
-    fn new(len: u64) -> Self {
+    /// A body of `len` bytes of `x`.
+    pub fn new(len: u64) -> Self {
         RepeatBody {
             remaining: len,
             chunk: Bytes::from(vec![b'x'; 64 * 1024]),

@@ -98,16 +98,17 @@ impl ProxyService {
 
     /// Handles one request; never fails (errors become JSON responses).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        // Cheap clones (reference counts), kept for the log line.
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        let uri = req.uri().clone();
         let started = Instant::now();
         match self.forward(req).await {
             Ok(response) => {
-                debug!(%method, %path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "proxied");
+                debug!(%method, path = uri.path(), status = response.status().as_u16(), elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "proxied");
                 response
             }
             Err(e) => {
-                warn!(%method, %path, error = e.code(), message = %e, "request failed");
+                warn!(%method, path = uri.path(), error = e.code(), message = %e, "request failed");
                 e.to_response()
             }
         }

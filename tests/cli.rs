@@ -1,0 +1,262 @@
+//! The binary itself: `check`, `token`, config errors and exit codes, signals and drain, and
+//! logs that never carry a secret or a token.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use http::StatusCode;
+use support::*;
+use token_proxy::demo::{self, DemoServer, EchoState, IdpState, DEMO_CLIENT_SECRET};
+
+async fn cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = binary();
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().expect("run token-proxy"))
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+async fn stack_config(
+    port: u16,
+    lifetime: Duration,
+) -> (DemoServer<IdpState>, DemoServer<EchoState>, PathBuf) {
+    let idp = start_token_endpoint(lifetime).await;
+    let api = start_upstream(&idp).await;
+    let config = format!(
+        "[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{TP_TEST_SECRET}}\"\nscope = \"api://x/.default\"\n\n\
+         [[routes]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://{}/api\"\ncredential = \"api\"\n",
+        demo::token_url(&idp),
+        api.addr()
+    );
+    (idp, api, temp_file("config.toml", &config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_lifetimes_never_tokens() {
+    let (idp, _api, path) = stack_config(free_port(), Duration::from_secs(3599)).await;
+    let out = cli(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)],
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("credential api: ok, token lifetime 3599 s"),
+        "{stdout}"
+    );
+    for token in idp.state().tokens.all() {
+        assert!(!stdout.contains(&token) && !text(&out.stderr).contains(&token));
+    }
+    assert_eq!(idp.state().request_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_with_a_wrong_secret_explains_and_fails() {
+    let (_idp, _api, path) = stack_config(free_port(), Duration::from_secs(60)).await;
+    let out = cli(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("TP_TEST_SECRET", "not-the-secret")],
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("FAILED") && stdout.contains("invalid_client") && stdout.contains("hint:"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("not-the-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_prints_one_access_token_for_scripts() {
+    let (idp, _api, path) = stack_config(free_port(), Duration::from_secs(60)).await;
+    let out = cli(
+        &[
+            "token",
+            "--config",
+            path.to_str().unwrap(),
+            "--credential",
+            "api",
+        ],
+        &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        idp.state().tokens.all(),
+        vec![stdout.trim_end().to_string()]
+    );
+    assert!(stdout.ends_with('\n') && stdout.lines().count() == 1);
+
+    let out = cli(
+        &[
+            "token",
+            "--config",
+            path.to_str().unwrap(),
+            "--credential",
+            "nope",
+        ],
+        &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("api"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_errors_name_file_key_and_fix_and_exit_2() {
+    let base = "[credentials.api]\ntoken_url = \"https://login.example.com/t/token\"\nclient_id = \"id\"\n\
+                client_secret = \"s\"\n[[routes]]\nlisten = \"127.0.0.1:8080\"\nupstream = \"https://api.example.com\"\ncredential = \"api\"\n";
+    let cases = [
+        (base.replace("client_id =", "client_idd ="), "client_idd"),
+        (
+            base.replace("\"s\"", "\"${TP_SURELY_UNSET_VAR}\""),
+            "TP_SURELY_UNSET_VAR",
+        ),
+        (
+            base.replace("https://api.example.com", "htp:/nope"),
+            "routes[0].upstream",
+        ),
+        (
+            base.replace("https://login.example.com/t/token", "not a url"),
+            "credentials.api.token_url",
+        ),
+        (
+            base.replace("127.0.0.1:8080", "localhost"),
+            "routes[0].listen",
+        ),
+    ];
+    for (config, key) in cases {
+        let path = temp_file("bad.toml", &config);
+        for cmd in ["check", "run"] {
+            let out = cli(&[cmd, "--config", path.to_str().unwrap()], &[]).await;
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {key}: {stderr}");
+            assert!(
+                stderr.contains(path.to_str().unwrap()),
+                "names the file: {stderr}"
+            );
+            assert!(stderr.contains(key), "names {key}: {stderr}");
+            assert!(stderr.contains("fix:"), "says the fix: {stderr}");
+        }
+    }
+    let out = cli(&["run", "--config", "/nonexistent/token-proxy.toml"], &[]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/token-proxy.toml"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_and_exits_0() {
+    let port = free_port();
+    let (_idp, api, path) = stack_config(port, Duration::from_secs(60)).await;
+    let mut proc = Process::run_with(&path, "info", &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)]);
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_listening(addr, Duration::from_secs(10)).await;
+    let slow = tokio::spawn(async move { get(addr, "/slow/1500").await });
+    assert!(eventually(Duration::from_secs(5), || api.state().in_flight() == 1).await);
+    proc.signal("TERM");
+    // New connections are refused while the slow request is still being served.
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "still accepting after SIGTERM");
+    let reply = slow.await.unwrap();
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "the request in flight finished"
+    );
+    assert_eq!(
+        proc.wait_exit(Duration::from_secs(10)).await,
+        Some(0),
+        "{}",
+        proc.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_at_trace_level_hold_no_secret_and_no_token() {
+    let port = free_port();
+    let (idp, _api, path) = stack_config(port, Duration::from_secs(2)).await;
+    let mut proc = Process::run_with(&path, "trace", &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)]);
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_listening(addr, Duration::from_secs(10)).await;
+    for path in ["/a?token=1", "/status/401", "/b"] {
+        get(addr, path).await;
+    }
+    // Let a refresh or two happen, then a failing one.
+    assert!(eventually(Duration::from_secs(5), || idp.state().request_count() >= 2).await);
+    idp.state().set_canned(Some(demo::CannedResponse {
+        status: StatusCode::BAD_REQUEST,
+        content_type: "application/json",
+        body: format!("{{\"error\":\"invalid_request\",\"error_description\":\"echoing {DEMO_CLIENT_SECRET}\"}}"),
+        retry_after: None,
+    }));
+    assert!(eventually(Duration::from_secs(5), || idp.state().request_count() >= 3).await);
+    get(addr, "/c").await;
+    proc.signal("INT");
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let log = proc.stderr();
+    assert!(
+        log.contains("token refreshed"),
+        "the log was captured: {log}"
+    );
+    assert!(
+        log.contains("invalid_request"),
+        "the failure was logged: {log}"
+    );
+    assert!(
+        !log.contains(DEMO_CLIENT_SECRET),
+        "the client secret leaked into the log"
+    );
+    let tokens = idp.state().tokens.all();
+    assert!(!tokens.is_empty());
+    for token in tokens {
+        assert!(!log.contains(&token), "a token leaked into the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_subcommand_serves_the_echo_api_through_the_proxy() {
+    let port = free_port();
+    let stdout_path = temp_file("demo.out", "");
+    let child = binary()
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut proc = Process {
+        child,
+        stderr_path: stdout_path.clone(),
+    };
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_listening(addr, Duration::from_secs(10)).await;
+    let reply = get(addr, "/hello?name=world").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["target"], "/api/hello?name=world");
+    let printed = std::fs::read_to_string(&stdout_path).unwrap();
+    assert!(
+        printed.contains(&format!("curl -s http://127.0.0.1:{port}/hello")),
+        "{printed}"
+    );
+    proc.signal("TERM");
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)).await, Some(0));
+}

@@ -1,0 +1,282 @@
+//! The request path over real sockets: what the upstream receives and what the client gets.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use support::*;
+use token_proxy::demo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIFETIME: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn stamps_the_token_and_replaces_the_clients_authorization() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let req = Request::get(format!("http://{}/v1/things", s.addr()))
+        .header("authorization", "Bearer client-supplied")
+        .header("authorization", "Basic Zm9vOmJhcg==")
+        .body(Full::default())
+        .unwrap();
+    let reply = send(&client(), req).await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    let records = s.api.state().records();
+    assert_eq!(records.len(), 1);
+    let auth: Vec<_> = records[0].headers.get_all("authorization").iter().collect();
+    assert_eq!(
+        auth.len(),
+        1,
+        "exactly one Authorization reaches the upstream"
+    );
+    let token = auth[0].to_str().unwrap().strip_prefix("Bearer ").unwrap();
+    assert!(s.idp.state().tokens.all().contains(&token.to_string()));
+    assert!(records[0].token_was_current);
+}
+
+#[tokio::test]
+async fn path_and_query_are_joined_under_the_base_path_byte_for_byte() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let target = "/v1/items%2Fslash/%7Euser;p=1?q=a%20b&q=c+d&empty=&x=%ZZ";
+    let raw =
+        format!("GET {target} HTTP/1.1\r\nHost: whatever.example\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let rec = &s.api.state().records()[0];
+    assert_eq!(rec.target, format!("/api{target}"));
+    assert_eq!(
+        rec.headers["host"],
+        s.api.addr().to_string(),
+        "Host becomes the upstream's authority"
+    );
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_in_both_directions() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let raw = "GET /hop HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Foo\r\nX-Foo: secret-hop\r\n\
+               Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic abc\r\n\
+               TE: gzip\r\nTrailer: X-Sum\r\nUpgrade: h2c\r\nX-End-To-End: yes\r\n\r\n";
+    let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_millis(1500)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let rec = &s.api.state().records()[0];
+    for name in [
+        "x-foo",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+    ] {
+        assert!(
+            rec.headers.get(name).is_none(),
+            "{name} reached the upstream: {:?}",
+            rec.headers
+        );
+    }
+    assert!(rec
+        .headers
+        .get("connection")
+        .is_none_or(|v| v != "keep-alive, X-Foo"));
+    assert_eq!(rec.headers["x-end-to-end"], "yes");
+    let lower = answer.to_ascii_lowercase();
+    for name in ["x-upstream-hop:", "keep-alive:", "proxy-authenticate:"] {
+        assert!(!lower.contains(name), "{name} reached the client: {answer}");
+    }
+    assert!(lower.contains("x-end-to-end: kept"), "{answer}");
+}
+
+#[tokio::test]
+async fn connect_and_absolute_form_are_refused_with_json() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    for raw in [
+        "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+        "GET http://evil.example/steal HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_millis(1500)).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("\"error\":\"bad_request\""), "{answer}");
+    }
+    assert!(s.api.state().records().is_empty(), "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served_on_the_same_port() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let req = Request::post(format!("http://{}/h2/path?a=1", s.addr()))
+        .header("authorization", "Bearer nope")
+        .body(Full::new(Bytes::from_static(b"hello")))
+        .unwrap();
+    let reply = send(&h2c_client(), req).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let body = reply.json();
+    assert_eq!(body["target"], "/api/h2/path?a=1");
+    assert_eq!(body["body_bytes"], 5);
+    assert_eq!(
+        s.api.state().records()[0]
+            .headers
+            .get_all("authorization")
+            .iter()
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn upstream_answers_pass_through_untouched_and_redirects_are_not_followed() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let reply = get(s.addr(), "/status/418").await;
+    assert_eq!(reply.status, StatusCode::IM_A_TEAPOT);
+    assert_eq!(reply.json()["status"], 418);
+    let reply = get(s.addr(), "/status/302").await;
+    assert_eq!(reply.status, StatusCode::FOUND);
+    assert_eq!(reply.headers["location"], "http://elsewhere.invalid/next");
+    let reply = get(s.addr(), "/status/500").await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.json(), serde_json::json!({"status": 500}));
+    assert_eq!(s.api.state().records().len(), 3);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_json_and_slow_upstream_is_504_json() {
+    let idp = start_token_endpoint(LIFETIME).await;
+    let api = start_upstream(&idp).await;
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let text = format!(
+        "{}{}{}",
+        credential("api", &demo::token_url(&idp), ""),
+        route(&dead, "api", ""),
+        route(
+            &format!("http://{}", api.addr()),
+            "api",
+            "response_timeout_secs = 0.3"
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let reply = get(proxy.route_addrs()[0], "/x").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["error"], "upstream_unavailable");
+    let reply = get(proxy.route_addrs()[1], "/slow/2000").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["error"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn trailers_pass_both_ways() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    // Response trailers over HTTP/1.1 chunked.
+    let raw = "GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(5)).await;
+    assert!(
+        answer.to_ascii_lowercase().contains("x-checksum: abc123"),
+        "{answer}"
+    );
+    // Request trailers over HTTP/1.1 chunked.
+    let raw = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nConnection: close\r\n\r\n\
+               5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n";
+    let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(5)).await;
+    assert!(answer.contains("\"x-sum\":\"42\""), "{answer}");
+    assert!(answer.contains("\"body_bytes\":5"), "{answer}");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_bytes_both_ways() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let handshake = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                     Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    stream.write_all(handshake.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "connection closed during handshake: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"ping one"[..], b"and two"] {
+        stream.write_all(msg).await.unwrap();
+        let mut echoed = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed, msg);
+    }
+    let rec = &s.api.state().records()[0];
+    assert_eq!(rec.headers["upgrade"], "websocket");
+    assert!(rec.token_was_current);
+}
+
+#[tokio::test]
+async fn two_routes_with_two_credentials_in_one_process() {
+    let idp_a = start_token_endpoint(LIFETIME).await;
+    let idp_b = start_token_endpoint(LIFETIME).await;
+    let api_a = start_upstream(&idp_a).await;
+    let api_b = start_upstream(&idp_b).await;
+    let text = format!(
+        "{}{}{}{}",
+        credential("a", &demo::token_url(&idp_a), "scope = \"a/.default\""),
+        credential("b", &demo::token_url(&idp_b), "scope = \"b/.default\""),
+        route(&format!("http://{}/a", api_a.addr()), "a", ""),
+        route(&format!("http://{}/b", api_b.addr()), "b", "")
+    );
+    let proxy = start_proxy(&text).await;
+    assert_eq!(
+        get(proxy.route_addrs()[0], "/x").await.json()["target"],
+        "/a/x"
+    );
+    assert_eq!(
+        get(proxy.route_addrs()[1], "/y").await.json()["target"],
+        "/b/y"
+    );
+    // Each upstream only accepts its own IdP's tokens, so a mix-up would be a 401.
+    assert_eq!(api_a.state().rejected() + api_b.state().rejected(), 0);
+    assert_eq!(
+        idp_a.state().requests()[0]
+            .form
+            .iter()
+            .find(|(k, _)| k == "scope")
+            .unwrap()
+            .1,
+        "a/.default"
+    );
+    assert_eq!(
+        idp_b.state().requests()[0]
+            .form
+            .iter()
+            .find(|(k, _)| k == "scope")
+            .unwrap()
+            .1,
+        "b/.default"
+    );
+}
+
+#[tokio::test]
+async fn other_methods_and_bodies_are_forwarded() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    for method in [Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS] {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}/m", s.addr()))
+            .body(Full::new(Bytes::from_static(b"{\"k\":1}")))
+            .unwrap();
+        let reply = send(&client(), req).await;
+        assert_eq!(reply.status, StatusCode::OK, "{method}");
+        assert_eq!(reply.json()["method"], method.as_str());
+        assert_eq!(reply.json()["body_bytes"], 7);
+    }
+}

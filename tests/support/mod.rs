@@ -1,0 +1,291 @@
+//! Test support: the fake token endpoint and upstream (the demo's own servers) on
+//! `127.0.0.1:0`, the proxy started in-process or as the real binary, and small HTTP clients.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use token_proxy::app::{self, Running};
+use token_proxy::config::Config;
+use token_proxy::demo::{
+    self, DemoServer, EchoState, IdpState, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET,
+};
+
+pub const LOOPBACK: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// The fake identity provider, issuing tokens of `lifetime`.
+pub async fn start_token_endpoint(lifetime: Duration) -> DemoServer<IdpState> {
+    demo::start_token_endpoint(LOOPBACK, lifetime)
+        .await
+        .expect("start token endpoint")
+}
+
+/// The fake upstream API, accepting the tokens `idp` issued.
+pub async fn start_upstream(idp: &DemoServer<IdpState>) -> DemoServer<EchoState> {
+    demo::start_echo_api(LOOPBACK, idp.state().tokens.clone())
+        .await
+        .expect("start upstream")
+}
+
+/// A credential table named `name` on `idp`, plus `extra` lines.
+pub fn credential(name: &str, token_url: &str, extra: &str) -> String {
+    format!(
+        "[credentials.{name}]\ntoken_url = \"{token_url}\"\nclient_id = \"{DEMO_CLIENT_ID}\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n{extra}\n"
+    )
+}
+
+/// A route on `127.0.0.1:0` to `upstream` with `credential`, plus `extra` lines.
+pub fn route(upstream: &str, credential: &str, extra: &str) -> String {
+    format!("[[routes]]\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\ncredential = \"{credential}\"\n{extra}\n")
+}
+
+/// Starts the proxy in-process on the config `text`.
+pub async fn start_proxy(text: &str) -> Running {
+    let config = Config::parse(text, "test.toml", &|_| None).expect("valid test config");
+    app::start(&config).await.expect("proxy starts")
+}
+
+/// The usual setup: IdP with `lifetime` tokens, upstream under `/api`, proxy between.
+pub struct Stack {
+    pub idp: DemoServer<IdpState>,
+    pub api: DemoServer<EchoState>,
+    pub proxy: Running,
+}
+
+impl Stack {
+    pub async fn start(lifetime: Duration, cred_extra: &str, route_extra: &str) -> Stack {
+        let idp = start_token_endpoint(lifetime).await;
+        let api = start_upstream(&idp).await;
+        let text = format!(
+            "admin_listen = \"127.0.0.1:0\"\n{}{}",
+            credential("api", &demo::token_url(&idp), cred_extra),
+            route(&format!("http://{}/api", api.addr()), "api", route_extra)
+        );
+        let proxy = start_proxy(&text).await;
+        Stack { idp, api, proxy }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.route_addrs()[0]
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.proxy.admin_addr().expect("admin configured")
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Sends `req` with `client` and reads the whole reply.
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Reply {
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("reply within 20 s")
+        .expect("request succeeds");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GET `path` from `addr`.
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Full::default())
+        .unwrap();
+    send(&client(), req).await
+}
+
+/// Writes `request` on a fresh connection and reads until the server closes or `wait` passes.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Polls `check` every 20 ms until it holds or `limit` passes.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes `text` to a fresh file under the system temp dir and returns its path.
+pub fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "token-proxy-test-{}-{}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The token-proxy binary under test.
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_token-proxy"))
+}
+
+/// A running token-proxy process, killed when dropped.
+pub struct Process {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Process {
+    /// Starts `token-proxy run --config FILE` with `RUST_LOG` set, stderr to a file.
+    pub fn run(config: &std::path::Path, rust_log: &str) -> Process {
+        Process::run_with(config, rust_log, &[])
+    }
+
+    /// As [`Process::run`], with extra environment variables.
+    pub fn run_with(config: &std::path::Path, rust_log: &str, envs: &[(&str, &str)]) -> Process {
+        let stderr_path = config.with_extension("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let child = binary()
+            .args(["run", "--config"])
+            .arg(config)
+            .envs(envs.iter().copied())
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn token-proxy");
+        Process { child, stderr_path }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        field_kib(&status, "VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        field_kib(&status, "VmRSS:")
+    }
+}
+
+fn field_kib(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub async fn wait_listening(addr: SocketAddr, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} did not start listening within {limit:?}");
+}
+
+pub type Shared<T> = Arc<T>;
