@@ -375,6 +375,8 @@ fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
 pub struct EchoRecord {
     /// Method.
     pub method: Method,
+    /// HTTP version it arrived with.
+    pub version: http::Version,
     /// Path and query, exactly as received.
     pub target: String,
     /// Headers, as received (the `authorization` value included: tests compare it).
@@ -449,6 +451,7 @@ async fn echo(
     let path = req.uri().path().to_string();
     let mut record = EchoRecord {
         method: req.method().clone(),
+        version: req.version(),
         target: target.clone(),
         headers: req.headers().clone(),
         body_bytes: 0,

@@ -1,0 +1,165 @@
+//! TLS to the token endpoint and the upstream: verification is on, a private CA works through
+//! `ca_file`, and the upstream gets HTTP/2 when it offers it through ALPN.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{StatusCode, Version};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use support::*;
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// A private CA and a `localhost` server certificate it signed, as PEM.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn private_pki() -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "token-proxy test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    Pki {
+        ca_pem: ca_cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+/// Terminates TLS (ALPN h2 and http/1.1) on a loopback port and pipes bytes to `backend`,
+/// which speaks both HTTP/1.1 and HTTP/2.
+async fn tls_front(pki: &Pki, backend: SocketAddr) -> (SocketAddr, DropGuard) {
+    use rustls::pki_types::pem::PemObject;
+    let certs =
+        vec![rustls::pki_types::CertificateDer::from_pem_slice(pki.cert_pem.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind(LOOPBACK).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => a.unwrap(),
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (addr, cancel.drop_guard())
+}
+
+#[tokio::test]
+async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
+    let pki = private_pki();
+    let ca_file = temp_file("ca.pem", &pki.ca_pem);
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (idp_tls, _g1) = tls_front(&pki, idp.addr()).await;
+    let (api_tls, _g2) = tls_front(&pki, api.addr()).await;
+    let ca = ca_file.display();
+    let text = format!(
+        "{}{}",
+        credential(
+            "api",
+            &format!("https://localhost:{}/oauth2/v2.0/token", idp_tls.port()),
+            &format!("ca_file = \"{ca}\"")
+        ),
+        route(
+            &format!("https://localhost:{}/base", api_tls.port()),
+            "api",
+            &format!("ca_file = \"{ca}\"")
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let reply = get(proxy.route_addrs()[0], "/x?y=1").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["target"], "/base/x?y=1");
+    let rec = &api.state().records()[0];
+    assert_eq!(rec.version, Version::HTTP_2, "ALPN chose h2");
+    assert!(rec.token_was_current);
+    assert_eq!(idp.state().request_count(), 1);
+}
+
+#[tokio::test]
+async fn certificates_are_verified_without_the_private_ca() {
+    let pki = private_pki();
+    let ca_file = temp_file("ca.pem", &pki.ca_pem);
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (idp_tls, _g1) = tls_front(&pki, idp.addr()).await;
+    let (api_tls, _g2) = tls_front(&pki, api.addr()).await;
+
+    // Token endpoint without the CA: the token request fails verification, nothing is sent.
+    let text = format!(
+        "{}{}",
+        credential(
+            "api",
+            &format!("https://localhost:{}/token", idp_tls.port()),
+            "token_timeout_secs = 2"
+        ),
+        route(
+            &format!("http://{}", api.addr()),
+            "api",
+            "token_wait_secs = 3"
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let reply = get(proxy.route_addrs()[0], "/x").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["error"], "token_unavailable");
+    assert_eq!(
+        idp.state().request_count(),
+        0,
+        "no token request passed an unverified TLS handshake"
+    );
+
+    // Upstream without the CA: 502, the token never leaves.
+    let text = format!(
+        "{}{}",
+        credential("api", &token_proxy::demo::token_url(&idp), ""),
+        route(&format!("https://localhost:{}", api_tls.port()), "api", "")
+    );
+    let proxy = start_proxy(&text).await;
+    let reply = get(proxy.route_addrs()[0], "/x").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.json()["error"], "upstream_unavailable");
+    assert!(api.state().records().is_empty());
+    drop(ca_file);
+}
