@@ -2,7 +2,7 @@
 #
 #   docker build -t token-proxy .
 #   docker run --rm -p 127.0.0.1:8080:8080 \
-#     -v "$PWD/config/container.toml:/etc/token-proxy/config.toml:ro" \
+#     -v "$PWD/container.toml:/etc/token-proxy/config.toml:ro" \
 #     -e CN_API_CLIENT_ID -e CN_API_CLIENT_SECRET -e AZURE_TENANT_ID token-proxy
 #
 # No configuration and no secret is baked in: mount the config at /etc/token-proxy/config.toml

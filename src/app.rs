@@ -68,8 +68,9 @@ pub struct Running {
     grace: Duration,
 }
 
-/// Starts refreshers and listeners for `config`; returns once every listener is bound.
-pub async fn start(config: &Config) -> Result<Running, StartError> {
+/// Checks what `run` needs beyond a valid config: at least one route, and usable TLS settings
+/// for every route (the credentials' are checked when their token clients are built).
+pub fn preflight(config: &Config) -> Result<(), StartError> {
     if config.routes.is_empty() {
         return Err(ConfigError {
             file: config.source.clone(),
@@ -79,6 +80,19 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         }
         .into());
     }
+    for (i, route) in config.routes.iter().enumerate() {
+        crate::tls::client_config(route.ca_file.as_deref()).map_err(|source| StartError::Tls {
+            file: config.source.clone(),
+            key: format!("routes[{i}].ca_file"),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Starts refreshers and listeners for `config`; returns once every listener is bound.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    preflight(config)?;
     let stop_serving = CancellationToken::new();
     let stop_refreshing = CancellationToken::new();
     let serving = TaskTracker::new();

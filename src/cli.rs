@@ -165,6 +165,10 @@ async fn check(config: &Config) -> ExitCode {
         config.credentials.len(),
         config.routes.len()
     );
+    if let Err(e) = app::preflight(config) {
+        eprintln!("{e}");
+        return ExitCode::from(2);
+    }
     let mut failed = false;
     for cred in &config.credentials {
         let source = match source_for(config, cred) {
@@ -265,7 +269,7 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
     );
     println!("  proxy:                     http://{addr}  -> echo API, token stamped on");
     println!();
-    println!("Try:  curl -s http://{addr}/hello?name=world");
+    println!("Try:  curl -s 'http://{addr}/hello?name=world'");
     println!("Stop with Ctrl-C. Watch the log for a token refresh about every 15 s.");
     app::shutdown_signal().await;
     running.shutdown().await;

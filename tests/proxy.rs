@@ -280,3 +280,43 @@ async fn other_methods_and_bodies_are_forwarded() {
         assert_eq!(reply.json()["body_bytes"], 7);
     }
 }
+
+#[tokio::test]
+async fn upstream_connect_timeout_is_504_json() {
+    let idp = start_token_endpoint(LIFETIME).await;
+    // A listener that never accepts, with its backlog filled: further SYNs go unanswered.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(LOOPBACK).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let black_hole = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(100),
+            tokio::net::TcpStream::connect(black_hole),
+        )
+        .await
+        {
+            held.push(s);
+        }
+    }
+    let text = format!(
+        "{}{}",
+        credential("api", &demo::token_url(&idp), ""),
+        route(
+            &format!("http://{black_hole}"),
+            "api",
+            "connect_timeout_secs = 0.3"
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let reply = get(proxy.route_addrs()[0], "/x").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["error"], "upstream_timeout");
+    drop((listener, held));
+}

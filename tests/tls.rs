@@ -115,6 +115,39 @@ async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
     assert_eq!(rec.version, Version::HTTP_2, "ALPN chose h2");
     assert!(rec.token_was_current);
     assert_eq!(idp.state().request_count(), 1);
+
+    // A WebSocket upgrade to the same h2-capable upstream goes over HTTP/1.1.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy.route_addrs()[0])
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream.write_all(b"over tls").await.unwrap();
+    let mut echoed = [0u8; 8];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"over tls");
+    assert_eq!(api.state().records()[1].version, Version::HTTP_11);
 }
 
 #[tokio::test]

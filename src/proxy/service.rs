@@ -43,6 +43,7 @@ struct Inner {
     token_wait: Duration,
     slot: Arc<TokenSlot>,
     client: UpstreamClient,
+    upgrade_client: UpstreamClient,
     tunnels: TaskTracker,
     cancel: CancellationToken,
 }
@@ -60,6 +61,29 @@ impl std::fmt::Debug for ProxyService {
     }
 }
 
+/// A pooled upstream client; `http2` lets ALPN pick HTTP/2 on `https` upstreams.
+fn upstream_client(route: &RouteConfig, tls: rustls::ClientConfig, http2: bool) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(route.connect_timeout));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1();
+    let connector = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .set_host(false)
+        .build(connector)
+}
+
 impl ProxyService {
     /// Builds the service; `tunnels` owns upgraded connections, which end when `cancel` fires.
     pub fn new(
@@ -68,29 +92,17 @@ impl ProxyService {
         tunnels: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<ProxyService, tls::TlsError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(route.connect_timeout));
         let tls = tls::client_config(route.ca_file.as_deref())?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
+        let client = upstream_client(route, tls.clone(), true);
+        // HTTP/1.1 `Upgrade` cannot ride an HTTP/2 connection: upgrades get their own pool.
+        let upgrade_client = upstream_client(route, tls, false);
         Ok(ProxyService(Arc::new(Inner {
             upstream: route.upstream.clone(),
             response_timeout: route.response_timeout,
             token_wait: route.token_wait,
             slot,
             client,
+            upgrade_client,
             tunnels,
             cancel,
         })))
@@ -155,20 +167,27 @@ impl ProxyService {
         );
         let upstream_req = Request::from_parts(parts, body);
 
-        let mut response =
-            match tokio::time::timeout(inner.response_timeout, inner.client.request(upstream_req))
-                .await
-            {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(upstream_error(&inner.upstream, &e)),
-                Err(_) => {
-                    return Err(ProxyError::UpstreamTimeout(format!(
-                        "upstream {} sent no response within {:.1} s",
-                        inner.upstream.url,
-                        inner.response_timeout.as_secs_f64()
-                    )))
-                }
-            };
+        let client = if upgrade {
+            &inner.upgrade_client
+        } else {
+            &inner.client
+        };
+        let mut response = match tokio::time::timeout(
+            inner.response_timeout,
+            client.request(upstream_req),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(upstream_error(&inner.upstream, &e)),
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout(format!(
+                    "upstream {} sent no response within {:.1} s",
+                    inner.upstream.url,
+                    inner.response_timeout.as_secs_f64()
+                )))
+            }
+        };
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -235,17 +254,21 @@ fn upstream_uri(upstream: &Upstream, target: Option<&PathAndQuery>) -> Result<Ur
 fn upstream_error(upstream: &Upstream, e: &hyper_util::client::legacy::Error) -> ProxyError {
     use std::error::Error as _;
     let mut cause = String::new();
+    let mut timed_out = false;
     let mut current = e.source();
     while let Some(c) = current {
         if !cause.is_empty() {
             cause.push_str(": ");
         }
         cause.push_str(&c.to_string());
+        timed_out |= c
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
         current = c.source();
     }
-    if cause.contains("timed out") || cause.contains("Timeout") {
+    if timed_out {
         return ProxyError::UpstreamTimeout(format!(
-            "connecting to upstream {} timed out",
+            "connecting to upstream {} timed out: {cause}",
             upstream.url
         ));
     }

@@ -1,8 +1,9 @@
 //! When to fetch tokens, as pure functions, and the small loop that applies them.
 //!
-//! A token is refreshed `refresh_before` ahead of its expiry, but never later than half way
-//! through its lifetime (so a 4-second token is refreshed after about 2 s), spread earlier by
-//! up to 10 % so that many proxies started together do not hit the identity provider together.
+//! A token is refreshed `refresh_before` ahead of its expiry, a lead capped at half the
+//! lifetime (so an hour-long token is refreshed 5 minutes before expiry and a 4-second token
+//! after about 2 s) and never shorter than twice the early-expiry margin, spread earlier by up
+//! to 10 % so that many proxies started together do not hit the identity provider together.
 //! The request path stops using a token `skew` before its stated expiry, which absorbs clock
 //! skew and the time the response spent in transit. Failures back off exponentially with full
 //! jitter and honour `Retry-After`; the current token keeps being served while it is valid.
@@ -37,7 +38,8 @@ pub fn usable_until(requested_at: Instant, lifetime: Duration) -> Instant {
 
 /// Delay from the token request until the next refresh; `jitter` is uniform in `[0, 1)`.
 pub fn refresh_in(lifetime: Duration, refresh_before: Duration, jitter: f64) -> Duration {
-    let ahead = refresh_before.min(lifetime / 2);
+    // Twice the skew is at most a fifth of the lifetime, so the lead stays within half of it.
+    let ahead = refresh_before.min(lifetime / 2).max(skew(lifetime) * 2);
     let at = lifetime - ahead;
     at - at.mul_f64(0.1 * jitter.clamp(0.0, 1.0))
 }
@@ -70,9 +72,10 @@ pub async fn run(
             _ = cancel.cancelled() => return,
             _ = sleep_until(next) => {}
             _ = slot.demanded() => {
-                // A request found no valid token: try now, but never faster than MIN_RETRY.
+                // A request found no valid token. After failures the backoff (and any
+                // Retry-After) decides; otherwise try now, never faster than MIN_RETRY.
                 let now = Instant::now();
-                if slot.header_at(now).is_some() {
+                if failures > 0 || slot.header_at(now).is_some() {
                     continue;
                 }
                 let earliest = last_attempt.map_or(now, |t| t + MIN_RETRY);
@@ -83,8 +86,12 @@ pub async fn run(
             }
         }
         last_attempt = Some(Instant::now());
+        slot.begin_attempt();
         let span = tracing::info_span!("refresh", credential = %source.name());
-        let result = source.fetch().instrument(span.clone()).await;
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = source.fetch().instrument(span.clone()) => r,
+        };
         let _entered = span.enter();
         match result {
             Ok(fetched) => {

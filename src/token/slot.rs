@@ -2,10 +2,14 @@
 //!
 //! The refresher is the only writer; the request path only reads. Reads are a lock-free
 //! `ArcSwap` load plus an expiry check against the clock, so a token past its (early) expiry is
-//! never handed out, whatever the refresher is doing. When no valid token exists a request can
-//! wait, bounded, for the refresher's next attempt; it nudges the refresher through `demand`
-//! instead of fetching itself, which keeps one token request in flight per credential.
+//! never handed out, whatever the refresher is doing. When no valid token exists a request
+//! waits, bounded, for the attempt in flight (or nudges an idle refresher through `demand`);
+//! it never fetches itself, which keeps one token request in flight per credential. After a
+//! failed attempt, and until the next one starts, such a request is answered at once with the
+//! failure: the refresher's backoff decides when the identity provider is asked again, not the
+//! request rate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +53,10 @@ pub struct TokenSlot {
     name: String,
     current: ArcSwapOption<Token>,
     last_error: ArcSwap<Option<String>>,
+    /// A token request is in flight.
+    fetching: AtomicBool,
+    /// The last attempt failed.
+    failing: AtomicBool,
     changed: Notify,
     demand: Notify,
 }
@@ -60,6 +68,8 @@ impl TokenSlot {
             name: name.into(),
             current: ArcSwapOption::empty(),
             last_error: ArcSwap::from_pointee(None),
+            fetching: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
             changed: Notify::new(),
             demand: Notify::new(),
         }
@@ -95,16 +105,25 @@ impl TokenSlot {
         }
     }
 
+    /// Marks a token request as in flight. Called by the refresher only.
+    pub fn begin_attempt(&self) {
+        self.fetching.store(true, Ordering::SeqCst);
+    }
+
     /// Installs a new token and wakes waiting requests. Called by the refresher only.
     pub fn store(&self, token: Token) {
         self.current.store(Some(Arc::new(token)));
         self.last_error.store(Arc::new(None));
+        self.failing.store(false, Ordering::SeqCst);
+        self.fetching.store(false, Ordering::SeqCst);
         self.changed.notify_waiters();
     }
 
     /// Records a failed attempt (the current token stays) and wakes waiting requests.
     pub fn record_failure(&self, message: String) {
         self.last_error.store(Arc::new(Some(message)));
+        self.failing.store(true, Ordering::SeqCst);
+        self.fetching.store(false, Ordering::SeqCst);
         self.changed.notify_waiters();
     }
 
@@ -113,8 +132,9 @@ impl TokenSlot {
         self.demand.notified().await
     }
 
-    /// Waits up to `limit` for a valid token: for the attempt in flight, or for one the
-    /// refresher starts on our demand. Fails at once when that attempt fails.
+    /// Waits up to `limit` for a valid token from the attempt in flight, or from one an idle
+    /// refresher starts on demand. Fails at once when the last attempt failed and no new one is
+    /// in flight, and as soon as the awaited attempt fails.
     pub async fn wait_for_header(&self, limit: Duration) -> Result<HeaderValue, TokenUnavailable> {
         let deadline = Instant::now() + limit;
         loop {
@@ -124,18 +144,16 @@ impl TokenSlot {
             if let Some(h) = self.header_at(Instant::now()) {
                 return Ok(h);
             }
+            if self.failing.load(Ordering::SeqCst) && !self.fetching.load(Ordering::SeqCst) {
+                let e = (**self.last_error.load()).clone().unwrap_or_default();
+                return Err(self.unavailable(format!("{e} (retrying with backoff)")));
+            }
             self.demand.notify_one();
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(self.unavailable(format!(
                     "waited {:.1} s for the token endpoint",
                     limit.as_secs_f64()
                 )));
-            }
-            if let Some(h) = self.header_at(Instant::now()) {
-                return Ok(h);
-            }
-            if let Some(e) = &**self.last_error.load() {
-                return Err(self.unavailable(e.clone()));
             }
         }
     }
@@ -186,11 +204,40 @@ mod tests {
         let s = empty.clone();
         let waiter = tokio::spawn(async move { s.wait_for_header(Duration::from_secs(5)).await });
         empty.demanded().await;
+        empty.begin_attempt();
         empty.record_failure("HTTP 401 invalid_client".into());
         let e = waiter.await.unwrap().unwrap_err().to_string();
         assert!(
             e.contains("invalid_client") && e.contains("credential d"),
             "{e}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failure_waiters_fail_fast_until_the_next_attempt_starts() {
+        let slot = Arc::new(TokenSlot::new("c"));
+        slot.begin_attempt();
+        slot.record_failure("connection refused".into());
+        let started = Instant::now();
+        let e = slot
+            .wait_for_header(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("connection refused"), "{e}");
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "answered without waiting"
+        );
+
+        slot.begin_attempt();
+        let s = slot.clone();
+        let waiter = tokio::spawn(async move { s.wait_for_header(Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        slot.store(token(Duration::from_secs(60)));
+        assert!(
+            waiter.await.unwrap().is_ok(),
+            "waited for the attempt in flight"
         );
     }
 
