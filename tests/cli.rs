@@ -254,7 +254,9 @@ async fn demo_subcommand_serves_the_echo_api_through_the_proxy() {
     assert_eq!(reply.json()["target"], "/api/hello?name=world");
     let printed = std::fs::read_to_string(&stdout_path).unwrap();
     assert!(
-        printed.contains(&format!("curl -s 'http://127.0.0.1:{port}/hello?name=world'")),
+        printed.contains(&format!(
+            "curl -s 'http://127.0.0.1:{port}/hello?name=world'"
+        )),
         "{printed}"
     );
     proc.signal("TERM");

@@ -11,12 +11,12 @@ use hyper_util::rt::TokioExecutor;
 use support::*;
 use token_proxy::demo::{self, RepeatBody, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET};
 
-const SIZE: u64 = 256 * 1024 * 1024;
-/// Peak RSS the proxy may reach while moving 256 MiB each way (its idle RSS is a few MiB).
+const SIZE: u64 = 1024 * 1024 * 1024;
+/// Peak RSS the proxy may reach while moving 1 GiB each way (its idle RSS is a few MiB).
 const PEAK_RSS_LIMIT_KIB: u64 = 48 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_256_mib_upload_and_download_pass_with_bounded_memory() {
+async fn a_1_gib_upload_and_download_pass_with_bounded_memory() {
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
     let port = free_port();
@@ -57,7 +57,7 @@ async fn a_256_mib_upload_and_download_pass_with_bounded_memory() {
     assert_eq!(received, SIZE);
 
     let peak_kib = proc.peak_rss_kib();
-    eprintln!("proxy RSS: idle {idle_kib} KiB, peak {peak_kib} KiB after 2 x 256 MiB");
+    eprintln!("proxy RSS: idle {idle_kib} KiB, peak {peak_kib} KiB after 2 x 1 GiB");
     assert!(
         peak_kib < PEAK_RSS_LIMIT_KIB,
         "peak RSS {peak_kib} KiB: bodies were buffered"
