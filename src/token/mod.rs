@@ -33,7 +33,9 @@ impl Token {
         let mut value = Vec::with_capacity(7 + access_token.expose().len());
         value.extend_from_slice(b"Bearer ");
         value.extend_from_slice(access_token.expose().as_bytes());
-        let mut header = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()?;
+        // Zeroed when the last request holding this header is done with it.
+        let mut header =
+            HeaderValue::from_maybe_shared(crate::secret::zeroizing_bytes(value)).ok()?;
         header.set_sensitive(true);
         Some(Token {
             header,

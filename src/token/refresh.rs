@@ -16,13 +16,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::slot::TokenSlot;
-use super::source::{TokenError, TokenSource};
+use super::source::{Fetched, TokenError, TokenSource};
 use super::Token;
 
 /// Smallest wait between two attempts, also when requests are waiting for a token.
 pub const MIN_RETRY: Duration = Duration::from_secs(1);
 /// Largest wait between two attempts after repeated failures.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(120);
+/// Smallest wait after a permanent error (wrong secret, scope, client): a person must act.
+pub const PERMANENT_RETRY: Duration = Duration::from_secs(60);
 /// Largest early-expiry margin.
 pub const MAX_SKEW: Duration = Duration::from_secs(30);
 
@@ -46,20 +48,45 @@ pub fn refresh_in(lifetime: Duration, refresh_before: Duration, jitter: f64) -> 
 
 /// Delay before retry number `failures` (1 for the first), full jitter between
 /// [`MIN_RETRY`] and an exponentially growing cap; at least `retry_after` when given.
-pub fn retry_in(failures: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
+pub fn retry_in(
+    failures: u32,
+    retry_after: Option<Duration>,
+    permanent: bool,
+    jitter: f64,
+) -> Duration {
     let cap = MIN_RETRY
         .saturating_mul(1u32 << failures.min(16))
         .min(MAX_BACKOFF);
-    let backoff = cap.mul_f64(jitter.clamp(0.0, 1.0)).max(MIN_RETRY);
+    let mut backoff = cap.mul_f64(jitter.clamp(0.0, 1.0)).max(MIN_RETRY);
+    if permanent {
+        backoff = backoff.max(PERMANENT_RETRY);
+    }
     match retry_after {
         Some(r) => backoff.max(r.min(Duration::from_secs(3600))),
         None => backoff,
     }
 }
 
+/// Where the refresher gets tokens: the token endpoint, or a script in tests.
+pub trait FetchToken: Send + Sync + 'static {
+    /// The credential's name, for logs.
+    fn name(&self) -> &str;
+    /// One token request.
+    fn fetch(&self) -> impl std::future::Future<Output = Result<Fetched, TokenError>> + Send;
+}
+
+impl FetchToken for TokenSource {
+    fn name(&self) -> &str {
+        TokenSource::name(self)
+    }
+    fn fetch(&self) -> impl std::future::Future<Output = Result<Fetched, TokenError>> + Send {
+        TokenSource::fetch(self)
+    }
+}
+
 /// Keeps `slot` filled with a valid token from `source` until `cancel` fires.
-pub async fn run(
-    source: Arc<TokenSource>,
+pub async fn run<S: FetchToken>(
+    source: Arc<S>,
     slot: Arc<TokenSlot>,
     refresh_before: Duration,
     cancel: CancellationToken,
@@ -67,6 +94,8 @@ pub async fn run(
     let mut failures: u32 = 0;
     let mut last_attempt: Option<Instant> = None;
     let mut next = Instant::now();
+    // The last error logged at warn/error; repeats of it are logged at debug.
+    let mut last_logged: Option<String> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -102,7 +131,7 @@ pub async fn run(
                     let e = TokenError::InvalidResponse(
                         "access_token holds characters not allowed in a header".into(),
                     );
-                    next = fail(&slot, &e, failures);
+                    next = fail(&slot, &e, failures, &mut last_logged);
                     continue;
                 };
                 slot.store(token);
@@ -117,46 +146,210 @@ pub async fn run(
             }
             Err(e) => {
                 failures += 1;
-                next = fail(&slot, &e, failures);
+                next = fail(&slot, &e, failures, &mut last_logged);
             }
         }
     }
 }
 
-/// Records and logs a failed attempt; returns when to try again.
-fn fail(slot: &TokenSlot, e: &TokenError, failures: u32) -> Instant {
-    let delay = retry_in(failures, e.retry_after(), fastrand::f64());
+/// Records and logs a failed attempt; returns when to try again. A new error is logged at
+/// `warn` while a valid token is still served and at `error` otherwise; a permanent error
+/// repeated unchanged is logged at `debug`, so a wrong secret is one line, not one a minute.
+fn fail(
+    slot: &TokenSlot,
+    e: &TokenError,
+    failures: u32,
+    last_logged: &mut Option<String>,
+) -> Instant {
+    let permanent = e.is_permanent();
+    let delay = retry_in(failures, e.retry_after(), permanent, fastrand::f64());
     let now = Instant::now();
     let valid_left = slot
         .current()
         .filter(|t| t.is_valid_at(now))
         .map(|t| t.expires_at() - now);
-    match valid_left {
-        Some(left) => warn!(
-            error = %e,
-            failures,
-            retry_in_secs = delay.as_secs_f64(),
-            current_token_valid_for_secs = left.as_secs_f64(),
-            "token refresh failed; still serving the current token"
-        ),
-        None => error!(
-            error = %e,
-            failures,
-            retry_in_secs = delay.as_secs_f64(),
-            "token refresh failed and no valid token is held; requests get 503 token_unavailable"
-        ),
+    let text = e.to_string();
+    let retry_in_secs = delay.as_secs_f64();
+    if permanent && last_logged.as_deref() == Some(text.as_str()) {
+        debug!(error = %text, failures, retry_in_secs, "token refresh failed again");
+    } else {
+        match valid_left {
+            Some(left) => warn!(
+                error = %text,
+                failures,
+                permanent,
+                retry_in_secs,
+                current_token_valid_for_secs = left.as_secs_f64(),
+                "token refresh failed; still serving the current token"
+            ),
+            None => error!(
+                error = %text,
+                failures,
+                permanent,
+                retry_in_secs,
+                "token refresh failed and no valid token is held; requests get 503 token_unavailable"
+            ),
+        }
     }
-    slot.record_failure(e.to_string());
-    debug!(
-        retry_in_secs = delay.as_secs_f64(),
-        "next token attempt scheduled"
-    );
+    *last_logged = Some(text.clone());
+    slot.record_failure(text);
     now + delay
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
+    use std::sync::Mutex;
+
+    /// Answers token requests from a script and records when each was made.
+    struct Script {
+        answers: Mutex<std::collections::VecDeque<Result<Duration, TokenError>>>,
+        calls: Mutex<Vec<Instant>>,
+    }
+
+    impl Script {
+        fn new(answers: Vec<Result<Duration, TokenError>>) -> Arc<Self> {
+            Arc::new(Script {
+                answers: Mutex::new(answers.into()),
+                calls: Mutex::default(),
+            })
+        }
+        fn calls(&self, since: Instant) -> Vec<f64> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|t| (*t - since).as_secs_f64())
+                .collect()
+        }
+    }
+
+    impl FetchToken for Script {
+        fn name(&self) -> &str {
+            "script"
+        }
+        async fn fetch(&self) -> Result<Fetched, TokenError> {
+            let now = Instant::now();
+            self.calls.lock().unwrap().push(now);
+            let answer = self
+                .answers
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Ok(S(3600)));
+            answer.map(|lifetime| Fetched {
+                access_token: Secret::new("t"),
+                lifetime,
+                requested_at: now,
+            })
+        }
+    }
+
+    fn rejected(status: u16, retry_after: Option<u64>) -> TokenError {
+        TokenError::Rejected {
+            status,
+            detail: String::new(),
+            oauth: None,
+            retry_after: retry_after.map(S),
+        }
+    }
+
+    /// Runs the refresher on `script` for `secs` of paused time; the attempt times.
+    async fn attempts(script: &Arc<Script>, slot: &Arc<TokenSlot>, secs: u64) -> Vec<f64> {
+        let t0 = Instant::now();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        tokio::time::sleep(S(secs)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        script.calls(t0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_tokens_are_refreshed_before_they_expire() {
+        let script = Script::new((0..10).map(|_| Ok(S(2))).collect());
+        let slot = Arc::new(TokenSlot::new("c"));
+        let t0 = Instant::now();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        // Check every 10 ms for 6 s that a valid token is held.
+        let mut gaps = 0;
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            gaps += usize::from(slot.header_at(Instant::now()).is_none());
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(gaps, 0, "instants without a valid token");
+        let calls = script.calls(t0);
+        assert!(calls.len() >= 6, "{calls:?}");
+        for pair in calls.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!((0.9..=1.0).contains(&gap), "refresh gap {gap} s: {calls:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_keep_the_current_token() {
+        let script = Script::new(vec![
+            Ok(S(600)),
+            Err(rejected(500, None)),
+            Err(rejected(500, None)),
+            Ok(S(600)),
+        ]);
+        let slot = Arc::new(TokenSlot::new("c"));
+        let calls = attempts(&script, &slot, 330).await;
+        // Refresh due at 300 s minus jitter; then two retries a few seconds apart, then success.
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        assert!(calls[1] >= 270.0 && calls[1] <= 300.0, "{calls:?}");
+        assert!(
+            calls[2] - calls[1] >= 1.0 && calls[2] - calls[1] <= 2.0,
+            "{calls:?}"
+        );
+        assert!(
+            calls[3] - calls[2] >= 1.0 && calls[3] - calls[2] <= 4.0,
+            "{calls:?}"
+        );
+        assert!(slot.header_at(Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_and_permanent_errors_slow_the_retries() {
+        let script = Script::new(vec![
+            Err(rejected(429, Some(30))),
+            Err(rejected(401, None)),
+            Ok(S(600)),
+        ]);
+        let slot = Arc::new(TokenSlot::new("c"));
+        let calls = attempts(&script, &slot, 200).await;
+        assert_eq!(calls.len(), 3, "{calls:?}");
+        assert!(calls[1] >= 30.0, "Retry-After honoured: {calls:?}");
+        assert!(
+            calls[2] - calls[1] >= 60.0,
+            "a permanent error waits a minute: {calls:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_requests_do_not_override_the_backoff() {
+        let script = Script::new(vec![Err(rejected(503, Some(20))), Ok(S(600))]);
+        let slot = Arc::new(TokenSlot::new("c"));
+        let t0 = Instant::now();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        // Requests keep arriving during the Retry-After window; each is answered at once.
+        for _ in 0..10 {
+            tokio::time::sleep(S(1)).await;
+            assert!(slot.wait_for_header(S(5)).await.is_err());
+        }
+        tokio::time::sleep(S(15)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let calls = script.calls(t0);
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(calls[1] >= 20.0, "{calls:?}");
+    }
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 
@@ -194,11 +387,17 @@ mod tests {
 
     #[test]
     fn backoff_grows_is_capped_and_honours_retry_after() {
-        assert_eq!(retry_in(1, None, 0.0), MIN_RETRY);
-        assert_eq!(retry_in(1, None, 1.0), S(2));
-        assert_eq!(retry_in(3, None, 1.0), S(8));
-        assert_eq!(retry_in(30, None, 1.0), MAX_BACKOFF);
-        assert_eq!(retry_in(1, Some(S(30)), 0.5), S(30));
-        assert_eq!(retry_in(1, Some(S(99_999)), 0.5), S(3600));
+        assert_eq!(retry_in(1, None, false, 0.0), MIN_RETRY);
+        assert_eq!(retry_in(1, None, false, 1.0), S(2));
+        assert_eq!(retry_in(3, None, false, 1.0), S(8));
+        assert_eq!(retry_in(30, None, false, 1.0), MAX_BACKOFF);
+        assert_eq!(retry_in(1, Some(S(30)), false, 0.5), S(30));
+        assert_eq!(retry_in(1, Some(S(99_999)), false, 0.5), S(3600));
+    }
+
+    #[test]
+    fn permanent_errors_wait_at_least_a_minute() {
+        assert_eq!(retry_in(1, None, true, 0.0), PERMANENT_RETRY);
+        assert_eq!(retry_in(30, None, true, 1.0), MAX_BACKOFF);
     }
 }

@@ -138,6 +138,23 @@ impl TokenError {
         }
     }
 
+    /// Whether retrying soon cannot help: the endpoint refused the credential or the request
+    /// itself (HTTP 400/401, `invalid_client`, `unauthorized_client`, `invalid_scope`).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            TokenError::Rejected { status, oauth, .. } => {
+                matches!(status, 400 | 401)
+                    || oauth.as_ref().is_some_and(|o| {
+                        matches!(
+                            o.error.as_str(),
+                            "invalid_client" | "unauthorized_client" | "invalid_scope"
+                        )
+                    })
+            }
+            _ => false,
+        }
+    }
+
     /// The OAuth `error` code, if the endpoint sent one.
     pub fn oauth_error(&self) -> Option<&OAuthError> {
         match self {
@@ -235,7 +252,9 @@ impl TokenSource {
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
-            .body(self.form(&secret));
+            .body(crate::secret::zeroizing_bytes(
+                self.form(&secret).into_bytes(),
+            ));
         if self.auth_method == AuthMethod::ClientSecretBasic {
             request = request.header(AUTHORIZATION, basic_auth(&self.client_id, &secret));
         }
@@ -253,7 +272,8 @@ impl TokenSource {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            let mut body = Vec::new();
+            // The body holds the access token: zero it once parsed.
+            let mut body = zeroize::Zeroizing::new(Vec::new());
             while let Some(chunk) = response.chunk().await? {
                 if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
                     return Ok(Err(TokenError::InvalidResponse(format!(
@@ -416,9 +436,9 @@ pub fn parse_response(
     default_expires_in: Duration,
     secret: &Secret,
 ) -> Result<(Secret, Duration), TokenError> {
-    let json: Option<serde_json::Value> = serde_json::from_slice(body)
+    let mut json: Option<serde_json::Value> = serde_json::from_slice(body)
         .ok()
-        .filter(|v: &serde_json::Value| v.is_object());
+        .filter(serde_json::Value::is_object);
     if !status.is_success() {
         let oauth = json
             .as_ref()
@@ -440,14 +460,14 @@ pub fn parse_response(
             retry_after,
         });
     }
-    let Some(json) = json else {
+    let Some(json) = json.as_mut() else {
         return Err(TokenError::InvalidResponse(describe_body(
             content_type,
             body,
             secret,
         )));
     };
-    if let Some(o) = oauth_error(&json, secret) {
+    if let Some(o) = oauth_error(json, secret) {
         return Err(TokenError::Rejected {
             status: status.as_u16(),
             detail: o.to_string(),
@@ -455,8 +475,9 @@ pub fn parse_response(
             retry_after: None,
         });
     }
-    let access_token = match json.get("access_token") {
-        Some(serde_json::Value::String(t)) if !t.is_empty() => Secret::new(t.as_str()),
+    // Move the token out of the JSON tree, so the only copy is the zeroizing `Secret`.
+    let access_token = match json.get_mut("access_token").map(serde_json::Value::take) {
+        Some(serde_json::Value::String(t)) if !t.is_empty() => Secret::new(t),
         Some(_) => {
             return Err(TokenError::InvalidResponse(
                 "access_token is empty or not a string".into(),
@@ -577,6 +598,10 @@ mod tests {
             "{text}"
         );
         assert_eq!(e.retry_after(), None);
+        assert!(e.is_permanent());
+        assert!(!parse(500, "{}").unwrap_err().is_permanent());
+        assert!(!parse(429, "{}").unwrap_err().is_permanent());
+        assert!(parse(400, "{}").unwrap_err().is_permanent());
     }
 
     #[test]
