@@ -157,6 +157,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             stop_refreshing.clone(),
         ));
     }
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
     let mut route_addrs = Vec::with_capacity(services.len());
     for (listener, service, route) in services {
         let addr = listener.local_addr().unwrap_or(route.listen);
@@ -164,7 +165,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         route_addrs.push(addr);
         serving.spawn(server::serve(
             listener,
-            service,
+            move |peer| service.for_peer(peer),
+            config.limits,
+            permits.clone(),
             stop_serving.clone(),
             serving.clone(),
             "route",
@@ -178,7 +181,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             let service = AdminService::new(slots.clone());
             serving.spawn(server::serve(
                 listener,
-                service,
+                move |_| service.clone(),
+                config.limits,
+                permits.clone(),
                 stop_serving.clone(),
                 serving.clone(),
                 "admin",

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,6 +32,17 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_TOKEN_WAIT: Duration = Duration::from_secs(10);
 /// Default time requests in flight get to finish on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default time a client has to send request headers (on HTTP/1.1 keep-alive connections this
+/// includes the idle time before the next request).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default largest request head (request line and headers) in bytes.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default largest number of request headers.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default largest number of client connections open at once, over all listeners.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default largest request body kept for a replay after an upstream 401.
+pub const DEFAULT_REPLAY_MAX_BODY_BYTES: u64 = 64 * 1024;
 
 /// A configuration problem: which file, which key, what is wrong and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +69,71 @@ pub struct Config {
     pub workers: Option<usize>,
     /// How long requests in flight may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Limits applied to every client connection.
+    pub limits: ClientLimits,
     /// Credentials by name, sorted by name.
     pub credentials: Vec<CredentialConfig>,
     /// Routes in file order; each has its own listener.
     pub routes: Vec<RouteConfig>,
+}
+
+/// Limits on what clients may send, applied by every listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Time to send a request's headers (and, on HTTP/1.1, to start the next request).
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes; larger gets `431`.
+    pub max_header_bytes: usize,
+    /// Largest number of request headers; more gets `431`.
+    pub max_headers: usize,
+    /// Client connections open at once, over all listeners; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+/// An IP network in CIDR notation, for `allowed_clients`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address (a single host).
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (
+                a.trim().parse::<IpAddr>().ok()?,
+                Some(p.trim().parse::<u8>().ok()?),
+            ),
+            None => (text.trim().parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
@@ -141,6 +213,16 @@ pub struct RouteConfig {
     pub response_timeout: Duration,
     /// Time a request waits for a token when none is valid, before `503 token_unavailable`.
     pub token_wait: Duration,
+    /// Largest request body; larger gets `413` (`None`: no limit).
+    pub max_body_bytes: Option<u64>,
+    /// On an upstream `401`, refresh the token once and replay the request.
+    pub retry_on_401: bool,
+    /// Largest body kept so that a request can be replayed after a `401`.
+    pub replay_max_body_bytes: u64,
+    /// Clients must send `Proxy-Authorization: Bearer <this>` (read from `inbound_token_file`).
+    pub inbound_token: Option<Secret>,
+    /// Only these client networks may connect (empty: any).
+    pub allowed_clients: Vec<Cidr>,
 }
 
 // ---- raw, as in the file ----
@@ -149,8 +231,14 @@ pub struct RouteConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     admin_listen: Option<String>,
+    #[serde(default)]
+    admin_allow_remote: bool,
     workers: Option<usize>,
     shutdown_grace_secs: Option<f64>,
+    header_read_timeout_secs: Option<f64>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    max_connections: Option<usize>,
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
@@ -184,6 +272,16 @@ struct RawRoute {
     connect_timeout_secs: Option<f64>,
     response_timeout_secs: Option<f64>,
     token_wait_secs: Option<f64>,
+    #[serde(default)]
+    allow_remote: bool,
+    #[serde(default)]
+    allow_insecure_upstream: bool,
+    max_body_bytes: Option<u64>,
+    retry_on_401: Option<bool>,
+    replay_max_body_bytes: Option<u64>,
+    inbound_token_file: Option<String>,
+    #[serde(default)]
+    allowed_clients: Vec<String>,
 }
 
 impl Config {
@@ -354,8 +452,46 @@ impl Validator<'_> {
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let admin_listen = match self.optional("admin_listen", raw.admin_listen)? {
-            Some(a) => Some(self.socket_addr("admin_listen", &a)?),
+            Some(a) => {
+                let addr = self.socket_addr("admin_listen", &a)?;
+                if !addr.ip().is_loopback() && !raw.admin_allow_remote {
+                    return Err(self.err(
+                        "admin_listen",
+                        format!("{addr} is not a loopback address"),
+                        "listen on 127.0.0.1, or set admin_allow_remote = true to expose /healthz and /readyz (e.g. to kubelet probes)",
+                    ));
+                }
+                Some(addr)
+            }
             None => None,
+        };
+        let positive = |key: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(self.err(
+                key,
+                "must be at least 1",
+                format!("remove it (default {default}) or set a positive number"),
+            )),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let limits = ClientLimits {
+            header_read_timeout: self.secs(
+                "header_read_timeout_secs",
+                raw.header_read_timeout_secs,
+                DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
+            // hyper needs room for at least one read buffer.
+            max_header_bytes: positive(
+                "max_header_bytes",
+                raw.max_header_bytes,
+                DEFAULT_MAX_HEADER_BYTES,
+            )?
+            .max(8192),
+            max_headers: positive("max_headers", raw.max_headers, DEFAULT_MAX_HEADERS)?,
+            max_connections: positive(
+                "max_connections",
+                raw.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )?,
         };
         if raw.workers == Some(0) {
             return Err(self.err(
@@ -407,15 +543,56 @@ impl Validator<'_> {
             }
             routes.push(route);
         }
+        self.refuse_loops(&routes, admin_listen)?;
 
         Ok(Config {
             source: self.file.into(),
             admin_listen,
             workers: raw.workers,
             shutdown_grace,
+            limits,
             credentials,
             routes,
         })
+    }
+
+    /// Refuses a route whose upstream is one of this process's own listeners.
+    fn refuse_loops(
+        &self,
+        routes: &[RouteConfig],
+        admin: Option<SocketAddr>,
+    ) -> Result<(), ConfigError> {
+        let listeners: Vec<SocketAddr> = routes
+            .iter()
+            .map(|r| r.listen)
+            .chain(admin)
+            .filter(|a| a.port() != 0)
+            .collect();
+        for (i, route) in routes.iter().enumerate() {
+            let url = &route.upstream.url;
+            let host_ip = match url.host() {
+                Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+                Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+                Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") => None,
+                _ => continue,
+            };
+            if host_ip.is_some_and(|ip| !ip.is_loopback() && !ip.is_unspecified()) {
+                continue;
+            }
+            let port = url.port_or_known_default().unwrap_or(0);
+            let looped = listeners.iter().any(|l| {
+                l.port() == port
+                    && (l.ip().is_unspecified() || l.ip().is_loopback() || Some(l.ip()) == host_ip)
+            });
+            if looped {
+                return Err(self.err(
+                    &format!("routes[{i}].upstream"),
+                    format!("{url} is token-proxy's own listener: requests would loop"),
+                    "point upstream at the real API",
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn credential(
@@ -582,6 +759,58 @@ impl Validator<'_> {
                 ),
             ));
         }
+        if !listen.ip().is_loopback() && !raw.allow_remote {
+            return Err(self.err(
+                &k("listen"),
+                format!("{listen} is not a loopback address: anyone who can reach it could use the credential"),
+                "listen on 127.0.0.1, or set allow_remote = true on this route together with inbound_token_file or allowed_clients",
+            ));
+        }
+        let local_upstream = match upstream.url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            None => false,
+        };
+        if upstream.scheme == Scheme::HTTP && !local_upstream && !raw.allow_insecure_upstream {
+            return Err(self.err(
+                &k("upstream"),
+                format!("{} is plain http to another host: the bearer token would cross the network unencrypted", upstream.url),
+                "use https://, or set allow_insecure_upstream = true on this route if the network is trusted",
+            ));
+        }
+        let inbound_token = match self.path(&k("inbound_token_file"), raw.inbound_token_file)? {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(
+                        &k("inbound_token_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                        "make the file readable by token-proxy",
+                    )
+                })?;
+                let token = text.trim();
+                if token.len() < 16 {
+                    return Err(self.err(
+                        &k("inbound_token_file"),
+                        format!("{} holds fewer than 16 characters", path.display()),
+                        "put a long random value in it, e.g. `openssl rand -hex 32`",
+                    ));
+                }
+                Some(Secret::new(token))
+            }
+            None => None,
+        };
+        let mut allowed_clients = Vec::with_capacity(raw.allowed_clients.len());
+        for (j, c) in raw.allowed_clients.iter().enumerate() {
+            let text = self.expand(&format!("{}[{j}]", k("allowed_clients")), c)?;
+            allowed_clients.push(Cidr::parse(&text).ok_or_else(|| {
+                self.err(
+                    &format!("{}[{j}]", k("allowed_clients")),
+                    format!("`{text}` is not an IP network"),
+                    "write CIDRs such as \"10.0.0.0/8\" or \"::1/128\"",
+                )
+            })?);
+        }
         Ok(RouteConfig {
             listen,
             upstream,
@@ -602,6 +831,13 @@ impl Validator<'_> {
                 raw.token_wait_secs,
                 DEFAULT_TOKEN_WAIT,
             )?,
+            max_body_bytes: raw.max_body_bytes,
+            retry_on_401: raw.retry_on_401.unwrap_or(true),
+            replay_max_body_bytes: raw
+                .replay_max_body_bytes
+                .unwrap_or(DEFAULT_REPLAY_MAX_BODY_BYTES),
+            inbound_token,
+            allowed_clients,
         })
     }
 
@@ -746,6 +982,81 @@ credential = "api"
             e.contains("routes[0].credential") && e.contains("api"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn remote_listeners_and_insecure_upstreams_need_opt_in() {
+        let remote = GOOD.replace("listen = \"127.0.0.1:8080\"", "listen = \"0.0.0.0:8080\"");
+        let e = parse(&remote).unwrap_err().to_string();
+        assert!(
+            e.contains("routes[0].listen") && e.contains("allow_remote"),
+            "{e}"
+        );
+        assert!(parse(&remote.replace(
+            "credential = \"api\"",
+            "credential = \"api\"\nallow_remote = true"
+        ))
+        .is_ok());
+
+        let e = parse(&GOOD.replace(
+            "admin_listen = \"127.0.0.1:9901\"",
+            "admin_listen = \"0.0.0.0:9901\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("admin_allow_remote"), "{e}");
+
+        let plain = GOOD.replace(
+            "https://api.example.com/base/",
+            "http://api.example.com/base/",
+        );
+        let e = parse(&plain).unwrap_err().to_string();
+        assert!(
+            e.contains("routes[0].upstream") && e.contains("allow_insecure_upstream"),
+            "{e}"
+        );
+        assert!(parse(&plain.replace(
+            "credential = \"api\"",
+            "credential = \"api\"\nallow_insecure_upstream = true"
+        ))
+        .is_ok());
+        assert!(
+            parse(&GOOD.replace("https://api.example.com/base/", "http://127.0.0.1:9000/")).is_ok()
+        );
+    }
+
+    #[test]
+    fn an_upstream_pointing_at_the_proxy_itself_is_refused() {
+        for up in [
+            "http://127.0.0.1:8080/",
+            "http://localhost:8080",
+            "http://127.0.0.1:9901",
+        ] {
+            let e = parse(&GOOD.replace("https://api.example.com/base/", up))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("loop"), "{up}: {e}");
+        }
+    }
+
+    #[test]
+    fn cidrs_match_their_networks() {
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.2.3".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(Cidr::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("192.0.2.1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_none() && Cidr::parse("nope").is_none());
+        let e = parse(&GOOD.replace(
+            "credential = \"api\"",
+            "credential = \"api\"\nallowed_clients = [\"10.0.0.0/8\", \"bad\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("routes[0].allowed_clients[1]"), "{e}");
     }
 
     #[test]

@@ -209,9 +209,18 @@ where
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let service = SyncService(Arc::new(service));
+    let limits = crate::config::ClientLimits {
+        header_read_timeout: Duration::from_secs(30),
+        max_header_bytes: 1024 * 1024,
+        max_headers: 1000,
+        max_connections: 100_000,
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::spawn(server::serve(
         listener,
-        service,
+        move |_| service.clone(),
+        limits,
+        permits,
         cancel.clone(),
         tasks,
         "demo",

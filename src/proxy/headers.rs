@@ -87,6 +87,40 @@ pub fn prepare_request(
     }
     headers.insert(AUTHORIZATION, authorization);
     headers.insert(HOST, host.clone());
+    headers.append(http::header::VIA, via_entry().clone());
+}
+
+/// The `Via` entry this process adds: a pseudonym unique to the process, so that a request
+/// that comes back to the same process (a loop) is recognised, while a chain of distinct
+/// token-proxies is not mistaken for one.
+pub fn via_entry() -> &'static HeaderValue {
+    static VIA: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+    VIA.get_or_init(|| {
+        let id = format!("1.1 token-proxy-{:08x}", fastrand::u32(..));
+        HeaderValue::from_str(&id).expect("ASCII")
+    })
+}
+
+/// Whether the request already went through this process (its `Via` names our pseudonym).
+pub fn is_loop(headers: &HeaderMap) -> bool {
+    let ours = &via_entry().as_bytes()[4..];
+    headers
+        .get_all(http::header::VIA)
+        .iter()
+        .any(|v| v.as_bytes().windows(ours.len()).any(|w| w == ours))
+}
+
+/// Whether `value` is `Bearer <expected>`, compared in constant time for equal lengths.
+pub fn bearer_matches(value: Option<&HeaderValue>, expected: &[u8]) -> bool {
+    let Some(token) = value.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    token.len() == expected.len()
+        && token
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Readies upstream response headers for the client.
@@ -133,7 +167,7 @@ mod tests {
             false,
         );
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(names.len(), 4, "{names:?}");
         assert_eq!(h["x-keep"], "yes");
         assert_eq!(h[AUTHORIZATION], "Bearer t");
         assert_eq!(h[HOST], "up:1");
@@ -176,6 +210,34 @@ mod tests {
         assert_eq!(h[UPGRADE], "websocket");
         assert_eq!(h[CONNECTION], "upgrade");
         assert_eq!(h[TE], "trailers");
+    }
+
+    #[test]
+    fn via_marks_our_requests_and_detects_loops() {
+        let mut h = map(&[("via", "1.0 other-proxy")]);
+        assert!(!is_loop(&h));
+        prepare_request(
+            &mut h,
+            HeaderValue::from_static("Bearer t"),
+            &HeaderValue::from_static("up"),
+            false,
+            false,
+        );
+        assert_eq!(h.get_all("via").iter().count(), 2);
+        assert!(is_loop(&h));
+    }
+
+    #[test]
+    fn inbound_bearer_is_compared_exactly() {
+        let v = HeaderValue::from_static("Bearer 0123456789abcdef");
+        assert!(bearer_matches(Some(&v), b"0123456789abcdef"));
+        assert!(!bearer_matches(Some(&v), b"0123456789abcdeX"));
+        assert!(!bearer_matches(Some(&v), b"0123456789abcde"));
+        assert!(!bearer_matches(None, b"0123456789abcdef"));
+        assert!(!bearer_matches(
+            Some(&HeaderValue::from_static("Basic 0123456789abcdef")),
+            b"0123456789abcdef"
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The request path: a client request becomes an upstream request with the token stamped on,
 //! and the upstream's response (or the proxy's own JSON error) goes back.
 
+pub mod body;
 pub mod headers;
 pub mod service;
 
@@ -28,6 +29,18 @@ pub enum ProxyError {
     /// The request is not one the proxy forwards.
     #[error("{0}")]
     BadRequest(String),
+    /// The client's address is not in the route's `allowed_clients`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The client did not send the route's inbound token.
+    #[error("{0}")]
+    ProxyAuthenticationRequired(String),
+    /// The request body is over the route's `max_body_bytes`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The request already passed through this proxy.
+    #[error("{0}")]
+    LoopDetected(String),
 }
 
 impl ProxyError {
@@ -38,6 +51,10 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::ProxyAuthenticationRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -48,16 +65,27 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable(_) => "upstream_unavailable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::ProxyAuthenticationRequired(_) => "proxy_authentication_required",
+            ProxyError::PayloadTooLarge(_) => "payload_too_large",
+            ProxyError::LoopDetected(_) => "loop_detected",
         }
     }
 
     /// The JSON response for this error.
     pub fn to_response(&self) -> Response<ProxyBody> {
-        json_response(
+        let mut response = json_response(
             self.status(),
             &serde_json::json!({ "error": self.code(), "message": self.to_string() }),
         )
-        .map(Either::Right)
+        .map(Either::Right);
+        if let ProxyError::ProxyAuthenticationRequired(_) = self {
+            response.headers_mut().insert(
+                http::header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"token-proxy\""),
+            );
+        }
+        response
     }
 }
 

@@ -8,14 +8,16 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::HOST;
 use http::uri::{Parts, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use http_body_util::Either;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -26,21 +28,28 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
+use super::body::{BodyTooLarge, UpstreamBody};
 use super::headers;
 use super::{ProxyBody, ProxyError};
-use crate::config::{RouteConfig, Upstream};
+use crate::config::{Cidr, RouteConfig, Upstream};
+use crate::secret::Secret;
 use crate::tls;
 use crate::token::slot::TokenSlot;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
 struct Inner {
     upstream: Upstream,
     response_timeout: Duration,
     token_wait: Duration,
+    max_body_bytes: Option<u64>,
+    retry_on_401: bool,
+    replay_max_body_bytes: u64,
+    inbound_token: Option<Secret>,
+    allowed_clients: Vec<Cidr>,
     slot: Arc<TokenSlot>,
     client: UpstreamClient,
     upgrade_client: UpstreamClient,
@@ -48,15 +57,20 @@ struct Inner {
     cancel: CancellationToken,
 }
 
-/// Forwards requests of one route to its upstream with its credential's token.
+/// Forwards requests of one route to its upstream with its credential's token. One clone
+/// serves one client connection and knows that client's address.
 #[derive(Clone)]
-pub struct ProxyService(Arc<Inner>);
+pub struct ProxyService {
+    inner: Arc<Inner>,
+    peer: Option<IpAddr>,
+}
 
 impl std::fmt::Debug for ProxyService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyService")
-            .field("upstream", &self.0.upstream.url.as_str())
-            .field("credential", &self.0.slot.name())
+            .field("upstream", &self.inner.upstream.url.as_str())
+            .field("credential", &self.inner.slot.name())
+            .field("peer", &self.peer)
             .finish()
     }
 }
@@ -96,16 +110,30 @@ impl ProxyService {
         let client = upstream_client(route, tls.clone(), true);
         // HTTP/1.1 `Upgrade` cannot ride an HTTP/2 connection: upgrades get their own pool.
         let upgrade_client = upstream_client(route, tls, false);
-        Ok(ProxyService(Arc::new(Inner {
+        let inner = Arc::new(Inner {
             upstream: route.upstream.clone(),
             response_timeout: route.response_timeout,
             token_wait: route.token_wait,
+            max_body_bytes: route.max_body_bytes,
+            retry_on_401: route.retry_on_401,
+            replay_max_body_bytes: route.replay_max_body_bytes,
+            inbound_token: route.inbound_token.clone(),
+            allowed_clients: route.allowed_clients.clone(),
             slot,
             client,
             upgrade_client,
             tunnels,
             cancel,
-        })))
+        });
+        Ok(ProxyService { inner, peer: None })
+    }
+
+    /// This service for a connection from `peer`.
+    pub fn for_peer(&self, peer: SocketAddr) -> ProxyService {
+        ProxyService {
+            inner: self.inner.clone(),
+            peer: Some(peer.ip()),
+        }
     }
 
     /// Handles one request; never fails (errors become JSON responses).
@@ -126,8 +154,27 @@ impl ProxyService {
         }
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        let inner = &*self.0;
+    /// Refuses what the route does not accept, before anything else is looked at.
+    fn admit(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        let inner = &*self.inner;
+        if !inner.allowed_clients.is_empty() {
+            let allowed = self
+                .peer
+                .is_some_and(|ip| inner.allowed_clients.iter().any(|c| c.contains(ip)));
+            if !allowed {
+                return Err(ProxyError::Forbidden(
+                    "this client address may not use this route (allowed_clients)".into(),
+                ));
+            }
+        }
+        if let Some(expected) = &inner.inbound_token {
+            let sent = req.headers().get(http::header::PROXY_AUTHORIZATION);
+            if !headers::bearer_matches(sent, expected.expose().as_bytes()) {
+                return Err(ProxyError::ProxyAuthenticationRequired(
+                    "send `Proxy-Authorization: Bearer <inbound token>`: this route requires its inbound token".into(),
+                ));
+            }
+        }
         if req.method() == Method::CONNECT {
             return Err(ProxyError::BadRequest(
                 "CONNECT is not supported: token-proxy is a reverse proxy for one upstream, not a forward proxy".into(),
@@ -140,6 +187,30 @@ impl ProxyService {
                 "absolute-form request targets are refused: send origin-form (`GET /path`), token-proxy chooses the upstream".into(),
             ));
         }
+        let hosts = req.headers().get_all(HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+            return Err(ProxyError::BadRequest(format!(
+                "an HTTP/1.1 request needs exactly one Host header, this one has {hosts}"
+            )));
+        }
+        if headers::is_loop(req.headers()) {
+            return Err(ProxyError::LoopDetected(
+                "this request already passed through this token-proxy: the route's upstream leads back to it".into(),
+            ));
+        }
+        if let (Some(limit), Some(len)) = (inner.max_body_bytes, req.body().size_hint().exact()) {
+            if len > limit {
+                return Err(ProxyError::PayloadTooLarge(format!(
+                    "request body of {len} bytes is over this route's limit of {limit} bytes"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let inner = &*self.inner;
+        self.admit(&req)?;
 
         let authorization = match inner.slot.header_at(Instant::now()) {
             Some(h) => h,
@@ -153,41 +224,63 @@ impl ProxyService {
         let upgrade =
             req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let streamed = req.body().size_hint().exact().is_none();
+        let size = req.body().size_hint().exact();
+        let streamed = size.is_none();
+        // A request can be replayed after a 401 if its whole body is small enough to keep.
+        let replayable = inner.retry_on_401
+            && !upgrade
+            && size.is_some_and(|n| n <= inner.replay_max_body_bytes);
 
         let (mut parts, body) = req.into_parts();
         parts.uri = upstream_uri(&inner.upstream, parts.uri.path_and_query())?;
         parts.version = Version::HTTP_11;
         headers::prepare_request(
             &mut parts.headers,
-            authorization,
+            authorization.clone(),
             &inner.upstream.host_header,
             upgrade,
             streamed,
         );
-        let upstream_req = Request::from_parts(parts, body);
+
+        let (body, replay) = if replayable {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| {
+                    ProxyError::BadRequest(format!("could not read the request body: {e}"))
+                })?
+                .to_bytes();
+            let replay = (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+                bytes.clone(),
+            );
+            (UpstreamBody::buffered(bytes), Some(replay))
+        } else {
+            (UpstreamBody::streamed(body, inner.max_body_bytes), None)
+        };
 
         let client = if upgrade {
             &inner.upgrade_client
         } else {
             &inner.client
         };
-        let mut response = match tokio::time::timeout(
-            inner.response_timeout,
-            client.request(upstream_req),
-        )
-        .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(upstream_error(&inner.upstream, &e)),
-            Err(_) => {
-                return Err(ProxyError::UpstreamTimeout(format!(
-                    "upstream {} sent no response within {:.1} s",
-                    inner.upstream.url,
-                    inner.response_timeout.as_secs_f64()
-                )))
+        let mut response = self.send(client, Request::from_parts(parts, body)).await?;
+
+        if response.status() == StatusCode::UNAUTHORIZED {
+            if let Some((method, uri, mut headers, bytes)) = replay {
+                if let Some(fresh) = self.token_after_401(&authorization).await {
+                    headers.insert(http::header::AUTHORIZATION, fresh);
+                    let mut again = Request::new(UpstreamBody::buffered(bytes));
+                    *again.method_mut() = method;
+                    *again.uri_mut() = uri;
+                    *again.headers_mut() = headers;
+                    debug!("upstream answered 401: replaying once with a new token");
+                    response = self.send(client, again).await?;
+                }
             }
-        };
+        }
 
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
@@ -196,30 +289,69 @@ impl ProxyService {
                     "upstream answered 101 Switching Protocols to a request that asked for no upgrade".into(),
                 ));
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let cancel = inner.cancel.clone();
-            inner.tunnels.spawn(
-                async move {
-                    let (client_io, upstream_io) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                        Ok(pair) => pair,
-                        Err(e) => return debug!(error = %e, "upgrade did not complete"),
-                    };
-                    let mut client_io = TokioIo::new(client_io);
-                    let mut upstream_io = TokioIo::new(upstream_io);
-                    tokio::select! {
-                        r = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io) => match r {
-                            Ok((up, down)) => debug!(bytes_up = up, bytes_down = down, "tunnel closed"),
-                            Err(e) => debug!(error = %e, "tunnel ended with an error"),
-                        },
-                        _ = cancel.cancelled() => debug!("tunnel closed by shutdown"),
-                    }
-                }
-                .in_current_span(),
-            );
+            self.tunnel(client_upgrade, hyper::upgrade::on(&mut response));
         }
         let streamed = response.body().size_hint().exact().is_none();
         headers::prepare_response(response.headers_mut(), switching, streamed);
         Ok(response.map(Either::Left))
+    }
+
+    /// After a 401 to `used`: retire that token (rate limited) and wait for the next one.
+    async fn token_after_401(&self, used: &http::HeaderValue) -> Option<http::HeaderValue> {
+        let slot = &self.inner.slot;
+        if !slot.invalidate(used) {
+            debug!("upstream answered 401 again within the invalidation interval: passing it on");
+            return None;
+        }
+        match slot.wait_for_header(self.inner.token_wait).await {
+            Ok(fresh) if fresh != *used => Some(fresh),
+            Ok(_) => None,
+            Err(e) => {
+                debug!(error = %e, "no new token after a 401: passing it on");
+                None
+            }
+        }
+    }
+
+    /// Sends one request upstream, bounded by the response timeout.
+    async fn send(
+        &self,
+        client: &UpstreamClient,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let inner = &*self.inner;
+        match tokio::time::timeout(inner.response_timeout, client.request(req)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(upstream_error(&inner.upstream, &e)),
+            Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+                "upstream {} sent no response within {:.1} s",
+                inner.upstream.url,
+                inner.response_timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// Joins the client's and the upstream's upgraded connections, owned by the tunnel tracker.
+    fn tunnel(&self, client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+        let cancel = self.inner.cancel.clone();
+        self.inner.tunnels.spawn(
+            async move {
+                let (client_io, upstream_io) = match tokio::try_join!(client, upstream) {
+                    Ok(pair) => pair,
+                    Err(e) => return debug!(error = %e, "upgrade did not complete"),
+                };
+                let mut client_io = TokioIo::new(client_io);
+                let mut upstream_io = TokioIo::new(upstream_io);
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut client_io, &mut upstream_io) => match r {
+                        Ok((up, down)) => debug!(bytes_up = up, bytes_down = down, "tunnel closed"),
+                        Err(e) => debug!(error = %e, "tunnel ended with an error"),
+                    },
+                    _ = cancel.cancelled() => debug!("tunnel closed by shutdown"),
+                }
+            }
+            .in_current_span(),
+        );
     }
 }
 
@@ -257,6 +389,9 @@ fn upstream_error(upstream: &Upstream, e: &hyper_util::client::legacy::Error) ->
     let mut timed_out = false;
     let mut current = e.source();
     while let Some(c) = current {
+        if let Some(too_large) = c.downcast_ref::<BodyTooLarge>() {
+            return ProxyError::PayloadTooLarge(too_large.to_string());
+        }
         if !cause.is_empty() {
             cause.push_str(": ");
         }

@@ -44,6 +44,15 @@ impl Token {
         })
     }
 
+    /// A copy of `token` that expired at `now` (an upstream rejected it).
+    pub fn retired(token: &Token, now: Instant) -> Token {
+        Token {
+            header: token.header.clone(),
+            expires_at: now.min(token.expires_at),
+            lifetime: token.lifetime,
+        }
+    }
+
     /// The `Authorization: Bearer …` value.
     pub fn header(&self) -> &HeaderValue {
         &self.header

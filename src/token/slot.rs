@@ -42,6 +42,9 @@ impl SlotState {
     }
 }
 
+/// Smallest time between two token invalidations caused by upstream `401`s.
+pub const INVALIDATE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Why a request got no token.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
@@ -59,6 +62,9 @@ pub struct TokenSlot {
     failing: AtomicBool,
     changed: Notify,
     demand: Notify,
+    /// When an upstream `401` last invalidated a token (ms since `born`, 0: never).
+    last_invalidation_ms: std::sync::atomic::AtomicU64,
+    born: Instant,
 }
 
 impl TokenSlot {
@@ -72,6 +78,8 @@ impl TokenSlot {
             failing: AtomicBool::new(false),
             changed: Notify::new(),
             demand: Notify::new(),
+            last_invalidation_ms: std::sync::atomic::AtomicU64::new(0),
+            born: Instant::now(),
         }
     }
 
@@ -125,6 +133,41 @@ impl TokenSlot {
         self.failing.store(true, Ordering::SeqCst);
         self.fetching.store(false, Ordering::SeqCst);
         self.changed.notify_waiters();
+    }
+
+    /// The upstream answered `401` to a request that carried `used`. If `used` is still the
+    /// current token, it is retired and the refresher asked for a new one, at most once per
+    /// [`INVALIDATE_INTERVAL`]. Returns whether waiting for a token can help: false when the
+    /// same token was already retired recently and came back (the rate limit holds).
+    pub fn invalidate(&self, used: &HeaderValue) -> bool {
+        let now = Instant::now();
+        let current = self.current.load_full();
+        let Some(token) = current.as_deref() else {
+            return true;
+        };
+        if token.header() != used || !token.is_valid_at(now) {
+            // A newer token is already here, or this one is already retired and being replaced.
+            return true;
+        }
+        let now_ms = (now - self.born).as_millis() as u64 + 1;
+        let last = self.last_invalidation_ms.load(Ordering::SeqCst);
+        let interval = INVALIDATE_INTERVAL.as_millis() as u64;
+        if last != 0 && now_ms < last + interval {
+            return false;
+        }
+        if self
+            .last_invalidation_ms
+            .compare_exchange(last, now_ms, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return true; // another request retired it just now
+        }
+        let retired = Token::retired(token, now);
+        let _ = self
+            .current
+            .compare_and_swap(&current, Some(Arc::new(retired)));
+        self.demand.notify_one();
+        true
     }
 
     /// Waits until the refresher has been asked for a token (used by the refresher).
@@ -239,6 +282,32 @@ mod tests {
             waiter.await.unwrap().is_ok(),
             "waited for the attempt in flight"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidation_retires_only_the_exact_token_and_is_rate_limited() {
+        let slot = TokenSlot::new("c");
+        slot.store(token(Duration::from_secs(60)));
+        let used = slot.header_at(Instant::now()).unwrap();
+        assert!(slot.invalidate(&used));
+        assert!(slot.header_at(Instant::now()).is_none(), "retired");
+        assert!(slot.invalidate(&used), "already retired: waiting helps");
+        slot.store(
+            Token::new(
+                &Secret::new("t2"),
+                Instant::now() + Duration::from_secs(60),
+                Duration::from_secs(60),
+            )
+            .unwrap(),
+        );
+        assert!(slot.invalidate(&used), "a newer token is not touched");
+        assert!(slot.header_at(Instant::now()).is_some());
+        let newer = slot.header_at(Instant::now()).unwrap();
+        assert!(!slot.invalidate(&newer), "rate limited within the interval");
+        assert!(slot.header_at(Instant::now()).is_some());
+        tokio::time::advance(INVALIDATE_INTERVAL).await;
+        assert!(slot.invalidate(&newer));
+        assert!(slot.header_at(Instant::now()).is_none());
     }
 
     #[tokio::test(start_paused = true)]
