@@ -40,10 +40,19 @@ pub const DEMO_CLIENT_ID: &str = "demo-client";
 /// The demo's client secret (a demo value, printed nowhere).
 pub const DEMO_CLIENT_SECRET: &str = "demo-secret-not-for-production";
 
-type DemoBody = BoxBody<Bytes, Infallible>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type DemoBody = BoxBody<Bytes, BoxError>;
+
+/// Boxes a body that cannot fail.
+fn boxed<B>(body: B) -> DemoBody
+where
+    B: Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+{
+    body.map_err(|never| match never {}).boxed()
+}
 
 fn full(bytes: impl Into<Bytes>) -> DemoBody {
-    Full::new(bytes.into()).boxed()
+    boxed(Full::new(bytes.into()))
 }
 
 fn json_reply(status: StatusCode, value: serde_json::Value) -> Response<DemoBody> {
@@ -90,6 +99,11 @@ impl IssuedTokens {
             .is_some_and(|exp| Instant::now() < *exp)
     }
 
+    /// Forgets every token issued so far: the echo API answers `401` to them from now on.
+    pub fn revoke_all(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
     /// Every token issued so far (tests look for them in logs).
     pub fn all(&self) -> Vec<String> {
         self.0.lock().unwrap().keys().cloned().collect()
@@ -116,6 +130,24 @@ pub struct CannedResponse {
     pub body: String,
     /// `Retry-After` seconds, if any.
     pub retry_after: Option<u64>,
+    /// More headers (e.g. `location` for a redirect).
+    pub headers: Vec<(&'static str, String)>,
+    /// Send the body this slowly: one byte per interval.
+    pub drip: Option<Duration>,
+}
+
+impl CannedResponse {
+    /// A canned answer with `status`, a body of `content_type` and nothing else.
+    pub fn new(status: StatusCode, content_type: &'static str, body: impl Into<String>) -> Self {
+        CannedResponse {
+            status,
+            content_type,
+            body: body.into(),
+            retry_after: None,
+            headers: Vec::new(),
+            drip: None,
+        }
+    }
 }
 
 /// The token endpoint's state and knobs.
@@ -130,9 +162,19 @@ pub struct IdpState {
     requests: Mutex<Vec<TokenRequestRecord>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    client_secret: Mutex<String>,
+    fail_every: AtomicUsize,
 }
 
 impl IdpState {
+    /// Accept `secret` as the client secret from now on (a rotation).
+    pub fn set_client_secret(&self, secret: &str) {
+        *self.client_secret.lock().unwrap() = secret.into();
+    }
+    /// Answer every `n`-th token request with `500` (0: never).
+    pub fn set_fail_every(&self, n: usize) {
+        self.fail_every.store(n, Ordering::SeqCst);
+    }
     /// Lifetime of tokens issued from now on.
     pub fn set_lifetime(&self, lifetime: Duration) {
         *self.lifetime.lock().unwrap() = lifetime;
@@ -276,6 +318,8 @@ pub async fn start_token_endpoint_with(
         requests: Mutex::default(),
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
+        client_secret: Mutex::new(DEMO_CLIENT_SECRET.into()),
+        fail_every: AtomicUsize::new(0),
     });
     start_server(addr, state, |state, _tasks, req| async move {
         token_endpoint(&state, req).await
@@ -301,16 +345,40 @@ async fn token_answer(state: &IdpState, req: Request<Incoming>) -> Response<Demo
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
-    state.requests.lock().unwrap().push(TokenRequestRecord {
-        headers: parts.headers.clone(),
-        form: form.clone(),
-    });
+    let number = {
+        let mut requests = state.requests.lock().unwrap();
+        requests.push(TokenRequestRecord {
+            headers: parts.headers.clone(),
+            form: form.clone(),
+        });
+        requests.len()
+    };
     let delay = *state.delay.lock().unwrap();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    let every = state.fail_every.load(Ordering::SeqCst);
+    if every > 0 && number % every == 0 {
+        return json_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "server_error", "error_description": "scripted failure"}),
+        );
+    }
     if let Some(c) = state.canned.lock().unwrap().clone() {
-        let mut r = Response::new(full(c.body));
+        let body = match c.drip {
+            Some(interval) => boxed(DripBody {
+                data: Bytes::from(c.body),
+                interval,
+                sleep: None,
+            }),
+            None => full(c.body),
+        };
+        let mut r = Response::new(body);
+        for (name, value) in &c.headers {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                r.headers_mut().insert(*name, v);
+            }
+        }
         *r.status_mut() = c.status;
         r.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static(c.content_type));
@@ -339,7 +407,7 @@ async fn token_answer(state: &IdpState, req: Request<Incoming>) -> Response<Demo
             field("client_secret").unwrap_or("").to_string(),
         ),
     };
-    if id != DEMO_CLIENT_ID || secret != DEMO_CLIENT_SECRET {
+    if id != DEMO_CLIENT_ID || secret != *state.client_secret.lock().unwrap() {
         return json_reply(
             StatusCode::UNAUTHORIZED,
             json!({
@@ -535,7 +603,7 @@ async fn echo(
 
     match (before, last) {
         ("download", n) if n.parse::<u64>().is_ok() => {
-            let mut r = Response::new(RepeatBody::new(n.parse().unwrap_or(0)).boxed());
+            let mut r = Response::new(boxed(RepeatBody::new(n.parse().unwrap_or(0))));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
@@ -558,6 +626,26 @@ async fn echo(
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             json_reply(StatusCode::OK, json!({"slept_ms": ms}))
         }
+        ("reset", n) if n.parse::<u64>().is_ok() => {
+            let n: u64 = n.parse().unwrap_or(0);
+            let body = BrokenBody {
+                remaining: n,
+                advertised: n * 2,
+                pause: None,
+            }
+            .map_err(|e| Box::new(e) as BoxError)
+            .boxed();
+            Response::new(body)
+        }
+        (_, "bad101") => {
+            let mut r = Response::new(full(Bytes::new()));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut()
+                .insert(UPGRADE, HeaderValue::from_static("websocket"));
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+            r
+        }
         (_, "hop") => {
             // Hop-by-hop headers the proxy must not pass on to its client.
             let mut r = json_reply(StatusCode::OK, json!({"hop": true}));
@@ -579,7 +667,7 @@ async fn echo(
                 Frame::data(Bytes::from_static(b"body with trailers")),
                 Frame::trailers(t),
             ]);
-            let mut r = Response::new(FramesBody(frames).boxed());
+            let mut r = Response::new(boxed(FramesBody(frames)));
             r.headers_mut()
                 .insert("trailer", HeaderValue::from_static("x-checksum"));
             r
@@ -624,6 +712,69 @@ impl Body for RepeatBody {
     }
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A body sent one byte per `interval` (a slow-drip server).
+struct DripBody {
+    data: Bytes,
+    interval: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for DripBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.data.is_empty() {
+            return Poll::Ready(None);
+        }
+        let interval = self.interval;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.sleep = None;
+        let byte = self.data.split_to(1);
+        Poll::Ready(Some(Ok(Frame::data(byte))))
+    }
+}
+
+/// A body that sends `remaining` bytes, pauses (so they reach the client) and then fails:
+/// the server resets mid-body.
+struct BrokenBody {
+    remaining: u64,
+    advertised: u64,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for BrokenBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.remaining == 0 {
+            let pause = self
+                .pause
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(200))));
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            return Poll::Ready(Some(Err(std::io::Error::other("scripted reset"))));
+        }
+        let n = self.remaining.min(16 * 1024);
+        self.remaining -= n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'r'; n as usize])))))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.advertised)
     }
 }
 

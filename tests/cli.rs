@@ -208,6 +208,8 @@ async fn logs_at_trace_level_hold_no_secret_and_no_token() {
         content_type: "application/json",
         body: format!("{{\"error\":\"invalid_request\",\"error_description\":\"echoing {DEMO_CLIENT_SECRET}\"}}"),
         retry_after: None,
+        headers: Vec::new(),
+        drip: None,
     }));
     assert!(eventually(Duration::from_secs(5), || idp.state().request_count() >= 3).await);
     get(addr, "/c").await;

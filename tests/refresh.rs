@@ -283,6 +283,8 @@ async fn failed_refresh_keeps_serving_the_current_token_while_valid() {
         content_type: "text/html",
         body: "<html>maintenance</html>".into(),
         retry_after: Some(1),
+        headers: Vec::new(),
+        drip: None,
     }));
     // The refresh at ~2 s fails; the token is still good until ~3.6 s.
     assert!(

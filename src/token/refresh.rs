@@ -23,6 +23,8 @@ use super::Token;
 pub const MIN_RETRY: Duration = Duration::from_secs(1);
 /// Largest wait between two attempts after repeated failures.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(120);
+/// Smallest wait between retries racing a valid token's expiry.
+pub const MIN_RETRY_BEFORE_EXPIRY: Duration = Duration::from_millis(200);
 /// Smallest wait after a permanent error (wrong secret, scope, client): a person must act.
 pub const PERMANENT_RETRY: Duration = Duration::from_secs(60);
 /// Largest early-expiry margin.
@@ -162,12 +164,16 @@ fn fail(
     last_logged: &mut Option<String>,
 ) -> Instant {
     let permanent = e.is_permanent();
-    let delay = retry_in(failures, e.retry_after(), permanent, fastrand::f64());
+    let mut delay = retry_in(failures, e.retry_after(), permanent, fastrand::f64());
     let now = Instant::now();
     let valid_left = slot
         .current()
         .filter(|t| t.is_valid_at(now))
         .map(|t| t.expires_at() - now);
+    if let (Some(left), false, None) = (valid_left, permanent, e.retry_after()) {
+        // A transient failure with a token still valid: retry while it still is, if possible.
+        delay = delay.min((left / 2).max(MIN_RETRY_BEFORE_EXPIRY));
+    }
     let text = e.to_string();
     let retry_in_secs = delay.as_secs_f64();
     if permanent && last_logged.as_deref() == Some(text.as_str()) {
@@ -192,7 +198,7 @@ fn fail(
         }
     }
     *last_logged = Some(text.clone());
-    slot.record_failure(text);
+    slot.record_failure(text, now + delay);
     now + delay
 }
 

@@ -62,6 +62,8 @@ pub struct TokenSlot {
     failing: AtomicBool,
     changed: Notify,
     demand: Notify,
+    /// When the refresher plans its next attempt after a failure (ms since `born`).
+    next_attempt_ms: std::sync::atomic::AtomicU64,
     /// When an upstream `401` last invalidated a token (ms since `born`, 0: never).
     last_invalidation_ms: std::sync::atomic::AtomicU64,
     born: Instant,
@@ -78,6 +80,7 @@ impl TokenSlot {
             failing: AtomicBool::new(false),
             changed: Notify::new(),
             demand: Notify::new(),
+            next_attempt_ms: std::sync::atomic::AtomicU64::new(0),
             last_invalidation_ms: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
         }
@@ -127,8 +130,13 @@ impl TokenSlot {
         self.changed.notify_waiters();
     }
 
-    /// Records a failed attempt (the current token stays) and wakes waiting requests.
-    pub fn record_failure(&self, message: String) {
+    /// Records a failed attempt (the current token stays) and when the next one is planned,
+    /// and wakes waiting requests.
+    pub fn record_failure(&self, message: String, next_attempt: Instant) {
+        let next_ms = next_attempt
+            .saturating_duration_since(self.born)
+            .as_millis() as u64;
+        self.next_attempt_ms.store(next_ms, Ordering::SeqCst);
         self.last_error.store(Arc::new(Some(message)));
         self.failing.store(true, Ordering::SeqCst);
         self.fetching.store(false, Ordering::SeqCst);
@@ -188,8 +196,16 @@ impl TokenSlot {
                 return Ok(h);
             }
             if self.failing.load(Ordering::SeqCst) && !self.fetching.load(Ordering::SeqCst) {
-                let e = (**self.last_error.load()).clone().unwrap_or_default();
-                return Err(self.unavailable(format!("{e} (retrying with backoff)")));
+                // Wait for the planned retry only if it starts before our deadline.
+                let next =
+                    self.born + Duration::from_millis(self.next_attempt_ms.load(Ordering::SeqCst));
+                if next >= deadline {
+                    let e = (**self.last_error.load()).clone().unwrap_or_default();
+                    return Err(self.unavailable(format!(
+                        "{e} (next attempt in {:.1} s)",
+                        (next - Instant::now()).as_secs_f64()
+                    )));
+                }
             }
             self.demand.notify_one();
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -197,6 +213,13 @@ impl TokenSlot {
                     "waited {:.1} s for the token endpoint",
                     limit.as_secs_f64()
                 )));
+            }
+            // The attempt we waited for has ended: a token, or its failure, at once.
+            if let Some(h) = self.header_at(Instant::now()) {
+                return Ok(h);
+            }
+            if let Some(e) = &**self.last_error.load() {
+                return Err(self.unavailable(e.clone()));
             }
         }
     }
@@ -248,7 +271,10 @@ mod tests {
         let waiter = tokio::spawn(async move { s.wait_for_header(Duration::from_secs(5)).await });
         empty.demanded().await;
         empty.begin_attempt();
-        empty.record_failure("HTTP 401 invalid_client".into());
+        empty.record_failure(
+            "HTTP 401 invalid_client".into(),
+            Instant::now() + Duration::from_secs(60),
+        );
         let e = waiter.await.unwrap().unwrap_err().to_string();
         assert!(
             e.contains("invalid_client") && e.contains("credential d"),
@@ -260,7 +286,10 @@ mod tests {
     async fn after_a_failure_waiters_fail_fast_until_the_next_attempt_starts() {
         let slot = Arc::new(TokenSlot::new("c"));
         slot.begin_attempt();
-        slot.record_failure("connection refused".into());
+        slot.record_failure(
+            "connection refused".into(),
+            Instant::now() + Duration::from_secs(60),
+        );
         let started = Instant::now();
         let e = slot
             .wait_for_header(Duration::from_secs(5))
