@@ -469,11 +469,26 @@ pub struct EchoRecord {
 pub struct EchoState {
     tokens: Arc<IssuedTokens>,
     records: Mutex<Vec<EchoRecord>>,
+    keep_records: AtomicBool,
+    served: AtomicUsize,
     rejected: AtomicUsize,
     in_flight: AtomicUsize,
 }
 
 impl EchoState {
+    /// Keep a record of every request (the default), or only count them (long load tests).
+    pub fn set_keep_records(&self, keep: bool) {
+        self.keep_records.store(keep, Ordering::SeqCst);
+    }
+    /// Requests answered with a current token.
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+    fn record(&self, record: EchoRecord) {
+        if self.keep_records.load(Ordering::SeqCst) {
+            self.records.lock().unwrap().push(record);
+        }
+    }
     /// Every request received.
     pub fn records(&self) -> Vec<EchoRecord> {
         self.records.lock().unwrap().clone()
@@ -496,6 +511,8 @@ pub async fn start_echo_api(
     let state = Arc::new(EchoState {
         tokens,
         records: Mutex::default(),
+        keep_records: AtomicBool::new(true),
+        served: AtomicUsize::new(0),
         rejected: AtomicUsize::new(0),
         in_flight: AtomicUsize::new(0),
     });
@@ -536,12 +553,13 @@ async fn echo(
     };
     if !current {
         state.rejected.fetch_add(1, Ordering::SeqCst);
-        state.records.lock().unwrap().push(record);
+        state.record(record);
         return json_reply(
             StatusCode::UNAUTHORIZED,
             json!({"error": "invalid_token", "message": "missing, unknown or expired bearer token"}),
         );
     }
+    state.served.fetch_add(1, Ordering::SeqCst);
     let mut segments = path.rsplit('/');
     let last = segments.next().unwrap_or("");
     let before = segments.next().unwrap_or("");
@@ -559,7 +577,7 @@ async fn echo(
                 }
             }
         });
-        state.records.lock().unwrap().push(record);
+        state.record(record);
         let mut r = Response::new(full(Bytes::new()));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         r.headers_mut()
@@ -599,7 +617,7 @@ async fn echo(
         })
         .collect();
     let method = record.method.to_string();
-    state.records.lock().unwrap().push(record);
+    state.record(record);
 
     match (before, last) {
         ("download", n) if n.parse::<u64>().is_ok() => {
