@@ -5,6 +5,8 @@ use std::convert::Infallible;
 use std::future::{ready, Ready};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -18,15 +20,13 @@ use crate::token::slot::{SlotState, TokenSlot};
 /// Serves the admin endpoints over the credentials' slots.
 #[derive(Debug, Clone)]
 pub struct AdminService {
-    slots: Arc<[Arc<TokenSlot>]>,
+    slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>,
 }
 
 impl AdminService {
-    /// An admin service reporting on `slots`.
-    pub fn new(slots: Vec<Arc<TokenSlot>>) -> Self {
-        AdminService {
-            slots: slots.into(),
-        }
+    /// An admin service reporting on the credentials in `slots` (swapped on reload).
+    pub fn new(slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>) -> Self {
+        AdminService { slots }
     }
 
     /// `/readyz`: status and JSON per credential.
@@ -34,7 +34,7 @@ impl AdminService {
         let now = Instant::now();
         let mut ready = true;
         let mut creds = Map::new();
-        for slot in self.slots.iter() {
+        for slot in self.slots.load().iter() {
             let (state, left, error) = slot.status(now);
             ready &= state == SlotState::Valid;
             creds.insert(

@@ -1,18 +1,29 @@
 //! Wiring: config -> credentials (source + refresher + slot) -> routes -> listeners. Owns every
 //! task it starts and stops them in order: stop accepting and drain connections first (their
 //! requests may still need tokens), then stop the refreshers.
+//!
+//! Starting and reloading are one operation, [`Running::apply`]: it compares the new config with
+//! what runs, builds and binds everything new first (so a broken config changes nothing), then
+//! switches over. Unchanged credentials keep their refresher and token; a changed route gets a
+//! new service for new connections while connections already open finish on the old one.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::AdminService;
-use crate::config::{Config, ConfigError};
+use crate::config::{ClientLimits, Config, ConfigError, CredentialConfig, RouteConfig};
 use crate::proxy::service::ProxyService;
 use crate::server;
 use crate::tls::TlsError;
@@ -55,12 +66,53 @@ impl StartError {
     }
 }
 
+/// A credential that runs: its settings, its slot and the handle to stop its refresher.
+#[derive(Debug)]
+struct RunningCredential {
+    config: CredentialConfig,
+    slot: Arc<TokenSlot>,
+    stop: CancellationToken,
+}
+
+/// A route that runs: its settings, its swappable service, its bound address and the handle
+/// that stops its listener and drains its connections.
+#[derive(Debug)]
+struct RunningRoute {
+    config: RouteConfig,
+    slot: Arc<TokenSlot>,
+    service: Arc<ArcSwap<ProxyService>>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Credentials started (new or changed).
+    pub credentials_started: usize,
+    /// Credentials kept with their token.
+    pub credentials_kept: usize,
+    /// Credentials stopped (removed or replaced).
+    pub credentials_stopped: usize,
+    /// Routes whose listener started.
+    pub routes_started: usize,
+    /// Routes whose service changed on the same listener.
+    pub routes_updated: usize,
+    /// Routes whose listener stopped.
+    pub routes_stopped: usize,
+}
+
 /// A running proxy: its bound addresses and the handles to stop it.
 #[derive(Debug)]
 pub struct Running {
-    route_addrs: Vec<SocketAddr>,
+    source: String,
+    credentials: BTreeMap<String, RunningCredential>,
+    routes: Vec<RunningRoute>,
     admin_addr: Option<SocketAddr>,
-    slots: Vec<Arc<TokenSlot>>,
+    admin_listen: Option<SocketAddr>,
+    admin_slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>,
+    limits: ClientLimits,
+    permits: Arc<Semaphore>,
     stop_serving: CancellationToken,
     stop_refreshing: CancellationToken,
     serving: TaskTracker,
@@ -93,49 +145,6 @@ pub fn preflight(config: &Config) -> Result<(), StartError> {
 /// Starts refreshers and listeners for `config`; returns once every listener is bound.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
     preflight(config)?;
-    let stop_serving = CancellationToken::new();
-    let stop_refreshing = CancellationToken::new();
-    let serving = TaskTracker::new();
-    let refreshing = TaskTracker::new();
-
-    // Build everything fallible before spawning anything.
-    let mut sources = Vec::with_capacity(config.credentials.len());
-    for cred in &config.credentials {
-        let source = TokenSource::new(cred).map_err(|source| StartError::Tls {
-            file: config.source.clone(),
-            key: format!("credentials.{}.ca_file", cred.name),
-            source,
-        })?;
-        sources.push((
-            Arc::new(source),
-            Arc::new(TokenSlot::new(cred.name.clone())),
-            cred.refresh_before,
-        ));
-    }
-    let slot_of = |name: &str| {
-        sources
-            .iter()
-            .find(|(s, _, _)| s.name() == name)
-            .map(|(_, slot, _)| slot.clone())
-    };
-    let mut services = Vec::with_capacity(config.routes.len());
-    for (i, route) in config.routes.iter().enumerate() {
-        let slot = slot_of(&route.credential).expect("validated: route names a known credential");
-        let service = ProxyService::new(route, slot, serving.clone(), stop_serving.clone())
-            .map_err(|source| StartError::Tls {
-                file: config.source.clone(),
-                key: format!("routes[{i}].ca_file"),
-                source,
-            })?;
-        let listener = server::bind(route.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: route.listen,
-                key: format!("routes[{i}].listen"),
-                source,
-            })?;
-        services.push((listener, service, route));
-    }
     let admin = match config.admin_listen {
         Some(addr) => Some(
             server::bind(addr)
@@ -148,66 +157,50 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         ),
         None => None,
     };
-
-    for (source, slot, refresh_before) in &sources {
-        refreshing.spawn(refresh::run(
-            source.clone(),
-            slot.clone(),
-            *refresh_before,
-            stop_refreshing.clone(),
-        ));
-    }
-    let permits = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
-    let mut route_addrs = Vec::with_capacity(services.len());
-    for (listener, service, route) in services {
-        let addr = listener.local_addr().unwrap_or(route.listen);
-        info!(listen = %addr, upstream = %route.upstream.url, credential = %route.credential, "route listening");
-        route_addrs.push(addr);
-        serving.spawn(server::serve(
-            listener,
-            move |peer| service.for_peer(peer),
-            config.limits,
-            permits.clone(),
-            stop_serving.clone(),
-            serving.clone(),
-            "route",
-        ));
-    }
-    let slots: Vec<Arc<TokenSlot>> = sources.iter().map(|(_, slot, _)| slot.clone()).collect();
-    let admin_addr = match admin {
-        Some(listener) => {
-            let addr = listener.local_addr().ok();
-            info!(listen = ?addr, "admin listening (/healthz, /readyz)");
-            let service = AdminService::new(slots.clone());
-            serving.spawn(server::serve(
-                listener,
-                move |_| service.clone(),
-                config.limits,
-                permits.clone(),
-                stop_serving.clone(),
-                serving.clone(),
-                "admin",
-            ));
-            addr
-        }
-        None => None,
-    };
-    Ok(Running {
-        route_addrs,
-        admin_addr,
-        slots,
-        stop_serving,
-        stop_refreshing,
-        serving,
-        refreshing,
+    let mut running = Running {
+        source: config.source.clone(),
+        credentials: BTreeMap::new(),
+        routes: Vec::new(),
+        admin_addr: None,
+        admin_listen: config.admin_listen,
+        admin_slots: Arc::new(ArcSwap::from_pointee(Vec::new())),
+        limits: config.limits,
+        permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        stop_serving: CancellationToken::new(),
+        stop_refreshing: CancellationToken::new(),
+        serving: TaskTracker::new(),
+        refreshing: TaskTracker::new(),
         grace: config.shutdown_grace,
-    })
+    };
+    running.apply(config).await?;
+    if let Some(listener) = admin {
+        running.admin_addr = listener.local_addr().ok();
+        info!(listen = ?running.admin_addr, "admin listening (/healthz, /readyz)");
+        let service = AdminService::new(running.admin_slots.clone());
+        running.serving.spawn(server::serve(
+            listener,
+            move |_| service.clone(),
+            running.limits,
+            running.permits.clone(),
+            running.stop_serving.clone(),
+            running.serving.clone(),
+            "admin",
+        ));
+    }
+    Ok(running)
+}
+
+/// A route to start or update, prepared before anything changes.
+enum RoutePlan {
+    Keep(usize),
+    Update(usize, ProxyService),
+    Start(TcpListener, ProxyService),
 }
 
 impl Running {
     /// The bound address of each route, in config order.
-    pub fn route_addrs(&self) -> &[SocketAddr] {
-        &self.route_addrs
+    pub fn route_addrs(&self) -> Vec<SocketAddr> {
+        self.routes.iter().map(|r| r.addr).collect()
     }
 
     /// The bound admin address, if configured.
@@ -216,8 +209,191 @@ impl Running {
     }
 
     /// The credentials' token slots, sorted by name.
-    pub fn slots(&self) -> &[Arc<TokenSlot>] {
-        &self.slots
+    pub fn slots(&self) -> Vec<Arc<TokenSlot>> {
+        self.credentials.values().map(|c| c.slot.clone()).collect()
+    }
+
+    /// Makes the running proxy match `config`. Everything that can fail (token clients, TLS,
+    /// binding new listeners) happens first; on an error nothing has changed.
+    pub async fn apply(&mut self, config: &Config) -> Result<ReloadSummary, StartError> {
+        preflight(config)?;
+        let mut summary = ReloadSummary::default();
+
+        // Credentials: keep the unchanged ones, prepare the new and changed ones.
+        let mut fresh = Vec::new();
+        let mut slots: BTreeMap<String, Arc<TokenSlot>> = BTreeMap::new();
+        for cred in &config.credentials {
+            match self.credentials.get(&cred.name) {
+                Some(running) if running.config == *cred => {
+                    slots.insert(cred.name.clone(), running.slot.clone());
+                }
+                _ => {
+                    let source = TokenSource::new(cred).map_err(|source| StartError::Tls {
+                        file: config.source.clone(),
+                        key: format!("credentials.{}.ca_file", cred.name),
+                        source,
+                    })?;
+                    let slot = Arc::new(TokenSlot::new(cred.name.clone()));
+                    slots.insert(cred.name.clone(), slot.clone());
+                    fresh.push((cred.clone(), Arc::new(source), slot));
+                }
+            }
+        }
+
+        // Routes, matched by listen address (port 0 routes by position too).
+        let mut plans = Vec::with_capacity(config.routes.len());
+        for (i, route) in config.routes.iter().enumerate() {
+            let slot = slots[&route.credential].clone();
+            let existing = self.routes.iter().enumerate().position(|(j, r)| {
+                r.config.listen == route.listen && (route.listen.port() != 0 || i == j)
+            });
+            let tls_err = |source| StartError::Tls {
+                file: config.source.clone(),
+                key: format!("routes[{i}].ca_file"),
+                source,
+            };
+            let plan = match existing {
+                Some(j)
+                    if self.routes[j].config == *route
+                        && Arc::ptr_eq(&self.routes[j].slot, &slot) =>
+                {
+                    RoutePlan::Keep(j)
+                }
+                Some(j) => {
+                    let stop = self.routes[j].stop.clone();
+                    let service = ProxyService::new(route, slot, self.serving.clone(), stop)
+                        .map_err(tls_err)?;
+                    RoutePlan::Update(j, service)
+                }
+                None => {
+                    let stop = self.stop_serving.child_token();
+                    let service = ProxyService::new(route, slot, self.serving.clone(), stop)
+                        .map_err(tls_err)?;
+                    let listener =
+                        server::bind(route.listen)
+                            .await
+                            .map_err(|source| StartError::Bind {
+                                addr: route.listen,
+                                key: format!("routes[{i}].listen"),
+                                source,
+                            })?;
+                    RoutePlan::Start(listener, service)
+                }
+            };
+            plans.push((route.clone(), plan));
+        }
+
+        // Nothing can fail from here on: switch over.
+        for (cred, source, slot) in fresh {
+            let stop = self.stop_refreshing.child_token();
+            self.refreshing.spawn(refresh::run(
+                source,
+                slot.clone(),
+                cred.refresh_before,
+                stop.clone(),
+            ));
+            let replaced = self.credentials.insert(
+                cred.name.clone(),
+                RunningCredential {
+                    config: cred,
+                    slot,
+                    stop,
+                },
+            );
+            summary.credentials_started += 1;
+            if let Some(old) = replaced {
+                old.stop.cancel();
+                summary.credentials_stopped += 1;
+            }
+        }
+        summary.credentials_kept = config.credentials.len() - summary.credentials_started;
+
+        let mut old_routes: Vec<Option<RunningRoute>> = std::mem::take(&mut self.routes)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for (route, plan) in plans {
+            let slot = slots[&route.credential].clone();
+            let entry = match plan {
+                RoutePlan::Keep(j) => old_routes[j]
+                    .take()
+                    .expect("each old route is matched once"),
+                RoutePlan::Update(j, service) => {
+                    let mut entry = old_routes[j]
+                        .take()
+                        .expect("each old route is matched once");
+                    entry.service.store(Arc::new(service));
+                    entry.config = route;
+                    entry.slot = slot;
+                    summary.routes_updated += 1;
+                    entry
+                }
+                RoutePlan::Start(listener, service) => {
+                    let addr = listener.local_addr().unwrap_or(route.listen);
+                    let stop = self.stop_serving.child_token();
+                    let service = Arc::new(ArcSwap::from_pointee(service));
+                    let current = service.clone();
+                    self.serving.spawn(server::serve(
+                        listener,
+                        move |peer| current.load().for_peer(peer),
+                        self.limits,
+                        self.permits.clone(),
+                        stop.clone(),
+                        self.serving.clone(),
+                        "route",
+                    ));
+                    summary.routes_started += 1;
+                    RunningRoute {
+                        config: route,
+                        slot,
+                        service,
+                        addr,
+                        stop,
+                    }
+                }
+            };
+            info!(listen = %entry.addr, upstream = %entry.config.upstream.url, credential = %entry.config.credential, "route ready");
+            self.routes.push(entry);
+        }
+        for old in old_routes.into_iter().flatten() {
+            info!(listen = %old.addr, "route removed: stop accepting, drain its connections");
+            old.stop.cancel();
+            summary.routes_stopped += 1;
+        }
+        let removed: Vec<String> = self
+            .credentials
+            .keys()
+            .filter(|n| !slots.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(old) = self.credentials.remove(&name) {
+                old.stop.cancel();
+                summary.credentials_stopped += 1;
+            }
+        }
+        self.admin_slots.store(Arc::new(self.slots()));
+
+        if config.admin_listen != self.admin_listen {
+            warn!("admin_listen changed: restart token-proxy to move the admin listener");
+        }
+        if config.limits.max_connections != self.limits.max_connections
+            || config.limits.max_headers != self.limits.max_headers
+            || config.limits.max_header_bytes != self.limits.max_header_bytes
+            || config.limits.header_read_timeout != self.limits.header_read_timeout
+            || config.shutdown_grace != self.grace
+        {
+            warn!("connection limits or shutdown_grace_secs changed: restart token-proxy to apply them");
+        }
+        self.source = config.source.clone();
+        Ok(summary)
+    }
+
+    /// Re-reads the config file at `path` and applies it; a broken config is logged and
+    /// changes nothing.
+    pub async fn reload_from(&mut self, path: &Path) -> Result<ReloadSummary, StartError> {
+        let config = Config::load(path)?;
+        self.apply(&config).await
     }
 
     /// Stops accepting, lets requests in flight finish within the grace period, then stops the
@@ -241,10 +417,41 @@ impl Running {
     }
 }
 
-/// Runs `config` until `shutdown` resolves, then drains.
-pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let running = start(config).await?;
-    shutdown.await;
+/// Runs `config` until `shutdown` resolves, then drains. With `path`, SIGHUP re-reads the file
+/// and applies it; a broken file is rejected with a logged error and the running config stays.
+pub async fn run(
+    config: &Config,
+    path: Option<&Path>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let mut running = start(config).await?;
+    tokio::pin!(shutdown);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<()>();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hup => {
+                let Some(path) = path else { continue };
+                info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                match running.reload_from(path).await {
+                    Ok(summary) => info!(?summary, "configuration reloaded"),
+                    Err(e) => error!(error = %e, "configuration rejected; the running configuration stays"),
+                }
+            }
+        }
+    }
     info!("shutting down: no new connections, draining requests in flight");
     running.shutdown().await;
     info!("stopped");

@@ -124,7 +124,7 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     runtime.block_on(async move {
         match (cli.command, config) {
-            (Command::Run { .. }, Some(config)) => run(&config).await,
+            (Command::Run { config: path }, Some(config)) => run(&config, &path).await,
             (Command::Check { .. }, Some(config)) => check(&config).await,
             (Command::Token { credential, .. }, Some(config)) => {
                 token(&config, credential.as_deref()).await
@@ -135,8 +135,8 @@ pub fn main(cli: Cli) -> ExitCode {
     })
 }
 
-async fn run(config: &Config) -> ExitCode {
-    match app::run(config, app::shutdown_signal()).await {
+async fn run(config: &Config, path: &std::path::Path) -> ExitCode {
+    match app::run(config, Some(path), app::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{e}");

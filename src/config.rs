@@ -146,7 +146,7 @@ pub enum AuthMethod {
 }
 
 /// Where the client secret comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SecretSource {
     /// Given in the config (usually through `${VAR}`).
     Inline(Secret),
@@ -155,7 +155,7 @@ pub enum SecretSource {
 }
 
 /// One OAuth 2.0 client-credentials identity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CredentialConfig {
     /// The name routes refer to.
     pub name: String,
@@ -182,7 +182,7 @@ pub struct CredentialConfig {
 }
 
 /// Where a route forwards to: scheme, authority and base path of the upstream URL.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     /// `http` or `https`.
     pub scheme: Scheme,
@@ -197,7 +197,7 @@ pub struct Upstream {
 }
 
 /// One listener that forwards to one upstream with one credential's token.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Where the route listens.
     pub listen: SocketAddr,

@@ -1,0 +1,214 @@
+//! Live configuration changes: SIGHUP (or `Running::apply`) switches to a new config without a
+//! restart, keeps unchanged credentials' tokens, starts and stops listeners, lets requests in
+//! flight finish on the config they started with, and rejects a broken config whole.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::StatusCode;
+use support::*;
+use token_proxy::app::ReloadSummary;
+use token_proxy::config::Config;
+use token_proxy::demo::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET};
+
+fn addr(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+fn config_text(token_url: &str, routes: &[(u16, String)]) -> String {
+    let mut text = credential("api", token_url, "");
+    for (port, upstream) in routes {
+        text.push_str(&format!("[[routes]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\ncredential = \"api\"\n"));
+    }
+    text
+}
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, "reload.toml", &|_| None).unwrap()
+}
+
+#[tokio::test]
+async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (p1, p2) = (free_port(), free_port());
+    let url = demo::token_url(&idp);
+    let mut running = token_proxy::app::start(&parse(&config_text(
+        &url,
+        &[(p1, format!("http://{}/v1", api.addr()))],
+    )))
+    .await
+    .unwrap();
+    assert_eq!(get(addr(p1), "/x").await.json()["target"], "/v1/x");
+
+    // A request in flight when the config changes finishes on the old config.
+    let slow = tokio::spawn(async move { get(addr(p1), "/slow/500").await });
+    assert!(eventually(Duration::from_secs(5), || api.state().in_flight() == 1).await);
+
+    let new = config_text(
+        &url,
+        &[
+            (p1, format!("http://{}/v2", api.addr())),
+            (p2, format!("http://{}/v3", api.addr())),
+        ],
+    );
+    let summary = running.apply(&parse(&new)).await.unwrap();
+    assert_eq!(
+        summary,
+        ReloadSummary {
+            credentials_kept: 1,
+            routes_started: 1,
+            routes_updated: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        get(addr(p1), "/x").await.json()["target"],
+        "/v2/x",
+        "new connections use the new route"
+    );
+    assert_eq!(
+        get(addr(p2), "/y").await.json()["target"],
+        "/v3/y",
+        "the added route listens"
+    );
+    let finished = slow.await.unwrap();
+    assert_eq!(finished.status, StatusCode::OK);
+    assert!(
+        api.state()
+            .records()
+            .iter()
+            .any(|r| r.target == "/v1/slow/500"),
+        "the old route served it"
+    );
+    assert_eq!(
+        idp.state().request_count(),
+        1,
+        "the unchanged credential kept its token"
+    );
+
+    // Remove the first route: its listener closes.
+    let summary = running
+        .apply(&parse(&config_text(
+            &url,
+            &[(p2, format!("http://{}/v3", api.addr()))],
+        )))
+        .await
+        .unwrap();
+    assert_eq!(summary.routes_stopped, 1);
+    assert!(
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
+            addr(p1)
+        )
+        .is_err())
+        .await
+    );
+    assert_eq!(get(addr(p2), "/z").await.status, StatusCode::OK);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_changed_credential_gets_a_new_token_and_a_broken_config_changes_nothing() {
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (p1, busy) = (
+        free_port(),
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+    );
+    let url = demo::token_url(&idp);
+    let base = config_text(&url, &[(p1, format!("http://{}", api.addr()))]);
+    let mut running = token_proxy::app::start(&parse(&base)).await.unwrap();
+    assert_eq!(get(addr(p1), "/a").await.status, StatusCode::OK);
+
+    // A new route on a port that is taken: the whole reload is refused, the old config runs.
+    let broken = format!(
+        "{base}[[routes]]\nlisten = \"{}\"\nupstream = \"http://{}\"\ncredential = \"api\"\nscope = \"x\"\n",
+        busy.local_addr().unwrap(),
+        api.addr()
+    );
+    assert!(
+        Config::parse(&broken, "reload.toml", &|_| None).is_err(),
+        "unknown key refused at parse"
+    );
+    let broken = format!(
+        "{base}[[routes]]\nlisten = \"{}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
+        busy.local_addr().unwrap(),
+        api.addr()
+    );
+    let err = running.apply(&parse(&broken)).await.unwrap_err();
+    assert!(err.to_string().contains("cannot listen"), "{err}");
+    assert_eq!(running.route_addrs(), vec![addr(p1)]);
+    assert_eq!(get(addr(p1), "/b").await.status, StatusCode::OK);
+
+    // A changed credential (new scope): a new refresher and a new token.
+    let changed = base.replace(
+        &format!("client_secret = \"{DEMO_CLIENT_SECRET}\""),
+        &format!("client_secret = \"{DEMO_CLIENT_SECRET}\"\nscope = \"new/.default\""),
+    );
+    let summary = running.apply(&parse(&changed)).await.unwrap();
+    assert_eq!(summary.credentials_started, 1);
+    assert_eq!(summary.credentials_stopped, 1);
+    assert_eq!(summary.routes_updated, 1);
+    assert_eq!(get(addr(p1), "/c").await.status, StatusCode::OK);
+    let last = idp.state().requests().pop().unwrap();
+    assert!(
+        last.form.contains(&("scope".into(), "new/.default".into())),
+        "{:?}",
+        last.form
+    );
+    assert_eq!(
+        last.form.iter().find(|(k, _)| k == "client_id").unwrap().1,
+        DEMO_CLIENT_ID
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_broken_file_keeps_serving_and_a_good_file_applies() {
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (p1, p2) = (free_port(), free_port());
+    let url = demo::token_url(&idp);
+    let good = config_text(&url, &[(p1, format!("http://{}/one", api.addr()))]);
+    let path = temp_file("hup.toml", &good);
+    let mut proc = Process::run(&path, "info");
+    wait_listening(addr(p1), Duration::from_secs(10)).await;
+    assert_eq!(get(addr(p1), "/x").await.json()["target"], "/one/x");
+
+    std::fs::write(&path, "this is [not toml").unwrap();
+    proc.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || proc
+            .stderr()
+            .contains("configuration rejected"))
+        .await,
+        "{}",
+        proc.stderr()
+    );
+    assert_eq!(
+        get(addr(p1), "/x").await.json()["target"],
+        "/one/x",
+        "the old config keeps serving"
+    );
+
+    let better = config_text(
+        &url,
+        &[
+            (p1, format!("http://{}/one", api.addr())),
+            (p2, format!("http://{}/two", api.addr())),
+        ],
+    );
+    std::fs::write(&path, better).unwrap();
+    proc.signal("HUP");
+    wait_listening(addr(p2), Duration::from_secs(5)).await;
+    assert_eq!(get(addr(p2), "/y").await.json()["target"], "/two/y");
+    assert_eq!(
+        idp.state().request_count(),
+        1,
+        "the token survived both reloads"
+    );
+    proc.signal("TERM");
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
