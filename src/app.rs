@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use tokio_util::sync::CancellationToken;
@@ -23,9 +22,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::admin::AdminService;
-use crate::config::{ClientLimits, Config, ConfigError, CredentialConfig, RouteConfig};
+use crate::config::{ClientLimits, Config, ConfigError, CredentialConfig, ListenAddr, RouteConfig};
 use crate::proxy::service::ProxyService;
-use crate::server;
+use crate::server::{self, BoundAddr, Listener};
 use crate::tls::TlsError;
 use crate::token::refresh;
 use crate::token::slot::TokenSlot;
@@ -51,7 +50,7 @@ pub enum StartError {
     #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         /// The address.
-        addr: SocketAddr,
+        addr: String,
         /// The config key.
         key: String,
         /// The OS error.
@@ -81,7 +80,7 @@ struct RunningRoute {
     config: RouteConfig,
     slot: Arc<TokenSlot>,
     service: Arc<ArcSwap<ProxyService>>,
-    addr: SocketAddr,
+    addr: BoundAddr,
     stop: CancellationToken,
 }
 
@@ -150,7 +149,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
             server::bind(addr)
                 .await
                 .map_err(|source| StartError::Bind {
-                    addr,
+                    addr: addr.to_string(),
                     key: "admin_listen".into(),
                     source,
                 })?,
@@ -194,13 +193,24 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 enum RoutePlan {
     Keep(usize),
     Update(usize, ProxyService),
-    Start(TcpListener, ProxyService),
+    Start(Listener, ProxyService),
 }
 
 impl Running {
-    /// The bound address of each route, in config order.
+    /// The bound TCP address of each TCP route, in config order.
     pub fn route_addrs(&self) -> Vec<SocketAddr> {
-        self.routes.iter().map(|r| r.addr).collect()
+        self.routes
+            .iter()
+            .filter_map(|r| match r.addr {
+                BoundAddr::Tcp(a) => Some(a),
+                BoundAddr::Unix(_) => None,
+            })
+            .collect()
+    }
+
+    /// Where each route listens (TCP or Unix socket), in config order.
+    pub fn route_listeners(&self) -> Vec<BoundAddr> {
+        self.routes.iter().map(|r| r.addr.clone()).collect()
     }
 
     /// The bound admin address, if configured.
@@ -245,7 +255,8 @@ impl Running {
         for (i, route) in config.routes.iter().enumerate() {
             let slot = slots[&route.credential].clone();
             let existing = self.routes.iter().enumerate().position(|(j, r)| {
-                r.config.listen == route.listen && (route.listen.port() != 0 || i == j)
+                r.config.listen == route.listen
+                    && (route.listen.tcp().is_none_or(|a| a.port() != 0) || i == j)
             });
             let tls_err = |source| StartError::Tls {
                 file: config.source.clone(),
@@ -269,14 +280,13 @@ impl Running {
                     let stop = self.stop_serving.child_token();
                     let service = ProxyService::new(route, slot, self.serving.clone(), stop)
                         .map_err(tls_err)?;
-                    let listener =
-                        server::bind(route.listen)
-                            .await
-                            .map_err(|source| StartError::Bind {
-                                addr: route.listen,
-                                key: format!("routes[{i}].listen"),
-                                source,
-                            })?;
+                    let listener = Listener::bind(&route.listen, route.socket_mode)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: route.listen.to_string(),
+                            key: format!("routes[{i}].listen"),
+                            source,
+                        })?;
                     RoutePlan::Start(listener, service)
                 }
             };
@@ -329,7 +339,12 @@ impl Running {
                     entry
                 }
                 RoutePlan::Start(listener, service) => {
-                    let addr = listener.local_addr().unwrap_or(route.listen);
+                    let addr = listener
+                        .bound_addr()
+                        .unwrap_or_else(|_| match &route.listen {
+                            ListenAddr::Tcp(a) => BoundAddr::Tcp(*a),
+                            ListenAddr::Unix(p) => BoundAddr::Unix(p.clone()),
+                        });
                     let stop = self.stop_serving.child_token();
                     let service = Arc::new(ArcSwap::from_pointee(service));
                     let current = service.clone();

@@ -90,6 +90,34 @@ pub struct ClientLimits {
     pub max_connections: usize,
 }
 
+/// Where a route listens: a TCP address or a Unix domain socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `127.0.0.1:8080`.
+    Tcp(SocketAddr),
+    /// `unix:/run/token-proxy/api.sock`.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// The TCP address, if this is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            ListenAddr::Tcp(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => a.fmt(f),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// An IP network in CIDR notation, for `allowed_clients`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -200,7 +228,9 @@ pub struct Upstream {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// Where the route listens.
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
+    /// File mode of a Unix socket listener (`None`: as the umask leaves it).
+    pub socket_mode: Option<u32>,
     /// Where it forwards.
     pub upstream: Upstream,
     /// The credential whose token is stamped on requests.
@@ -266,6 +296,7 @@ struct RawCredential {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     listen: Option<String>,
+    socket_mode: Option<String>,
     upstream: Option<String>,
     credential: Option<String>,
     ca_file: Option<String>,
@@ -523,7 +554,7 @@ impl Validator<'_> {
         for (i, r) in raw.routes.into_iter().enumerate() {
             let route = self.route(i, r, &credentials)?;
             // Port 0 asks the OS for a free port, so it never clashes.
-            let port_fixed = route.listen.port() != 0;
+            let port_fixed = route.listen.tcp().is_none_or(|a| a.port() != 0);
             let clash = routes
                 .iter()
                 .position(|o: &RouteConfig| port_fixed && o.listen == route.listen);
@@ -534,7 +565,7 @@ impl Validator<'_> {
                     "give every route its own listen address",
                 ));
             }
-            if port_fixed && admin_listen == Some(route.listen) {
+            if port_fixed && admin_listen.is_some() && admin_listen == route.listen.tcp() {
                 return Err(self.err(
                     &format!("routes[{i}].listen"),
                     format!("{} is also admin_listen", route.listen),
@@ -564,7 +595,7 @@ impl Validator<'_> {
     ) -> Result<(), ConfigError> {
         let listeners: Vec<SocketAddr> = routes
             .iter()
-            .map(|r| r.listen)
+            .filter_map(|r| r.listen.tcp())
             .chain(admin)
             .filter(|a| a.port() != 0)
             .collect();
@@ -739,7 +770,47 @@ impl Validator<'_> {
     ) -> Result<RouteConfig, ConfigError> {
         let k = |field: &str| format!("routes[{i}].{field}");
         let listen_text = self.required(&k("listen"), raw.listen, "listen = \"127.0.0.1:8080\"")?;
-        let listen = self.socket_addr(&k("listen"), &listen_text)?;
+        let listen = match listen_text.strip_prefix("unix:") {
+            Some(path) if path.starts_with('/') => ListenAddr::Unix(PathBuf::from(path)),
+            Some(_) => {
+                return Err(self.err(
+                    &k("listen"),
+                    format!("`{listen_text}` is not an absolute socket path"),
+                    "write listen = \"unix:/run/token-proxy/api.sock\"",
+                ))
+            }
+            None => ListenAddr::Tcp(self.socket_addr(&k("listen"), &listen_text)?),
+        };
+        let socket_mode = match self.optional(&k("socket_mode"), raw.socket_mode)? {
+            None => None,
+            Some(text) => match (
+                &listen,
+                u32::from_str_radix(text.trim_start_matches("0o"), 8),
+            ) {
+                (ListenAddr::Unix(_), Ok(mode)) if mode <= 0o777 => Some(mode),
+                (ListenAddr::Unix(_), _) => {
+                    return Err(self.err(
+                        &k("socket_mode"),
+                        format!("`{text}` is not an octal file mode"),
+                        "write e.g. socket_mode = \"0660\"",
+                    ))
+                }
+                (ListenAddr::Tcp(_), _) => {
+                    return Err(self.err(
+                        &k("socket_mode"),
+                        "only applies to unix: listeners",
+                        "remove socket_mode, or listen on \"unix:/path\"",
+                    ))
+                }
+            },
+        };
+        if matches!(listen, ListenAddr::Unix(_)) && !raw.allowed_clients.is_empty() {
+            return Err(self.err(
+                &k("allowed_clients"),
+                "a Unix socket has no client addresses",
+                "remove allowed_clients; the socket file's permissions (socket_mode) decide who may connect",
+            ));
+        }
         let upstream_text = self.required(
             &k("upstream"),
             raw.upstream,
@@ -759,7 +830,7 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if !listen.ip().is_loopback() && !raw.allow_remote {
+        if listen.tcp().is_some_and(|a| !a.ip().is_loopback()) && !raw.allow_remote {
             return Err(self.err(
                 &k("listen"),
                 format!("{listen} is not a loopback address: anyone who can reach it could use the credential"),
@@ -813,6 +884,7 @@ impl Validator<'_> {
         }
         Ok(RouteConfig {
             listen,
+            socket_mode,
             upstream,
             credential,
             ca_file: self.path(&k("ca_file"), raw.ca_file)?,
@@ -1037,6 +1109,45 @@ credential = "api"
                 .to_string();
             assert!(e.contains("loop"), "{up}: {e}");
         }
+    }
+
+    #[test]
+    fn unix_listeners_take_a_mode_and_no_client_networks() {
+        let unix = GOOD.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"unix:/run/tp/api.sock\"\nsocket_mode = \"0660\"",
+        );
+        let c = parse(&unix).unwrap();
+        assert_eq!(
+            c.routes[0].listen,
+            ListenAddr::Unix("/run/tp/api.sock".into())
+        );
+        assert_eq!(c.routes[0].socket_mode, Some(0o660));
+        let e = parse(&unix.replace("\"0660\"", "\"rw\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("socket_mode"), "{e}");
+        let e = parse(&GOOD.replace(
+            "credential = \"api\"",
+            "credential = \"api\"\nsocket_mode = \"0600\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("only applies to unix"), "{e}");
+        let e = parse(&unix.replace(
+            "credential = \"api\"",
+            "credential = \"api\"\nallowed_clients = [\"10.0.0.0/8\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no client addresses"), "{e}");
+        let e = parse(&GOOD.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"unix:relative.sock\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("absolute"), "{e}");
     }
 
     #[test]

@@ -7,24 +7,164 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
-use crate::config::ClientLimits;
+use crate::config::{ClientLimits, ListenAddr};
 
 /// Binds `addr`, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
     TcpListener::bind(addr).await
+}
+
+/// Where a listener is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix domain socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for BoundAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BoundAddr::Tcp(a) => a.fmt(f),
+            BoundAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A bound listener: TCP, or a Unix domain socket whose file permissions decide who may
+/// connect (its file is removed when the listener stops).
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A Unix domain socket and its path.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`; for a Unix socket, replaces a stale socket file and applies `mode`.
+    pub async fn bind(addr: &ListenAddr, mode: Option<u32>) -> std::io::Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(bind(*a).await?)),
+            ListenAddr::Unix(path) => {
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                let listener = UnixListener::bind(path)?;
+                if let Some(mode) = mode {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                }
+                Ok(Listener::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// Where it is bound (for TCP port 0, the port the OS chose).
+    pub fn bound_addr(&self) -> std::io::Result<BoundAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(BoundAddr::Tcp),
+            Listener::Unix(_, path) => Ok(BoundAddr::Unix(path.clone())),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(Conn, Option<SocketAddr>)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((Conn::Tcp(stream), Some(peer)))
+            }
+            Listener::Unix(l, _) => Ok((Conn::Unix(l.accept().await?.0), None)),
+        }
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
+}
+
+/// An accepted client connection.
+#[derive(Debug)]
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(s) => s.is_write_vectored(),
+            Conn::Unix(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Accepts connections on `listener` and serves each with the service `make` builds for the
@@ -32,7 +172,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
 /// none is left, new connections wait in the kernel's accept queue.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S, B, F>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     make: F,
     limits: ClientLimits,
     permits: Arc<Semaphore>,
@@ -40,7 +180,7 @@ pub async fn serve<S, B, F>(
     connections: TaskTracker,
     name: &'static str,
 ) where
-    F: Fn(SocketAddr) -> S + Send + 'static,
+    F: Fn(Option<SocketAddr>) -> S + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -62,7 +202,12 @@ pub async fn serve<S, B, F>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let local = listener.local_addr().ok();
+    let listener: Listener = listener.into();
+    let local = listener
+        .bound_addr()
+        .ok()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     loop {
         let permit = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -83,12 +228,11 @@ pub async fn serve<S, B, F>(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), make(peer))
             .into_owned();
         let cancel = cancel.clone();
-        let span = tracing::debug_span!("conn", listener = name, local = ?local, peer = %peer);
+        let span = tracing::debug_span!("conn", listener = name, local = %local, peer = ?peer);
         connections.spawn(
             async move {
                 let _permit = permit;
@@ -106,6 +250,9 @@ pub async fn serve<S, B, F>(
             }
             .instrument(span),
         );
+    }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
     }
     debug!(listener = name, "stopped accepting");
 }

@@ -320,3 +320,40 @@ async fn upstream_connect_timeout_is_504_json() {
     assert_eq!(reply.json()["error"], "upstream_timeout");
     drop((listener, held));
 }
+
+#[tokio::test]
+async fn unix_socket_listener_serves_with_its_file_mode() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let idp = start_token_endpoint(LIFETIME).await;
+    let api = start_upstream(&idp).await;
+    let dir = temp_file("placeholder", "").parent().unwrap().to_path_buf();
+    let sock = dir.join("api.sock");
+    std::fs::write(&sock, "").unwrap();
+    std::fs::remove_file(&sock).unwrap();
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let text = format!(
+        "{}[[routes]]\nlisten = \"unix:{}\"\nsocket_mode = \"0600\"\nupstream = \"http://{}/api\"\ncredential = \"api\"\n",
+        credential("api", &demo::token_url(&idp), ""),
+        sock.display(),
+        api.addr()
+    );
+    let proxy = start_proxy(&text).await;
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let mut stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    stream
+        .write_all(b"GET /over/unix?q=1 HTTP/1.1\r\nHost: local\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("\"target\":\"/api/over/unix?q=1\""),
+        "{answer}"
+    );
+    proxy.shutdown().await;
+    assert!(!sock.exists(), "the socket file is removed at shutdown");
+}

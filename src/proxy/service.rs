@@ -128,11 +128,11 @@ impl ProxyService {
         Ok(ProxyService { inner, peer: None })
     }
 
-    /// This service for a connection from `peer`.
-    pub fn for_peer(&self, peer: SocketAddr) -> ProxyService {
+    /// This service for a connection from `peer` (`None` on a Unix socket).
+    pub fn for_peer(&self, peer: Option<SocketAddr>) -> ProxyService {
         ProxyService {
             inner: self.inner.clone(),
-            peer: Some(peer.ip()),
+            peer: peer.map(|p| p.ip()),
         }
     }
 
