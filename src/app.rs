@@ -293,6 +293,17 @@ impl Running {
             plans.push((route.clone(), plan));
         }
 
+        for (i, route) in config.routes.iter().enumerate() {
+            let remote = route.listen.tcp().is_some_and(|a| !a.ip().is_loopback());
+            if remote && route.inbound_token.is_none() && route.allowed_clients.is_empty() {
+                warn!(
+                    route = i,
+                    listen = %route.listen,
+                    "route listens beyond loopback with no inbound_token_file or allowed_clients: anyone who reaches it uses the credential"
+                );
+            }
+        }
+
         // Nothing can fail from here on: switch over.
         for (cred, source, slot) in fresh {
             let stop = self.stop_refreshing.child_token();

@@ -243,13 +243,16 @@ impl ProxyService {
         );
 
         let (body, replay) = if replayable {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| {
-                    ProxyError::BadRequest(format!("could not read the request body: {e}"))
-                })?
-                .to_bytes();
+            let bytes = if size == Some(0) {
+                bytes::Bytes::new()
+            } else {
+                body.collect()
+                    .await
+                    .map_err(|e| {
+                        ProxyError::BadRequest(format!("could not read the request body: {e}"))
+                    })?
+                    .to_bytes()
+            };
             let replay = (
                 parts.method.clone(),
                 parts.uri.clone(),
