@@ -65,6 +65,9 @@ impl StartError {
     }
 }
 
+/// Connections the admin listener serves at once (apart from `max_connections`).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// A credential that runs: its settings, its slot and the handle to stop its refresher.
 #[derive(Debug)]
 struct RunningCredential {
@@ -117,6 +120,7 @@ pub struct Running {
     serving: TaskTracker,
     refreshing: TaskTracker,
     grace: Duration,
+    workers: Option<usize>,
 }
 
 /// Checks what `run` needs beyond a valid config: at least one route, and usable TLS settings
@@ -170,6 +174,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         serving: TaskTracker::new(),
         refreshing: TaskTracker::new(),
         grace: config.shutdown_grace,
+        workers: config.workers,
     };
     running.apply(config).await?;
     if let Some(listener) = admin {
@@ -178,9 +183,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         let service = AdminService::new(running.admin_slots.clone());
         running.serving.spawn(server::serve(
             listener,
-            move |_| service.clone(),
+            move |_| (service.clone(), CancellationToken::new()),
             running.limits,
-            running.permits.clone(),
+            // Probes have their own connections: clients using up max_connections cannot
+            // make the proxy look dead.
+            Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS)),
             running.stop_serving.clone(),
             running.serving.clone(),
             "admin",
@@ -343,7 +350,8 @@ impl Running {
                     let mut entry = old_routes[j]
                         .take()
                         .expect("each old route is matched once");
-                    entry.service.store(Arc::new(service));
+                    // New connections get the new service; open ones finish and close.
+                    entry.service.swap(Arc::new(service)).retire();
                     entry.config = route;
                     entry.slot = slot;
                     summary.routes_updated += 1;
@@ -361,7 +369,10 @@ impl Running {
                     let current = service.clone();
                     self.serving.spawn(server::serve(
                         listener,
-                        move |peer| current.load().for_peer(peer),
+                        move |peer| {
+                            let service = current.load();
+                            (service.for_peer(peer), service.retired())
+                        },
                         self.limits,
                         self.permits.clone(),
                         stop.clone(),
@@ -408,8 +419,9 @@ impl Running {
             || config.limits.max_header_bytes != self.limits.max_header_bytes
             || config.limits.header_read_timeout != self.limits.header_read_timeout
             || config.shutdown_grace != self.grace
+            || config.workers != self.workers
         {
-            warn!("connection limits or shutdown_grace_secs changed: restart token-proxy to apply them");
+            warn!("workers, connection limits or shutdown_grace_secs changed: restart token-proxy to apply them");
         }
         self.source = config.source.clone();
         Ok(summary)

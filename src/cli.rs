@@ -248,8 +248,13 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         }
     };
     let text = demo::demo_config(&demo::token_url(&idp), api.addr(), listen);
-    let config = Config::parse(&text, "(embedded demo config)", &|_| None)
-        .expect("the demo config is valid");
+    let config = match Config::parse(&text, "(embedded demo config)", &|_| None) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
     let running = match app::start(&config).await {
         Ok(r) => r,
         Err(e) => {

@@ -290,6 +290,8 @@ struct RawCredential {
     token_timeout_secs: Option<f64>,
     refresh_before_secs: Option<f64>,
     default_expires_in_secs: Option<f64>,
+    #[serde(default)]
+    allow_insecure_token_url: bool,
 }
 
 #[derive(Deserialize)]
@@ -601,19 +603,29 @@ impl Validator<'_> {
             .collect();
         for (i, route) in routes.iter().enumerate() {
             let url = &route.upstream.url;
+            // `None` stands for `localhost`, any loopback address.
             let host_ip = match url.host() {
                 Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
-                Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+                Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip).to_canonical()),
                 Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") => None,
                 _ => continue,
             };
-            if host_ip.is_some_and(|ip| !ip.is_loopback() && !ip.is_unspecified()) {
-                continue;
-            }
             let port = url.port_or_known_default().unwrap_or(0);
             let looped = listeners.iter().any(|l| {
+                let listen_ip = l.ip().to_canonical();
                 l.port() == port
-                    && (l.ip().is_unspecified() || l.ip().is_loopback() || Some(l.ip()) == host_ip)
+                    && match host_ip {
+                        // The upstream is this listener's address, or the listener takes all.
+                        Some(ip) if ip.is_unspecified() => {
+                            listen_ip.is_loopback() || listen_ip.is_unspecified()
+                        }
+                        Some(ip) => {
+                            ip == listen_ip
+                                || (listen_ip.is_unspecified()
+                                    && (ip.is_loopback() || ip.is_unspecified()))
+                        }
+                        None => listen_ip.is_loopback() || listen_ip.is_unspecified(),
+                    }
             });
             if looped {
                 return Err(self.err(
@@ -638,6 +650,13 @@ impl Validator<'_> {
             "token_url = \"https://login.chinacloudapi.cn/<tenant>/oauth2/v2.0/token\"",
         )?;
         let token_url = self.http_url(&k("token_url"), &url_text)?;
+        if token_url.scheme() == "http" && !is_local(&token_url) && !raw.allow_insecure_token_url {
+            return Err(self.err(
+                &k("token_url"),
+                format!("{token_url} is plain http to another host: the client secret would cross the network unencrypted"),
+                "use https://, or set allow_insecure_token_url = true on this credential if the network is trusted",
+            ));
+        }
         let client_id = self.required(
             &k("client_id"),
             raw.client_id,
@@ -837,13 +856,10 @@ impl Validator<'_> {
                 "listen on 127.0.0.1, or set allow_remote = true on this route together with inbound_token_file or allowed_clients",
             ));
         }
-        let local_upstream = match upstream.url.host() {
-            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-            None => false,
-        };
-        if upstream.scheme == Scheme::HTTP && !local_upstream && !raw.allow_insecure_upstream {
+        if upstream.scheme == Scheme::HTTP
+            && !is_local(&upstream.url)
+            && !raw.allow_insecure_upstream
+        {
             return Err(self.err(
                 &k("upstream"),
                 format!("{} is plain http to another host: the bearer token would cross the network unencrypted", upstream.url),
@@ -955,6 +971,16 @@ impl Validator<'_> {
             base_path,
             url,
         })
+    }
+}
+
+/// Whether `url` points at this machine (a loopback address or `localhost`).
+fn is_local(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).to_canonical().is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 
@@ -1148,6 +1174,33 @@ credential = "api"
         .unwrap_err()
         .to_string();
         assert!(e.contains("absolute"), "{e}");
+    }
+
+    #[test]
+    fn loops_through_any_spelling_of_loopback_are_refused() {
+        let e = parse(&GOOD.replace(
+            "https://api.example.com/base/",
+            "http://[::ffff:127.0.0.1]:8080",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("loop"), "{e}");
+        assert!(
+            parse(&GOOD.replace("https://api.example.com/base/", "http://127.0.0.2:8080")).is_ok()
+        );
+    }
+
+    #[test]
+    fn plain_http_token_urls_to_other_hosts_need_opt_in() {
+        let plain = GOOD.replace("https://login.example.com", "http://login.example.com");
+        let e = parse(&plain).unwrap_err().to_string();
+        assert!(
+            e.contains("credentials.api.token_url") && e.contains("allow_insecure_token_url"),
+            "{e}"
+        );
+        assert!(
+            parse(&plain.replace("scope =", "allow_insecure_token_url = true\nscope =")).is_ok()
+        );
     }
 
     #[test]

@@ -260,7 +260,7 @@ where
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::spawn(server::serve(
         listener,
-        move |_| service.clone(),
+        move |_| (service.clone(), CancellationToken::new()),
         limits,
         permits,
         cancel.clone(),
@@ -811,7 +811,13 @@ impl Body for FramesBody {
 }
 
 /// The demo's config: one credential on the embedded endpoint, one route to the echo API.
+/// A non-loopback `listen` is allowed: the demo's tokens guard nothing.
 pub fn demo_config(token_url: &str, upstream: SocketAddr, listen: SocketAddr) -> String {
+    let remote = if listen.ip().is_loopback() {
+        ""
+    } else {
+        "allow_remote = true"
+    };
     format!(
         r#"
 [credentials.demo]
@@ -825,6 +831,7 @@ extra_params = {{ Type = "oauth2" }}
 listen = "{listen}"
 upstream = "http://{upstream}/api"
 credential = "demo"
+{remote}
 "#
     )
 }

@@ -68,6 +68,13 @@ impl Listener {
                 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
                     if meta.file_type().is_socket() {
+                        // Replace a stale socket, never one another process still serves.
+                        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::AddrInUse,
+                                "another process is serving this socket",
+                            ));
+                        }
                         std::fs::remove_file(path)?;
                     }
                 }
@@ -96,6 +103,15 @@ impl Listener {
                 Ok((Conn::Tcp(stream), Some(peer)))
             }
             Listener::Unix(l, _) => Ok((Conn::Unix(l.accept().await?.0), None)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // A Unix socket's file goes with its listener (also when a reload is abandoned).
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -168,8 +184,10 @@ impl AsyncWrite for Conn {
 }
 
 /// Accepts connections on `listener` and serves each with the service `make` builds for the
-/// peer, until `cancel` fires. `permits` bounds the open connections over all listeners: when
-/// none is left, new connections wait in the kernel's accept queue.
+/// peer, until `cancel` fires. `make` also returns a token that retires the connection (a
+/// reload replaced its service): the connection then finishes its requests and closes.
+/// `permits` bounds the open connections: when none is left, the accept loop waits and new
+/// connections stay in the kernel's accept queue.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<S, B, F>(
     listener: impl Into<Listener>,
@@ -180,7 +198,7 @@ pub async fn serve<S, B, F>(
     connections: TaskTracker,
     name: &'static str,
 ) where
-    F: Fn(Option<SocketAddr>) -> S + Send + 'static,
+    F: Fn(Option<SocketAddr>) -> (S, CancellationToken) + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -209,13 +227,6 @@ pub async fn serve<S, B, F>(
         .map(|a| a.to_string())
         .unwrap_or_default();
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -228,8 +239,17 @@ pub async fn serve<S, B, F>(
                 }
             },
         };
+        // Only an accepted connection takes a permit, so an idle listener holds none.
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (service, retire) = make(peer);
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), make(peer))
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let cancel = cancel.clone();
         let span = tracing::debug_span!("conn", listener = name, local = %local, peer = ?peer);
@@ -243,6 +263,10 @@ pub async fn serve<S, B, F>(
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
+                    _ = retire.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
                 };
                 if let Err(e) = result {
                     debug!(error = %e, "connection ended with an error");
@@ -251,8 +275,6 @@ pub async fn serve<S, B, F>(
             .instrument(span),
         );
     }
-    if let Listener::Unix(_, path) = &listener {
-        let _ = std::fs::remove_file(path);
-    }
+    drop(listener);
     debug!(listener = name, "stopped accepting");
 }

@@ -718,7 +718,7 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
     let idp = start_token_endpoint(MINUTE).await;
     let api = start_upstream(&idp).await;
     let text = format!(
-        "max_connections = 1\n{}{}",
+        "max_connections = 1\nadmin_listen = \"127.0.0.1:0\"\n{}{}",
         credential("api", &demo::token_url(&idp), ""),
         route(&format!("http://{}", api.addr()), "api", "")
     );
@@ -735,6 +735,11 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
     let second = tokio::spawn(async move { get(addr, "/second").await.status });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!second.is_finished(), "served beyond max_connections");
+    // Health probes are not starved by clients.
+    assert_eq!(
+        get(proxy.admin_addr().unwrap(), "/healthz").await.status,
+        StatusCode::OK
+    );
     drop(first);
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(5), second)

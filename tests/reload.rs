@@ -212,3 +212,40 @@ async fn sighup_with_a_broken_file_keeps_serving_and_a_good_file_applies() {
     proc.signal("TERM");
     assert_eq!(proc.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
+
+#[tokio::test]
+async fn a_changed_route_closes_its_open_keep_alive_connections_after_their_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let p1 = free_port();
+    let url = demo::token_url(&idp);
+    let mut running = token_proxy::app::start(&parse(&config_text(
+        &url,
+        &[(p1, format!("http://{}/old", api.addr()))],
+    )))
+    .await
+    .unwrap();
+    let mut conn = tokio::net::TcpStream::connect(addr(p1)).await.unwrap();
+    conn.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = conn.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("/old/a"));
+    running
+        .apply(&parse(&config_text(
+            &url,
+            &[(p1, format!("http://{}/new", api.addr()))],
+        )))
+        .await
+        .unwrap();
+    // The idle kept-alive connection of the old route is closed, not left on the old upstream.
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(get(addr(p1), "/b").await.json()["target"], "/new/b");
+    running.shutdown().await;
+}

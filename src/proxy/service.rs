@@ -55,6 +55,8 @@ struct Inner {
     upgrade_client: UpstreamClient,
     tunnels: TaskTracker,
     cancel: CancellationToken,
+    /// Fired when a reload replaces this service: its connections finish and close.
+    retired: CancellationToken,
 }
 
 /// Forwards requests of one route to its upstream with its credential's token. One clone
@@ -123,9 +125,21 @@ impl ProxyService {
             client,
             upgrade_client,
             tunnels,
+            retired: cancel.child_token(),
             cancel,
         });
         Ok(ProxyService { inner, peer: None })
+    }
+
+    /// The token fired when this service is retired (its route's listener stops, or a reload
+    /// replaces it).
+    pub fn retired(&self) -> CancellationToken {
+        self.inner.retired.clone()
+    }
+
+    /// Retires this service: its open connections finish their requests and close.
+    pub fn retire(&self) {
+        self.inner.retired.cancel();
     }
 
     /// This service for a connection from `peer` (`None` on a Unix socket).

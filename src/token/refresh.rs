@@ -138,6 +138,7 @@ pub async fn run<S: FetchToken>(
                 };
                 slot.store(token);
                 failures = 0;
+                last_logged = None;
                 let delay = refresh_in(fetched.lifetime, refresh_before, fastrand::f64());
                 next = fetched.requested_at + delay;
                 info!(
@@ -176,7 +177,9 @@ fn fail(
     }
     let text = e.to_string();
     let retry_in_secs = delay.as_secs_f64();
-    if permanent && last_logged.as_deref() == Some(text.as_str()) {
+    // Compare by kind, not text: Azure puts a fresh trace id and timestamp in every answer.
+    let key = e.kind_key();
+    if permanent && last_logged.as_deref() == Some(key.as_str()) {
         debug!(error = %text, failures, retry_in_secs, "token refresh failed again");
     } else {
         match valid_left {
@@ -197,7 +200,7 @@ fn fail(
             ),
         }
     }
-    *last_logged = Some(text.clone());
+    *last_logged = Some(key);
     slot.record_failure(text, now + delay);
     now + delay
 }

@@ -155,6 +155,25 @@ impl TokenError {
         }
     }
 
+    /// What kind of failure this is, without the parts that change on every attempt (trace
+    /// ids, timestamps): two failures with the same key are the same problem.
+    pub fn kind_key(&self) -> String {
+        match self {
+            TokenError::Rejected {
+                status,
+                oauth: Some(o),
+                ..
+            } => {
+                format!("{status} {} {:?}", o.error, o.error_codes)
+            }
+            TokenError::Rejected { status, .. } => format!("{status}"),
+            TokenError::SecretFile { problem, .. } => format!("secret file: {problem}"),
+            TokenError::Timeout { .. } => "timeout".into(),
+            TokenError::Unreachable { problem, .. } => format!("unreachable: {problem}"),
+            TokenError::InvalidResponse(text) => format!("invalid: {text}"),
+        }
+    }
+
     /// The OAuth `error` code, if the endpoint sent one.
     pub fn oauth_error(&self) -> Option<&OAuthError> {
         match self {
@@ -228,7 +247,19 @@ impl TokenSource {
 
     /// The `application/x-www-form-urlencoded` body of a token request.
     fn form(&self, secret: &Secret) -> String {
-        let mut form = form_urlencoded::Serializer::new(String::new());
+        // Sized up front so the buffer holding the secret never reallocates (a reallocation
+        // would leave a copy behind that is not zeroed).
+        let extra: usize = self
+            .extra_params
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum();
+        let raw = 64
+            + self.client_id.len()
+            + secret.expose().len()
+            + self.scope.as_ref().map_or(0, String::len)
+            + extra;
+        let mut form = form_urlencoded::Serializer::new(String::with_capacity(raw * 3));
         form.append_pair("grant_type", "client_credentials");
         if self.auth_method == AuthMethod::ClientSecretPost {
             form.append_pair("client_id", &self.client_id);
@@ -327,9 +358,12 @@ async fn read_secret_file(path: &PathBuf) -> Result<Secret, TokenError> {
         path: path.display().to_string(),
         problem,
     };
-    let text = tokio::fs::read_to_string(path)
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    // The file's bytes are zeroed once the secret is copied out.
+    let text = zeroize::Zeroizing::new(
+        tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| err(e.to_string()))?,
+    );
     let trimmed = text.trim_end_matches(['\n', '\r']);
     if trimmed.is_empty() {
         return Err(err("the file is empty".into()));
@@ -339,11 +373,17 @@ async fn read_secret_file(path: &PathBuf) -> Result<Secret, TokenError> {
 
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`, as RFC 6749 §2.3.1 asks.
 fn basic_auth(client_id: &str, secret: &Secret) -> HeaderValue {
+    use zeroize::Zeroizing;
     let id: String = form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
-    let pw: String = form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect();
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{pw}"));
-    let mut value =
-        HeaderValue::try_from(format!("Basic {encoded}")).expect("base64 is a valid header value");
+    let pw: Zeroizing<String> =
+        Zeroizing::new(form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect());
+    let pair = Zeroizing::new(format!("{id}:{}", pw.as_str()));
+    let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
+    let mut header = Vec::with_capacity(6 + encoded.len());
+    header.extend_from_slice(b"Basic ");
+    header.extend_from_slice(encoded.as_bytes());
+    let mut value = HeaderValue::from_maybe_shared(crate::secret::zeroizing_bytes(header))
+        .expect("base64 is a valid header value");
     value.set_sensitive(true);
     value
 }
