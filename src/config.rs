@@ -251,6 +251,8 @@ pub struct RouteConfig {
     pub replay_max_body_bytes: u64,
     /// Clients must send `Proxy-Authorization: Bearer <this>` (read from `inbound_token_file`).
     pub inbound_token: Option<Secret>,
+    /// Where the inbound token is read from (watched for changes while the route runs).
+    pub inbound_token_file: Option<PathBuf>,
     /// Only these client networks may connect (empty: any).
     pub allowed_clients: Vec<Cidr>,
 }
@@ -866,25 +868,15 @@ impl Validator<'_> {
                 "use https://, or set allow_insecure_upstream = true on this route if the network is trusted",
             ));
         }
-        let inbound_token = match self.path(&k("inbound_token_file"), raw.inbound_token_file)? {
-            Some(path) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    self.err(
-                        &k("inbound_token_file"),
-                        format!("cannot read {}: {e}", path.display()),
-                        "make the file readable by token-proxy",
-                    )
-                })?;
-                let token = text.trim();
-                if token.len() < 16 {
-                    return Err(self.err(
-                        &k("inbound_token_file"),
-                        format!("{} holds fewer than 16 characters", path.display()),
-                        "put a long random value in it, e.g. `openssl rand -hex 32`",
-                    ));
-                }
-                Some(Secret::new(token))
-            }
+        let inbound_token_file = self.path(&k("inbound_token_file"), raw.inbound_token_file)?;
+        let inbound_token = match &inbound_token_file {
+            Some(path) => Some(read_inbound_token(path).map_err(|problem| {
+                self.err(
+                    &k("inbound_token_file"),
+                    problem,
+                    "put a long random value in a file token-proxy can read, e.g. `openssl rand -hex 32 > FILE`",
+                )
+            })?),
             None => None,
         };
         let mut allowed_clients = Vec::with_capacity(raw.allowed_clients.len());
@@ -925,6 +917,7 @@ impl Validator<'_> {
                 .replay_max_body_bytes
                 .unwrap_or(DEFAULT_REPLAY_MAX_BODY_BYTES),
             inbound_token,
+            inbound_token_file,
             allowed_clients,
         })
     }
@@ -972,6 +965,20 @@ impl Validator<'_> {
             url,
         })
     }
+}
+
+/// Reads an inbound token file: the trimmed content, at least 16 characters. The file's bytes
+/// are zeroed once the token is copied out.
+pub fn read_inbound_token(path: &Path) -> Result<Secret, String> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+    );
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(format!("{} holds fewer than 16 characters", path.display()));
+    }
+    Ok(Secret::new(token))
 }
 
 /// Whether `url` points at this machine (a loopback address or `localhost`).

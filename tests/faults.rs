@@ -749,3 +749,49 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_rotated_inbound_token_file_takes_effect_without_a_restart() {
+    let token_file = temp_file("inbound", "first-inbound-token-0123456789\n");
+    let s = Stack::start(
+        MINUTE,
+        "",
+        &format!("inbound_token_file = \"{}\"", token_file.display()),
+    )
+    .await;
+    let with = |value: &'static str| {
+        Request::get(format!("http://{}/rot", s.addr()))
+            .header("proxy-authorization", value)
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(
+        send(&client(), with("Bearer first-inbound-token-0123456789"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // Kubernetes-style swap of the mounted file.
+    let dir = token_file.parent().unwrap();
+    std::fs::write(dir.join("next"), "second-inbound-token-0123456789\n").unwrap();
+    std::fs::rename(dir.join("next"), &token_file).unwrap();
+    let mut switched = false;
+    for _ in 0..50 {
+        if send(&client(), with("Bearer second-inbound-token-0123456789"))
+            .await
+            .status
+            == StatusCode::OK
+        {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(switched, "the new inbound token was never accepted");
+    assert_eq!(
+        send(&client(), with("Bearer first-inbound-token-0123456789"))
+            .await
+            .status,
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    );
+}

@@ -35,6 +35,7 @@ use crate::config::{Cidr, RouteConfig, Upstream};
 use crate::secret::Secret;
 use crate::tls;
 use crate::token::slot::TokenSlot;
+use arc_swap::ArcSwap;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -48,7 +49,7 @@ struct Inner {
     max_body_bytes: Option<u64>,
     retry_on_401: bool,
     replay_max_body_bytes: u64,
-    inbound_token: Option<Secret>,
+    inbound_token: Option<Arc<ArcSwap<Secret>>>,
     allowed_clients: Vec<Cidr>,
     slot: Arc<TokenSlot>,
     client: UpstreamClient,
@@ -119,7 +120,10 @@ impl ProxyService {
             max_body_bytes: route.max_body_bytes,
             retry_on_401: route.retry_on_401,
             replay_max_body_bytes: route.replay_max_body_bytes,
-            inbound_token: route.inbound_token.clone(),
+            inbound_token: route
+                .inbound_token
+                .clone()
+                .map(|t| Arc::new(ArcSwap::from_pointee(t))),
             allowed_clients: route.allowed_clients.clone(),
             slot,
             client,
@@ -128,6 +132,13 @@ impl ProxyService {
             retired: cancel.child_token(),
             cancel,
         });
+        if let (Some(path), Some(slot)) = (&route.inbound_token_file, &inner.inbound_token) {
+            inner.tunnels.spawn(watch_inbound_token(
+                path.clone(),
+                slot.clone(),
+                inner.retired.clone(),
+            ));
+        }
         Ok(ProxyService { inner, peer: None })
     }
 
@@ -183,7 +194,7 @@ impl ProxyService {
         }
         if let Some(expected) = &inner.inbound_token {
             let sent = req.headers().get(http::header::PROXY_AUTHORIZATION);
-            if !headers::bearer_matches(sent, expected.expose().as_bytes()) {
+            if !headers::bearer_matches(sent, expected.load().expose().as_bytes()) {
                 return Err(ProxyError::ProxyAuthenticationRequired(
                     "send `Proxy-Authorization: Bearer <inbound token>`: this route requires its inbound token".into(),
                 ));
@@ -369,6 +380,44 @@ impl ProxyService {
             }
             .in_current_span(),
         );
+    }
+}
+
+/// How often an inbound token file is re-read.
+const INBOUND_TOKEN_POLL: Duration = Duration::from_secs(2);
+
+/// Re-reads `path` every [`INBOUND_TOKEN_POLL`] until `stop` fires, so a rotated inbound
+/// token (including Kubernetes' symlink swap of a mounted Secret) takes effect without a
+/// restart. An unreadable or too short file keeps the current token and is logged once.
+async fn watch_inbound_token(
+    path: std::path::PathBuf,
+    slot: Arc<ArcSwap<Secret>>,
+    stop: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(INBOUND_TOKEN_POLL) => {}
+        }
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || crate::config::read_inbound_token(&path)).await
+        };
+        match read {
+            Ok(Ok(token)) => {
+                failing = false;
+                if **slot.load() != token {
+                    slot.store(Arc::new(token));
+                    tracing::info!(file = %path.display(), "inbound token file changed: the new token is in use");
+                }
+            }
+            Ok(Err(problem)) if !failing => {
+                failing = true;
+                warn!(%problem, "inbound token file unusable: keeping the current token");
+            }
+            _ => {}
+        }
     }
 }
 
