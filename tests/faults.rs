@@ -429,19 +429,8 @@ async fn client_disconnecting_mid_upload_leaves_the_proxy_serving() {
 
 #[tokio::test]
 async fn slowloris_headers_are_cut_off() {
-    let s = Stack::start(MINUTE, "", "").await;
-    drop(s);
-    let idp = start_token_endpoint(MINUTE).await;
-    let api = start_upstream(&idp).await;
-    let text = format!(
-        "header_read_timeout_secs = 0.5\n{}{}",
-        credential("api", &demo::token_url(&idp), ""),
-        route(&format!("http://{}", api.addr()), "api", "")
-    );
-    let proxy = start_proxy(&text).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.route_addrs()[0])
-        .await
-        .unwrap();
+    let s = Stack::start_with("header_read_timeout_secs = 0.5", MINUTE, "", "").await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
     let started = tokio::time::Instant::now();
     let mut closed = false;
     for chunk in [
@@ -467,22 +456,13 @@ async fn slowloris_headers_are_cut_off() {
         assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
     }
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(api.state().records().is_empty());
+    assert!(s.api.state().records().is_empty());
 }
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
-    let idp = start_token_endpoint(MINUTE).await;
-    let api = start_upstream(&idp).await;
-    let text = format!(
-        "header_read_timeout_secs = 0.5\n{}{}",
-        credential("api", &demo::token_url(&idp), ""),
-        route(&format!("http://{}", api.addr()), "api", "")
-    );
-    let proxy = start_proxy(&text).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.route_addrs()[0])
-        .await
-        .unwrap();
+    let s = Stack::start_with("header_read_timeout_secs = 0.5", MINUTE, "", "").await;
+    let mut stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
     stream
         .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -715,15 +695,8 @@ async fn a_request_that_comes_back_is_508() {
 
 #[tokio::test]
 async fn connections_over_the_limit_wait_for_a_free_slot() {
-    let idp = start_token_endpoint(MINUTE).await;
-    let api = start_upstream(&idp).await;
-    let text = format!(
-        "max_connections = 1\nadmin_listen = \"127.0.0.1:0\"\n{}{}",
-        credential("api", &demo::token_url(&idp), ""),
-        route(&format!("http://{}", api.addr()), "api", "")
-    );
-    let proxy = start_proxy(&text).await;
-    let addr = proxy.route_addrs()[0];
+    let s = Stack::start_with("max_connections = 1", MINUTE, "", "").await;
+    let addr = s.addr();
     let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
     first
         .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -736,10 +709,7 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!second.is_finished(), "served beyond max_connections");
     // Health probes are not starved by clients.
-    assert_eq!(
-        get(proxy.admin_addr().unwrap(), "/healthz").await.status,
-        StatusCode::OK
-    );
+    assert_eq!(get(s.admin(), "/healthz").await.status, StatusCode::OK);
     drop(first);
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(5), second)

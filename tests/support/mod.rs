@@ -68,10 +68,20 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(lifetime: Duration, cred_extra: &str, route_extra: &str) -> Stack {
+        Stack::start_with("", lifetime, cred_extra, route_extra).await
+    }
+
+    /// As [`Stack::start`], with top-level config lines `top` (limits, timeouts).
+    pub async fn start_with(
+        top: &str,
+        lifetime: Duration,
+        cred_extra: &str,
+        route_extra: &str,
+    ) -> Stack {
         let idp = start_token_endpoint(lifetime).await;
         let api = start_upstream(&idp).await;
         let text = format!(
-            "admin_listen = \"127.0.0.1:0\"\n{}{}",
+            "admin_listen = \"127.0.0.1:0\"\n{top}\n{}{}",
             credential("api", &demo::token_url(&idp), cred_extra),
             route(&format!("http://{}/api", api.addr()), "api", route_extra)
         );
