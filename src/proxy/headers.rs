@@ -23,6 +23,19 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether `name` is hop-by-hop by itself (headers named by `Connection` come on top).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TE
+        || name == TRAILER
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == PROXY_AUTHORIZATION
+        || name == PROXY_AUTHENTICATE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
@@ -35,6 +48,11 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers. `upgrade` keeps `Upgrade` and `Connection: upgrade`;
 /// `streamed` keeps `Trailer`. Returns whether the message's `TE` accepted trailers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, streamed: bool) -> bool {
+    // Most messages carry none: one pass of cheap name comparisons instead of a hashed
+    // removal per hop-by-hop name.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return false;
+    }
     let te_trailers = headers.get_all(TE).iter().any(|v| has_token(v, "trailers"));
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
