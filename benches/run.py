@@ -1,0 +1,1551 @@
+#!/usr/bin/env python3
+"""token-proxy benchmark: token-proxy against direct access, nginx, HAProxy and Caddy.
+
+One command (`python3 benches/run.py`) builds the release binary, starts one shared upstream
+(nginx, 1 worker) and every proxy on 127.0.0.1 only, runs the loads in alternating rounds
+(A B A B) and writes the results to target/bench/ (results.json, results.md, chart.png, and
+every configuration it used). Everything it starts is stopped again, also on Ctrl-C or failure.
+
+Python 3.11 standard library only. See benches/README.md and the Performance section of the
+top-level README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = ["direct", "token-proxy", "nginx", "haproxy", "caddy"]
+PROXIES = CASES[1:]
+TOKEN = "bench-token"
+BLOB_SIZE = 256 * 1024 * 1024
+IDLE_CONNS = 1000
+WRK_CONNS = 64
+H2_STREAMS = 10
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+APT_LINE = ["wrk", "nghttp2-client", "nginx-light", "haproxy", "caddy", "gnuplot-nox"]
+# tool -> Debian package
+TOOL_PACKAGE = {
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+    "nginx": "nginx-light",
+    "haproxy": "haproxy",
+    "caddy": "caddy",
+    "gnuplot": "gnuplot-nox",
+    "curl": "curl",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything this script starts: processes (each in its own process group), the ports they
+# listen on, and temporary files. Cleaned up at exit, on SIGINT/SIGTERM and on failure.
+# ---------------------------------------------------------------------------------------------
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.ports: set[int] = set()
+        self.temp_paths: list[Path] = []
+        self.cleaned = False
+
+    def spawn(self, argv: list[str], *, log_path: Path | None = None, env: dict | None = None,
+              capture: bool = False) -> subprocess.Popen:
+        if capture:
+            out, err = subprocess.PIPE, subprocess.PIPE
+        elif log_path is not None:
+            fh = open(log_path, "ab")
+            out, err = fh, fh
+        else:
+            out, err = subprocess.DEVNULL, subprocess.DEVNULL
+        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                             env=env, start_new_session=True)
+        if log_path is not None and not capture:
+            fh.close()
+        self.procs.append(p)
+        return p
+
+    def run(self, argv: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, str]:
+        """Runs a client tool (wrk, h2load, curl) as a tracked process; returns rc, out, err."""
+        p = self.spawn(argv, env=env, capture=True)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(p)
+            raise RuntimeError(f"{argv[0]} did not finish within {timeout:.0f} s")
+        self.forget(p)
+        return p.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def forget(self, p: subprocess.Popen) -> None:
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop(self, p: subprocess.Popen, timeout: float = 10.0) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=5)
+        # Workers of a process group (nginx) may outlive the leader for a moment.
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            pass
+        else:
+            deadline = time.time() + 3
+            while time.time() < deadline:
+                try:
+                    os.killpg(p.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for stream in (p.stdout, p.stderr):
+            if stream:
+                stream.close()
+        self.forget(p)
+
+    def cleanup(self) -> None:
+        if self.cleaned:
+            return
+        self.cleaned = True
+        for p in reversed(list(self.procs)):
+            try:
+                self.stop(p, timeout=5)
+            except Exception as e:  # keep going: stop the rest
+                print(f"warning: could not stop pid {p.pid}: {e}", file=sys.stderr)
+        for path in self.temp_paths:
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.exists():
+                    path.unlink()
+            except OSError:
+                pass
+        left = listening_ports() & self.ports
+        if left:
+            print(f"warning: ports still listening after cleanup: {sorted(left)}", file=sys.stderr)
+
+
+REG = Registry()
+
+
+def on_signal(signum, _frame):
+    # Raise SystemExit so that `finally` blocks and the atexit cleanup run; a second signal
+    # during the cleanup is ignored.
+    signal.signal(signum, signal.SIG_IGN)
+    print(f"\ninterrupted by {signal.Signals(signum).name}: stopping everything started",
+          file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
+def listening_ports() -> set[int]:
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 3 and f[3] == "0A":  # TCP_LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def free_port() -> int:
+    while True:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in REG.ports:
+            REG.ports.add(port)
+            return port
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc: CPU time and memory of a process and its descendants
+# ---------------------------------------------------------------------------------------------
+
+
+def proc_tree(root: int) -> list[int]:
+    """The root pid and all its descendants (nginx master and workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of each process (all its threads), summed."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return total / CLK_TCK
+
+
+def mem_kib(pids: list[int], key: str) -> int:
+    """Sum of VmRSS or VmHWM (KiB) over the processes."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def mib(kib: float | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations: written once per worker count into OUT/configs and kept for reading.
+# ---------------------------------------------------------------------------------------------
+
+
+def nginx_common(prefix: Path) -> str:
+    # The Debian binary has absolute temp paths compiled in (/var/lib/nginx); keep each instance
+    # inside its own prefix directory under the out dir.
+    for d in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp"):
+        REG.temp_paths.append(prefix / d)
+    return f"""\
+  client_body_temp_path {prefix}/client_body_temp;
+  proxy_temp_path       {prefix}/proxy_temp;
+  fastcgi_temp_path     {prefix}/fastcgi_temp;
+  uwsgi_temp_path       {prefix}/uwsgi_temp;
+  scgi_temp_path        {prefix}/scgi_temp;
+"""
+
+
+def write_upstream_conf(out: Path, h1: int, h2: int, blob: Path) -> tuple[Path, Path]:
+    prefix = out / "run" / "upstream-nginx"
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = out / "configs" / "upstream-nginx.conf"
+    conf.write_text(f"""\
+# The upstream shared by every case: nginx with 1 worker, answering from memory.
+# Not a peer: its CPU is recorded in results.json but it is not what is compared.
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 16384;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+lock_file {prefix}/nginx.lock;
+
+events {{
+  worker_connections 4096;
+}}
+
+http {{
+  access_log off;
+{nginx_common(prefix)}
+  sendfile on;
+  tcp_nopush on;
+  # No connection churn from the upstream side: keep-alive connections are reused without a
+  # request limit, for direct clients and for every proxy alike.
+  keepalive_requests 1000000;
+  keepalive_timeout 300s;
+  log_format tokens '$msec $request_uri $status';
+  log_format upload '$msec $request_uri $status $request_length';
+
+  server {{
+    listen 127.0.0.1:{h1} default_server;
+    # h2c (prior knowledge) for the direct HTTP/2 baseline; nginx 1.22 serves only HTTP/2 on an
+    # `http2` listener without TLS, hence the second port.
+    listen 127.0.0.1:{h2} http2;
+
+    # Small GETs.
+    location / {{
+      default_type text/plain;
+      return 200 "hello\\n";
+    }}
+
+    # 256 MiB download (a file created once under the out dir, read from the page cache).
+    location = /blob {{
+      alias {blob};
+      default_type application/octet-stream;
+    }}
+
+    # 256 MiB upload. nginx answers only after it has read the whole body: `return 200` alone
+    # would answer at once and discard the body in the background, and a proxy that sees the
+    # answer before it has sent the body may stop the upload (Caddy does). So the body is read
+    # into memory (no disk) by the proxy module, which then asks /uploaded on this same server,
+    # without the body, for the answer. The access log's $request_length lets the harness check
+    # that the whole body arrived through each proxy.
+    location = /upload {{
+      client_max_body_size 0;
+      client_body_buffer_size 300m;
+      proxy_pass http://127.0.0.1:{h1}/uploaded;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      access_log {prefix}/upload.log upload;
+    }}
+    location = /uploaded {{
+      default_type text/plain;
+      return 200 "ok\\n";
+    }}
+
+    # Token endpoint for token-proxy's credential (logged, to count token requests).
+    location = /oauth2/token {{
+      access_log {prefix}/tokens.log tokens;
+      default_type application/json;
+      return 200 '{{"token_type":"Bearer","expires_in":3600,"access_token":"{TOKEN}"}}';
+    }}
+    # 2-second tokens, for the refresh-under-load case.
+    location = /oauth2/token-2s {{
+      access_log {prefix}/tokens.log tokens;
+      default_type application/json;
+      return 200 '{{"token_type":"Bearer","expires_in":2,"access_token":"{TOKEN}"}}';
+    }}
+  }}
+}}
+""")
+    return conf, prefix
+
+
+def write_nginx_peer_conf(out: Path, w: int, h1: int, h2: int, up: int) -> tuple[Path, Path]:
+    prefix = out / "run" / f"nginx-w{w}"
+    prefix.mkdir(parents=True, exist_ok=True)
+    conf = out / "configs" / f"nginx-w{w}.conf"
+    conf.write_text(f"""\
+# nginx as a reverse proxy that sets the same static Authorization header.
+# Defaults are kept except where fairness needs a change; each change is commented.
+daemon off;
+master_process on;
+worker_processes {w};             # = token-proxy's `workers`
+worker_rlimit_nofile 16384;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+lock_file {prefix}/nginx.lock;
+
+events {{
+  # Default 512 is too few for the 1,000 idle connections case (plus upstream connections);
+  # sized like HAProxy's maxconn below. nginx preallocates these, which counts in its RSS.
+  worker_connections 2048;
+}}
+
+http {{
+  access_log off;                  # no peer logs requests
+{nginx_common(prefix)}
+  # Client side: no request limit per keep-alive connection (the default, 1000, would make
+  # wrk reconnect every 1000 requests; token-proxy, HAProxy and Caddy have no such limit).
+  keepalive_requests 1000000;
+  # Uploads: no size limit (the default is 1 MiB). Left at the defaults: the request body is
+  # spooled to client_body_temp (disk) before it is forwarded (proxy_request_buffering on), and
+  # the response is buffered (proxy_buffering on, to disk up to proxy_max_temp_file_size 1 GiB
+  # when the client reads slower than the upstream sends).
+  client_max_body_size 0;
+
+  upstream up {{
+    server 127.0.0.1:{up};
+    keepalive 64;                  # reuse upstream connections, as the other peers do
+    keepalive_requests 1000000;    # ... without a request limit
+  }}
+
+  server {{
+    listen 127.0.0.1:{h1};
+    # h2c (prior knowledge): nginx 1.22 serves only HTTP/2 on a plaintext `http2` listener, so
+    # it gets its own port.
+    listen 127.0.0.1:{h2} http2;
+
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;      # needed for upstream keep-alive
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {TOKEN}";
+    }}
+  }}
+}}
+""")
+    return conf, prefix
+
+
+def write_haproxy_conf(out: Path, w: int, h1: int, up: int) -> Path:
+    conf = out / "configs" / f"haproxy-w{w}.cfg"
+    conf.write_text(f"""\
+# HAProxy as a reverse proxy that sets the same static Authorization header.
+# Runs in the foreground (-db), one process with `nbthread` threads. No logging.
+global
+  nbthread {w}                     # = token-proxy's `workers`
+  maxconn 2048                     # enough for the 1,000 idle connections case, like nginx
+
+defaults
+  mode http
+  option http-keep-alive
+  timeout connect 10s
+  timeout client 60s
+  timeout server 60s
+  timeout http-keep-alive 60s
+
+frontend bench
+  # HAProxy detects the HTTP/2 preface on a plaintext bind, so h2c (prior knowledge) and
+  # HTTP/1.1 share this port, as with token-proxy.
+  bind 127.0.0.1:{h1}
+  http-request set-header Authorization "Bearer {TOKEN}"
+  default_backend upstream
+
+backend upstream
+  http-reuse always                # share idle upstream connections between clients
+  server up 127.0.0.1:{up}
+""")
+    return conf
+
+
+def write_caddy_conf(out: Path, w: int, h1: int, up: int) -> Path:
+    conf = out / "configs" / f"caddy-w{w}.Caddyfile"
+    conf.write_text(f"""\
+# Caddy as a reverse proxy that sets the same static Authorization header.
+# Started with GOMAXPROCS={w} (= token-proxy's `workers`). No access log (Caddy logs requests
+# only with a `log` directive). Its own data and autosave files go under the out dir.
+{{
+	admin off
+	auto_https off
+	servers {{
+		# h1 and cleartext HTTP/2 (prior knowledge) on the same port.
+		protocols h1 h2c
+	}}
+}}
+
+http://:{h1} {{
+	bind 127.0.0.1
+	reverse_proxy 127.0.0.1:{up} {{
+		header_up Authorization "Bearer {TOKEN}"
+		transport http {{
+			# Keep as many idle upstream connections as nginx's `keepalive 64` (default 32).
+			keepalive_idle_conns_per_host 64
+		}}
+	}}
+}}
+""")
+    return conf
+
+
+def write_token_proxy_conf(out: Path, w: int, h1: int, up: int, token_path: str,
+                           tag: str) -> Path:
+    conf = out / "configs" / f"{tag}-w{w}.toml"
+    lifetime = "2 s" if token_path.endswith("-2s") else "3600 s"
+    conf.write_text(f"""\
+# token-proxy: one credential on the upstream's token endpoint ({lifetime} tokens), one route to
+# the upstream, no admin listener. Everything else at its default.
+workers = {w}
+
+[credentials.bench]
+token_url = "http://127.0.0.1:{up}{token_path}"
+client_id = "bench"
+client_secret = "bench-secret"
+
+[[routes]]
+listen = "127.0.0.1:{h1}"
+upstream = "http://127.0.0.1:{up}"
+credential = "bench"
+""")
+    return conf
+
+
+# ---------------------------------------------------------------------------------------------
+# Running servers
+# ---------------------------------------------------------------------------------------------
+
+
+class Server:
+    """One started peer (or the upstream). `pids()` lists the processes to measure."""
+
+    def __init__(self, name: str, proc: subprocess.Popen | None, h1: int, h2: int | None,
+                 log_path: Path | None):
+        self.name, self.proc, self.h1, self.h2, self.log_path = name, proc, h1, h2, log_path
+
+    def pids(self) -> list[int]:
+        return proc_tree(self.proc.pid) if self.proc else []
+
+    def stop(self) -> None:
+        if self.proc:
+            REG.stop(self.proc)
+            self.proc = None
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> int:
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    finally:
+        s.close()
+
+
+def wait_ready(server: Server, timeout: float = 20.0) -> None:
+    deadline = time.time() + timeout
+    last = "no answer"
+    while time.time() < deadline:
+        if server.proc and server.proc.poll() is not None:
+            break
+        try:
+            status = http_get(server.h1)
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.05)
+    tail = ""
+    if server.log_path and server.log_path.exists():
+        tail = "\n".join(server.log_path.read_text(errors="replace").splitlines()[-15:])
+    raise RuntimeError(f"{server.name} did not become ready on 127.0.0.1:{server.h1} "
+                       f"({last})\n{tail}")
+
+
+class Bench:
+    def __init__(self, args, out: Path):
+        self.args = args
+        self.out = out
+        self.binary: Path | None = None
+        self.upstream: Server | None = None
+        self.ports: dict = {}
+        self.confs: dict = {}
+        self.raw: list[dict] = []
+        self.errors: list[str] = []
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self, workers: list[int], cases: list[str]) -> None:
+        (self.out / "configs").mkdir(parents=True, exist_ok=True)
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        data = self.out / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        REG.temp_paths.append(data)
+        self.blob = data / "blob-256MiB"
+        if not self.blob.exists() or self.blob.stat().st_size != BLOB_SIZE:
+            chunk = bytes(range(256)) * 4096  # 1 MiB, not all zeros
+            with open(self.blob, "wb") as f:
+                for _ in range(BLOB_SIZE // len(chunk)):
+                    f.write(chunk)
+        self.blob.chmod(0o644)
+
+        up_h1, up_h2 = free_port(), free_port()
+        conf, prefix = write_upstream_conf(self.out, up_h1, up_h2, self.blob)
+        self.upstream_prefix = prefix
+        self.upstream = self.start_nginx("upstream", conf, prefix, up_h1, up_h2)
+        for w in workers:
+            for case in cases:
+                if case == "direct":
+                    continue
+                h1 = free_port()
+                if case == "nginx":
+                    h2 = free_port()
+                    c, p = write_nginx_peer_conf(self.out, w, h1, h2, up_h1)
+                    self.confs[(case, w)] = (c, p)
+                    self.ports[(case, w)] = (h1, h2)
+                elif case == "haproxy":
+                    self.confs[(case, w)] = (write_haproxy_conf(self.out, w, h1, up_h1), None)
+                    self.ports[(case, w)] = (h1, h1)
+                elif case == "caddy":
+                    self.confs[(case, w)] = (write_caddy_conf(self.out, w, h1, up_h1), None)
+                    self.ports[(case, w)] = (h1, h1)
+                elif case == "token-proxy":
+                    self.confs[(case, w)] = (write_token_proxy_conf(
+                        self.out, w, h1, up_h1, "/oauth2/token", "token-proxy"), None)
+                    self.ports[(case, w)] = (h1, h1)
+                    h1r = free_port()
+                    self.confs[("token-proxy-2s", w)] = (write_token_proxy_conf(
+                        self.out, w, h1r, up_h1, "/oauth2/token-2s", "token-proxy-2s-token"), None)
+                    self.ports[("token-proxy-2s", w)] = (h1r, h1r)
+
+    def start_nginx(self, name: str, conf: Path, prefix: Path, h1: int, h2: int | None) -> Server:
+        log_path = prefix / "stderr.log"
+        proc = REG.spawn(["nginx", "-p", str(prefix), "-c", str(conf), "-e",
+                          str(prefix / "error.log")], log_path=log_path)
+        server = Server(name, proc, h1, h2, prefix / "error.log")
+        wait_ready(server)
+        return server
+
+    def start(self, case: str, w: int) -> Server:
+        """Starts a fresh process for the case (direct: the shared upstream)."""
+        if case == "direct":
+            return Server("direct", None, self.upstream.h1, self.upstream.h2, None)
+        conf, prefix = self.confs[(case, w)]
+        h1, h2 = self.ports[(case, w)]
+        if case == "nginx":
+            return self.start_nginx(f"nginx-w{w}", conf, prefix, h1, h2)
+        log_path = self.out / "logs" / f"{case}-w{w}.log"
+        env = dict(os.environ)
+        if case == "haproxy":
+            argv = ["haproxy", "-db", "-f", str(conf)]
+        elif case == "caddy":
+            home = self.out / "run" / "caddy-home"
+            if not home.exists():
+                home.mkdir(parents=True)
+                REG.temp_paths.append(home)  # Caddy's autosave.json and storage
+            env.update(GOMAXPROCS=str(w), HOME=str(home), XDG_DATA_HOME=str(home / "data"),
+                       XDG_CONFIG_HOME=str(home / "config"))
+            argv = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+        else:  # token-proxy, token-proxy-2s
+            env["RUST_LOG"] = "info"
+            argv = [str(self.binary), "run", "--config", str(conf)]
+        proc = REG.spawn(argv, log_path=log_path, env=env)
+        server = Server(f"{case}-w{w}", proc, h1, h2, log_path)
+        wait_ready(server)
+        return server
+
+    # -- loads ---------------------------------------------------------------------------------
+
+    def wrk(self, port: int, duration: int, conns: int) -> dict:
+        argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency",
+                f"http://127.0.0.1:{port}/"]
+        rc, out, err = REG.run(argv, timeout=duration + 60)
+        if rc != 0:
+            raise RuntimeError(f"wrk exited {rc}: {(err + out).strip()[-300:]}")
+        r = parse_wrk(out)
+        r["raw_output"] = out
+        return r
+
+    def h2load(self, port: int, duration: int) -> dict:
+        argv = ["h2load", "-t1", f"-c{WRK_CONNS}", f"-m{H2_STREAMS}", "-D", str(duration),
+                f"http://127.0.0.1:{port}/"]
+        rc, out, err = REG.run(argv, timeout=duration + 60)
+        r = parse_h2load(out)
+        if rc != 0 and r.get("requests") is None:
+            raise RuntimeError(f"h2load exited {rc}: {err.strip()} {out.strip()[-300:]}")
+        r["raw_output"] = out
+        return r
+
+    def measured(self, server: Server, fn):
+        """Runs fn() and returns (result, proxy CPU seconds, upstream CPU seconds)."""
+        pids, up_pids = server.pids(), self.upstream.pids()
+        c0, u0 = cpu_seconds(pids), cpu_seconds(up_pids)
+        result = fn()
+        cpu = cpu_seconds(pids) - c0 if pids else None  # direct: no proxy process
+        return result, cpu, cpu_seconds(up_pids) - u0
+
+    def run_get(self, case: str, w: int, rnd: int) -> None:
+        d = self.args.duration
+        server = self.start(case, w)
+        try:
+            time.sleep(0.3)
+            pids = server.pids()
+            idle_rss = mem_kib(pids, "VmRSS") if pids else None
+            self.wrk(server.h1, 1, WRK_CONNS)  # warm-up: pools, caches, lazy allocations
+            r, cpu, up_cpu = self.measured(server, lambda: self.wrk(server.h1, d, WRK_CONNS))
+            peak = mem_kib(pids, "VmHWM") if pids else None
+            self.record("h1", case, w, rnd, r, cpu=cpu, upstream_cpu=up_cpu,
+                        rss_idle_kib=idle_rss, rss_peak_kib=peak)
+            # Latency of one request at a time: the proxy's added latency over direct.
+            d1 = max(2, d // 2)
+            r1, cpu1, up1 = self.measured(server, lambda: self.wrk(server.h1, d1, 1))
+            self.record("h1c1", case, w, rnd, r1, cpu=cpu1, upstream_cpu=up1)
+        finally:
+            server.stop()
+
+    def run_h2(self, case: str, w: int, rnd: int) -> None:
+        d = self.args.duration
+        server = self.start(case, w)
+        try:
+            time.sleep(0.3)
+            pids = server.pids()
+            idle_rss = mem_kib(pids, "VmRSS") if pids else None
+            self.h2load(server.h2, 1)  # warm-up
+            r, cpu, up_cpu = self.measured(server, lambda: self.h2load(server.h2, d))
+            peak = mem_kib(pids, "VmHWM") if pids else None
+            self.record("h2", case, w, rnd, r, cpu=cpu, upstream_cpu=up_cpu,
+                        rss_idle_kib=idle_rss, rss_peak_kib=peak)
+        finally:
+            server.stop()
+
+    def run_transfer(self, kind: str, case: str, w: int, rnd: int) -> None:
+        server = self.start(case, w)
+        try:
+            time.sleep(0.3)
+            pids = server.pids()
+            before = mem_kib(pids, "VmRSS") if pids else None
+            url = f"http://127.0.0.1:{server.h1}"
+            fmt = "%{http_code} %{size_upload} %{size_download} %{time_total}"
+            if kind == "upload":
+                lines0 = count_lines(self.upstream_prefix / "upload.log")
+                argv = ["curl", "-sS", "-o", "/dev/null", "-H", "Expect:", "-X", "POST",
+                        "-T", str(self.blob), "-w", fmt, url + "/upload"]
+            else:
+                argv = ["curl", "-sS", "-o", "/dev/null", "-w", fmt, url + "/blob"]
+            (rc, out, err), cpu, up_cpu = self.measured(
+                server, lambda: REG.run(argv, timeout=600))
+            peak = mem_kib(pids, "VmHWM") if pids else None
+            errors = []
+            parts = out.split()
+            if rc != 0 or len(parts) != 4:
+                errors.append(f"curl exited {rc}: {err.strip()}")
+                code, up_b, down_b, secs = 0, 0, 0, float("nan")
+            else:
+                code, up_b, down_b, secs = int(parts[0]), int(parts[1]), int(parts[2]), float(parts[3])
+            if code != 200:
+                errors.append(f"HTTP {code}")
+            moved = up_b if kind == "upload" else down_b
+            if moved != BLOB_SIZE:
+                errors.append(f"{moved} bytes moved, expected {BLOB_SIZE}")
+            if kind == "upload" and not errors:
+                # The upstream logs how much of the body it read.
+                time.sleep(0.2)
+                got = last_upload_length(self.upstream_prefix / "upload.log", lines0)
+                if got is None or got < BLOB_SIZE:
+                    errors.append(f"upstream read {got} bytes of the upload")
+            r = {
+                "seconds": secs,
+                "mb_s": BLOB_SIZE / 1e6 / secs if secs and secs == secs and secs > 0 else None,
+                "errors": len(errors),
+                "error_text": "; ".join(errors),
+            }
+            self.record(kind, case, w, rnd, r, cpu=cpu, upstream_cpu=up_cpu,
+                        rss_idle_kib=before, rss_peak_kib=peak,
+                        rss_increase_kib=(peak - before) if pids else None)
+        finally:
+            server.stop()
+
+    def run_idle(self, case: str, w: int, rnd: int) -> None:
+        server = self.start(case, w)
+        conns: list[socket.socket] = []
+        try:
+            time.sleep(0.3)
+            pids = server.pids()
+            before = mem_kib(pids, "VmRSS")
+            failed = 0
+            for _ in range(IDLE_CONNS):
+                try:
+                    s = socket.create_connection(("127.0.0.1", server.h1), timeout=10)
+                    conns.append(s)
+                    if read_response(s) != 200:
+                        failed += 1
+                except OSError:
+                    failed += 1
+            time.sleep(1.0)
+            held = mem_kib(pids, "VmRSS")
+            # Did the proxy keep every connection open?
+            closed = 0
+            for s in conns:
+                s.setblocking(False)
+                try:
+                    if s.recv(1) == b"":
+                        closed += 1
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed += 1
+            r = {"conns": IDLE_CONNS, "failed": failed, "closed_by_peer": closed,
+                 "errors": failed + closed}
+            self.record("idle", case, w, rnd, r, rss_idle_kib=before, rss_held_kib=held,
+                        rss_increase_kib=held - before,
+                        kib_per_conn=(held - before) / IDLE_CONNS)
+        finally:
+            for s in conns:
+                s.close()
+            server.stop()
+
+    def run_refresh(self, variant: str, w: int, rnd: int, pair: int) -> None:
+        case = "token-proxy" if variant == "3600s" else "token-proxy-2s"
+        server = self.start(case, w)
+        try:
+            tokens_log = self.upstream_prefix / "tokens.log"
+            self.wrk(server.h1, 1, WRK_CONNS)
+            t0 = count_lines(tokens_log)
+            log0 = server.log_path.stat().st_size if server.log_path.exists() else 0
+            r, cpu, up_cpu = self.measured(
+                server, lambda: self.wrk(server.h1, self.args.duration, WRK_CONNS))
+            time.sleep(0.1)
+            r["token_requests"] = count_lines(tokens_log) - t0
+            with open(server.log_path, "rb") as f:
+                f.seek(log0)
+                new = f.read().decode(errors="replace")
+            r["log_warnings"] = sum(1 for l in new.splitlines() if " WARN " in l or " ERROR " in l)
+            self.record("refresh", f"token-proxy ({variant} tokens)", w, rnd, r, cpu=cpu,
+                        upstream_cpu=up_cpu, variant=variant, pair=pair)
+        finally:
+            server.stop()
+
+    def record(self, load: str, case: str, w: int, rnd: int, r: dict, **extra) -> None:
+        entry = {"load": load, "case": case, "workers": w, "round": rnd}
+        entry.update({k: v for k, v in r.items() if k != "raw_output"})
+        entry.update(extra)
+        reqs = r.get("requests")
+        if extra.get("cpu") is not None and reqs:
+            entry["cpu_s_per_10k"] = extra["cpu"] / reqs * 10_000
+        if extra.get("upstream_cpu") is not None and reqs:
+            entry["upstream_cpu_s_per_10k"] = extra["upstream_cpu"] / reqs * 10_000
+        if r.get("errors"):
+            msg = (f"{load} {case} w{w} round {rnd}: {r.get('errors')} errors "
+                   f"{r.get('error_text', '')}").strip()
+            self.errors.append(msg)
+            log(f"    ! {msg}")
+        self.raw.append(entry)
+        log("    " + short(entry))
+
+
+def short(e: dict) -> str:
+    bits = [f"{e['load']:<8} {e['case']:<26} w{e['workers']}"]
+    for key, label, f in (("rps", "req/s", "{:.0f}"), ("p50_ms", "p50", "{:.2f}ms"),
+                          ("p99_ms", "p99", "{:.2f}ms"), ("mean_ms", "mean", "{:.2f}ms"),
+                          ("mb_s", "MB/s", "{:.0f}"), ("cpu_s_per_10k", "cpu/10k", "{:.3f}s"),
+                          ("rss_idle_kib", "rss", None), ("rss_peak_kib", "peak", None),
+                          ("rss_held_kib", "held", None), ("errors", "err", "{}")):
+        v = e.get(key)
+        if v is None:
+            continue
+        s = f"{v / 1024:.1f}MiB" if f is None else f.format(v)
+        bits.append(f"{label}={s}")
+    return " ".join(bits)
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def last_upload_length(path: Path, skip: int) -> int | None:
+    try:
+        lines = path.read_text().splitlines()[skip:]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    return int(lines[-1].split()[-1])
+
+
+def read_response(s: socket.socket) -> int:
+    """Sends one keep-alive GET / and reads the whole response; returns the status."""
+    s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            return 0
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    length = int(m.group(1)) if m else 0
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            return 0
+        body += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Output parsing
+# ---------------------------------------------------------------------------------------------
+
+TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+SIZE_UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def to_ms(num: str, unit: str) -> float:
+    return float(num) * TIME_UNITS[unit]
+
+
+def parse_wrk(out: str) -> dict:
+    r: dict = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    r["rps"] = float(m.group(1)) if m else None
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),\s+([\d.]+)([KMGT]?B) read", out)
+    if m:
+        r["requests"] = int(m.group(1))
+        r["elapsed_s"] = to_ms(m.group(2), m.group(3)) / 1e3
+        r["bytes"] = float(m.group(4)) * SIZE_UNITS[m.group(5)]
+        r["mb_s"] = r["bytes"] / 1e6 / r["elapsed_s"]
+    else:
+        r["requests"] = None
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
+        r[f"p{pct}_ms"] = to_ms(m.group(1), m.group(2)) if m else None
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    r["non_2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    r["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    r["errors"] = r["non_2xx"] + r["socket_errors"]
+    if r["rps"] is None:
+        r["errors"] += 1
+        r["error_text"] = "wrk output not understood"
+    elif r["errors"]:
+        r["error_text"] = f"non-2xx {r['non_2xx']}, socket errors {r['socket_errors']}"
+    return r
+
+
+def parse_h2load(out: str) -> dict:
+    r: dict = {"requests": None}
+    m = re.search(r"finished in ([\d.]+)(us|ms|s), ([\d.]+) req/s", out)
+    if m:
+        r["elapsed_s"] = to_ms(m.group(1), m.group(2)) / 1e3
+        r["rps"] = float(m.group(3))
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    if m:
+        total, _, done, ok, failed, errored, timeout = map(int, m.groups())
+        r["requests"] = ok
+        r["failed"] = failed + errored + timeout
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    r["non_2xx"] = sum(int(x) for x in m.groups()[1:]) if m else 0
+    m = re.search(r"traffic: [\d.]+\w* \((\d+)\) total", out)
+    if m and r.get("elapsed_s"):
+        r["bytes"] = int(m.group(1))
+        r["mb_s"] = r["bytes"] / 1e6 / r["elapsed_s"]
+    m = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+"
+                  r"([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)", out)
+    if m:
+        g = m.groups()
+        r["min_ms"], r["max_ms"] = to_ms(g[0], g[1]), to_ms(g[2], g[3])
+        r["mean_ms"], r["sd_ms"] = to_ms(g[4], g[5]), to_ms(g[6], g[7])
+    r["errors"] = r.get("failed", 0) + r["non_2xx"]
+    if r.get("rps") is None or r["requests"] is None:
+        r["errors"] += 1
+        r["error_text"] = "h2load output not understood"
+    elif r["errors"]:
+        r["error_text"] = f"failed {r.get('failed')}, non-2xx {r['non_2xx']}"
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and tables
+# ---------------------------------------------------------------------------------------------
+
+
+def median_of(entries: list[dict]) -> dict:
+    out: dict = {"rounds": len(entries)}
+    keys = {k for e in entries for k in e}
+    for k in keys:
+        vals = [e[k] for e in entries if isinstance(e.get(k), (int, float))
+                and not isinstance(e.get(k), bool) and e.get(k) == e.get(k)]
+        if k in ("round",):
+            continue
+        if k in ("errors", "non_2xx", "socket_errors", "failed", "closed_by_peer",
+                 "token_requests", "log_warnings"):
+            out[k] = sum(vals)  # totals over rounds, not medians
+        elif vals:
+            out[k] = statistics.median(vals)
+        elif k in ("load", "case", "workers", "variant", "pair"):
+            out[k] = entries[0][k]
+    texts = [e["error_text"] for e in entries if e.get("error_text")]
+    if texts:
+        out["error_text"] = " | ".join(texts)
+    return out
+
+
+def aggregate(raw: list[dict]) -> dict:
+    groups: dict = {}
+    for e in raw:
+        groups.setdefault((e["load"], e["case"], e["workers"]), []).append(e)
+    return {key: median_of(v) for key, v in groups.items()}
+
+
+def fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if spec == "mib":
+        return f"{v / 1024:.1f}"
+    if spec == "d":
+        return str(round(v))
+    return format(v, spec)
+
+
+class Table:
+    def __init__(self, title: str, columns: list[tuple[str, str, str]], note: str = ""):
+        self.title, self.columns, self.note = title, columns, note
+        self.rows: list[dict] = []
+
+    def cells(self) -> list[list[str]]:
+        return [[fmt(r.get(k), f) if f != "str" else str(r.get(k, "-")) for _, k, f in
+                 self.columns] for r in self.rows]
+
+    def text(self) -> str:
+        heads = [h for h, _, _ in self.columns]
+        rows = self.cells()
+        widths = [max(len(x) for x in col) for col in zip(heads, *rows)]
+        line = lambda cells: "  ".join(c.ljust(wd) if i == 0 else c.rjust(wd)
+                                       for i, (c, wd) in enumerate(zip(cells, widths)))
+        out = [self.title, line(heads), "  ".join("-" * wd for wd in widths)]
+        out += [line(r) for r in rows]
+        if self.note:
+            out.append(self.note)
+        return "\n".join(out)
+
+    def markdown(self) -> str:
+        heads = [h for h, _, _ in self.columns]
+        out = [f"### {self.title}", "", "| " + " | ".join(heads) + " |",
+               "| " + " | ".join(["---"] + ["---:"] * (len(heads) - 1)) + " |"]
+        out += ["| " + " | ".join(r) + " |" for r in self.cells()]
+        if self.note:
+            out += ["", self.note]
+        return "\n".join(out)
+
+    def as_json(self) -> dict:
+        return {"title": self.title, "columns": [h for h, _, _ in self.columns],
+                "rows": self.cells(), "note": self.note}
+
+
+def sub(a, b):
+    return None if a is None or b is None else a - b
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def rss_ratio(a, b):
+    """Ratio of two RSS increases (KiB), or None when the peer's is under 0.1 MiB (noise)."""
+    return None if b is None or b < 100 else ratio(a, b)
+
+
+def refresh_pairs(raw: list[dict], w: int) -> list[float]:
+    """req/s with 2 s tokens / req/s with 3600 s tokens, for each back-to-back pair."""
+    runs: dict = {}
+    for e in raw:
+        if e["load"] == "refresh" and e["workers"] == w and e.get("rps"):
+            runs.setdefault((e["round"], e["pair"]), {})[e["variant"]] = e["rps"]
+    return [v["2s"] / v["3600s"] for _, v in sorted(runs.items()) if "2s" in v and "3600s" in v]
+
+
+def refresh_summary(agg: dict, raw: list[dict], w: int) -> dict | None:
+    a = agg.get(("refresh", "token-proxy (3600s tokens)", w))
+    b = agg.get(("refresh", "token-proxy (2s tokens)", w))
+    if not a or not b:
+        return None
+    pairs = refresh_pairs(raw, w)
+    rr = statistics.median(pairs) if pairs else None
+    errs = a.get("errors", 0) + b.get("errors", 0)
+    loss = (1 - rr) * 100 if rr is not None else None
+    return {"workers": w, "rps_a": a.get("rps"), "rps_b": b.get("rps"), "ratio": rr,
+            "pairs": len(pairs),
+            "spread": f"{min(pairs):.3f}..{max(pairs):.3f}" if pairs else "-",
+            "loss": loss, "tokens": b.get("token_requests"), "errors": errs,
+            "warnings": a.get("log_warnings", 0) + b.get("log_warnings", 0),
+            "ok": "yes" if loss is not None and loss <= 2 and errs == 0 else "no"}
+
+
+def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int]) -> list[Table]:
+    tables = []
+
+    def rows(load: str):
+        for w in workers:
+            for c in cases:
+                if (load, c, w) in agg:
+                    yield c, w, agg[(load, c, w)]
+
+    def tp(load, w):
+        return agg.get((load, "token-proxy", w), {})
+
+    ratio_note = ("ratio = token-proxy / that row, same load and workers "
+                  "(> 1: token-proxy has more req/s).")
+    cols = [("case", "case", "str"), ("workers", "workers", "d"), ("req/s", "rps", ".0f"),
+            ("p50 ms", "p50_ms", ".2f"), ("p99 ms", "p99_ms", ".2f"), ("MB/s", "mb_s", ".1f"),
+            ("CPU s/10k req", "cpu_s_per_10k", ".3f"), ("RSS idle MiB", "rss_idle_kib", "mib"),
+            ("RSS peak MiB", "rss_peak_kib", "mib"), ("tp/peer req/s", "ratio", ".2f"),
+            ("errors", "errors", "d")]
+    t = Table(f"HTTP/1.1 keep-alive small GETs, {WRK_CONNS} connections (wrk -t1 -c{WRK_CONNS})",
+              cols, ratio_note + " CPU and RSS are the proxy's processes; direct has none.")
+    for c, w, a in rows("h1"):
+        t.rows.append(dict(a, case=c, workers=w, ratio=ratio(tp("h1", w).get("rps"), a.get("rps"))))
+    tables.append(t)
+
+    cols1 = [("case", "case", "str"), ("workers", "workers", "d"), ("req/s", "rps", ".0f"),
+             ("p50 ms", "p50_ms", ".3f"), ("p99 ms", "p99_ms", ".3f"),
+             ("added p50 ms", "added_p50", ".3f"), ("added p99 ms", "added_p99", ".3f"),
+             ("CPU s/10k req", "cpu_s_per_10k", ".3f"), ("tp/peer req/s", "ratio", ".2f"),
+             ("errors", "errors", "d")]
+    t = Table("HTTP/1.1 one connection, one request at a time (wrk -t1 -c1): added latency",
+              cols1, "added = this row minus direct, same workers.")
+    for c, w, a in rows("h1c1"):
+        d = agg.get(("h1c1", "direct", w), {})
+        t.rows.append(dict(a, case=c, workers=w, ratio=ratio(tp("h1c1", w).get("rps"), a.get("rps")),
+                           added_p50=sub(a.get("p50_ms"), d.get("p50_ms")) if c != "direct" else None,
+                           added_p99=sub(a.get("p99_ms"), d.get("p99_ms")) if c != "direct" else None))
+    tables.append(t)
+
+    cols2 = [("case", "case", "str"), ("workers", "workers", "d"), ("req/s", "rps", ".0f"),
+             ("mean ms", "mean_ms", ".2f"), ("max ms", "max_ms", ".2f"), ("MB/s", "mb_s", ".1f"),
+             ("CPU s/10k req", "cpu_s_per_10k", ".3f"), ("RSS idle MiB", "rss_idle_kib", "mib"),
+             ("RSS peak MiB", "rss_peak_kib", "mib"), ("tp/peer req/s", "ratio", ".2f"),
+             ("errors", "errors", "d")]
+    t = Table(f"HTTP/2 cleartext small GETs (h2load -c{WRK_CONNS} -m{H2_STREAMS})", cols2,
+              "h2load reports request time as min/max/mean/sd, not percentiles. "
+              "Proxies forward to the upstream over HTTP/1.1. " + ratio_note)
+    for c, w, a in rows("h2"):
+        t.rows.append(dict(a, case=c, workers=w, ratio=ratio(tp("h2", w).get("rps"), a.get("rps"))))
+    tables.append(t)
+
+    for load, title in (("upload", "256 MiB upload (curl -T, POST /upload)"),
+                        ("download", "256 MiB download (curl, GET /blob)")):
+        colsx = [("case", "case", "str"), ("workers", "workers", "d"), ("MB/s", "mb_s", ".0f"),
+                 ("seconds", "seconds", ".2f"), ("CPU s", "cpu", ".2f"),
+                 ("RSS before MiB", "rss_idle_kib", "mib"), ("RSS peak MiB", "rss_peak_kib", "mib"),
+                 ("RSS increase MiB", "rss_increase_kib", "mib"), ("tp/peer MB/s", "ratio", ".2f"),
+                 ("errors", "errors", "d")]
+        t = Table(title, colsx, "A fresh proxy process per transfer; RSS increase = VmHWM after "
+                  "minus VmRSS before (summed over the peer's processes). MB = 10^6 bytes.")
+        for c, w, a in rows(load):
+            t.rows.append(dict(a, case=c, workers=w,
+                               ratio=ratio(tp(load, w).get("mb_s"), a.get("mb_s"))))
+        if t.rows:
+            tables.append(t)
+
+    colsi = [("case", "case", "str"), ("workers", "workers", "d"),
+             ("RSS idle MiB", "rss_idle_kib", "mib"), (f"RSS with {IDLE_CONNS} conns MiB", "rss_held_kib", "mib"),
+             ("increase MiB", "rss_increase_kib", "mib"), ("KiB/conn", "kib_per_conn", ".1f"),
+             ("tp/peer RSS", "ratio", ".2f"), ("errors", "errors", "d")]
+    t = Table(f"{IDLE_CONNS:,} idle keep-alive client connections (one GET each, then held)", colsi,
+              "tp/peer RSS < 1: token-proxy uses less memory. errors = failed requests + "
+              "connections the proxy closed during the hold.")
+    for c, w, a in rows("idle"):
+        t.rows.append(dict(a, case=c, workers=w,
+                           ratio=ratio(tp("idle", w).get("rss_held_kib"), a.get("rss_held_kib"))))
+    if t.rows:
+        tables.append(t)
+
+    colsr = [("workers", "workers", "d"), ("req/s 3600 s tokens", "rps_a", ".0f"),
+             ("req/s 2 s tokens", "rps_b", ".0f"), ("ratio", "ratio", ".3f"),
+             ("pairs", "pairs", "d"), ("pair ratios", "spread", "str"), ("loss %", "loss", ".1f"),
+             ("token requests (2 s)", "tokens", ".0f"), ("errors", "errors", "d"),
+             ("log warnings", "warnings", "d"), ("target met", "ok", "str")]
+    t = Table("Token refresh under load: the small-GET load with 2-second tokens", colsr,
+              "ratio = median over back-to-back pairs (A B B A in each round) of req/s with 2 s "
+              "tokens / req/s with 3600 s tokens. Target: loss <= 2 % and no error. token "
+              "requests = requests to the token endpoint during all 2 s-token runs.")
+    for w in workers:
+        row = refresh_summary(agg, raw, w)
+        if row:
+            t.rows.append(row)
+    if t.rows:
+        tables.append(t)
+    return tables
+
+
+def targets_table(agg: dict, raw: list[dict], workers: list[int]) -> Table:
+    t = Table("Targets: token-proxy against nginx and direct",
+              [("target", "target", "str"), ("workers", "workers", "d"), ("token-proxy", "tp", "str"),
+               ("nginx", "ng", "str"), ("token-proxy/nginx", "ratio", ".2f")])
+    for w in workers:
+        g = lambda load, case: agg.get((load, case, w), {})
+        tp, ng, dr = g("h1", "token-proxy"), g("h1", "nginx"), g("h1", "direct")
+        tp1, ng1, dr1 = g("h1c1", "token-proxy"), g("h1c1", "nginx"), g("h1c1", "direct")
+        s = lambda v, f: "-" if v is None else format(v, f)
+        m = lambda v: "-" if v is None else f"{v / 1024:.1f} MiB"
+        if tp:
+            t.rows += [
+                {"target": "small GETs req/s (64 conns)", "workers": w, "tp": s(tp.get("rps"), ".0f"),
+                 "ng": s(ng.get("rps"), ".0f"), "ratio": ratio(tp.get("rps"), ng.get("rps"))},
+                {"target": "small GETs p99 ms (64 conns)", "workers": w, "tp": s(tp.get("p99_ms"), ".2f"),
+                 "ng": s(ng.get("p99_ms"), ".2f"), "ratio": ratio(tp.get("p99_ms"), ng.get("p99_ms"))},
+                {"target": "CPU s per 10,000 requests", "workers": w,
+                 "tp": s(tp.get("cpu_s_per_10k"), ".3f"), "ng": s(ng.get("cpu_s_per_10k"), ".3f"),
+                 "ratio": ratio(tp.get("cpu_s_per_10k"), ng.get("cpu_s_per_10k"))},
+            ]
+            if tp1 and dr1:
+                a_tp = sub(tp1.get("p50_ms"), dr1.get("p50_ms"))
+                a_ng = sub(ng1.get("p50_ms"), dr1.get("p50_ms"))
+                t.rows.append({"target": "added p50 latency over direct, 1 conn (ms)", "workers": w,
+                               "tp": s(a_tp, ".3f"), "ng": s(a_ng, ".3f"), "ratio": ratio(a_tp, a_ng)})
+            if dr:
+                a_tp, a_ng = sub(tp.get("p99_ms"), dr.get("p99_ms")), sub(ng.get("p99_ms"), dr.get("p99_ms"))
+                t.rows.append({"target": "added p99 latency over direct, 64 conns (ms)", "workers": w,
+                               "tp": s(a_tp, ".2f"), "ng": s(a_ng, ".2f"), "ratio": ratio(a_tp, a_ng)})
+            t.rows.append({"target": "idle RSS", "workers": w, "tp": m(tp.get("rss_idle_kib")),
+                           "ng": m(ng.get("rss_idle_kib")),
+                           "ratio": ratio(tp.get("rss_idle_kib"), ng.get("rss_idle_kib"))})
+        ti, ni = g("idle", "token-proxy"), g("idle", "nginx")
+        if ti:
+            t.rows.append({"target": f"RSS with {IDLE_CONNS:,} idle keep-alive conns", "workers": w,
+                           "tp": m(ti.get("rss_held_kib")), "ng": m(ni.get("rss_held_kib")),
+                           "ratio": ratio(ti.get("rss_held_kib"), ni.get("rss_held_kib"))})
+        tu, nu = g("upload", "token-proxy"), g("upload", "nginx")
+        if tu:
+            t.rows.append({"target": "RSS increase during a 256 MiB upload", "workers": w,
+                           "tp": m(tu.get("rss_increase_kib")), "ng": m(nu.get("rss_increase_kib")),
+                           "ratio": rss_ratio(tu.get("rss_increase_kib"), nu.get("rss_increase_kib"))})
+        rs = refresh_summary(agg, raw, w)
+        if rs:
+            rr, errs = rs["ratio"], rs["errors"]
+            met = "met" if rs["ok"] == "yes" else "NOT met"
+            t.rows.append({"target": "2 s tokens under load: req/s kept (>= 0.98, no error)",
+                           "workers": w, "tp": f"{rr:.3f}, {errs} errors ({met})",
+                           "ng": "-", "ratio": None})
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Chart
+# ---------------------------------------------------------------------------------------------
+
+
+def write_chart(out: Path, agg: dict, cases: list[str], workers: list[int]) -> Path | None:
+    dat = out / "chart.dat"
+    lines = ["# case " + " ".join(f"rps_w{w}" for w in workers) + " " +
+             " ".join(f"p99ms_w{w}" for w in workers)]
+    for c in cases:
+        rps = [agg.get(("h1", c, w), {}).get("rps") for w in workers]
+        p99 = [agg.get(("h1", c, w), {}).get("p99_ms") for w in workers]
+        if all(v is None for v in rps):
+            continue
+        vals = ["NaN" if v is None else f"{v:.3f}" for v in rps + p99]
+        lines.append(f'"{c}" ' + " ".join(vals))
+    dat.write_text("\n".join(lines) + "\n")
+    terms = subprocess.run(["gnuplot", "-e", "set terminal"], capture_output=True, text=True)
+    term = "pngcairo size 1400,560 font 'Sans,11'" if "pngcairo" in (terms.stdout + terms.stderr) \
+        else "png size 1400,560"
+    png = out / "chart.png"
+    n = len(workers)
+
+    def plot(first: int, label_fmt: str, scale: float = 1.0) -> str:
+        parts = []
+        for i, w in enumerate(workers):
+            title = f"{w} worker{'s' if w > 1 else ''}"
+            src = f"'{dat}'" if i == 0 else "''"
+            xt = ":xtic(1)" if i == 0 else ""
+            parts.append(f"{src} using {first + i}{xt} title '{title}'")
+        # Value labels over the bars: in a clustered histogram with gap 1, bar i of n sits at
+        # x = cluster + (i - (n-1)/2) / (n+1).
+        for i in range(n):
+            off = (i - (n - 1) / 2) / (n + 1)
+            parts.append(f"'' using ($0{off:+.4f}):{first + i}:(sprintf('{label_fmt}', "
+                         f"column({first + i}) / {scale})) with labels offset 0,0.7 font ',9' notitle")
+        return ", ".join(parts)
+
+    gp = out / "chart.gp"
+    gp.write_text(f"""\
+set terminal {term}
+set output '{png}'
+set multiplot layout 1,2 title "token-proxy benchmark: HTTP/1.1 small GETs, {WRK_CONNS} keep-alive connections (wrk), median of rounds, {os.cpu_count()} cores"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set grid ytics
+set key outside bottom center horizontal
+set yrange [0:*]
+set offsets 0, 0, graph 0.08, 0
+set xtics nomirror
+set ytics nomirror
+set title "requests per second (higher is better)"
+set ylabel "req/s"
+set format y "%.0f"
+plot {plot(2, "%.0fk", 1000.0)}
+set title "p99 latency (lower is better)"
+set ylabel "ms"
+set format y "%.1f"
+plot {plot(2 + n, "%.2f")}
+unset multiplot
+""")
+    r = subprocess.run(["gnuplot", str(gp)], capture_output=True, text=True)
+    if r.returncode != 0 or not png.exists() or png.stat().st_size == 0:
+        print(f"warning: chart not written: {r.stderr.strip()}", file=sys.stderr)
+        return None
+    return png
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable: {e}"
+    text = (r.stdout + r.stderr).strip().splitlines()
+    return text[0].strip() if text else ""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="benches/run.py",
+        description="Benchmark token-proxy against direct access, nginx, HAProxy and Caddy on "
+                    "127.0.0.1. Builds the release binary, starts everything it needs, alternates "
+                    "the cases (A B A B) and writes results.json, results.md and chart.png.",
+        epilog="Needs: " + " ".join(TOOL_PACKAGE) + " and cargo. "
+               "Missing tools: apt-get install -y " + " ".join(APT_LINE))
+    p.add_argument("--workers", default="1,2",
+                   help="worker threads/processes for every proxy, comma-separated (default 1,2)")
+    p.add_argument("--duration", type=int, default=5,
+                   help="whole seconds per measured wrk/h2load run (default 5)")
+    p.add_argument("--rounds", type=int, default=2, help="A B A B rounds (default 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 worker, 2 s, 1 round, no 256 MiB or idle-connection cases")
+    p.add_argument("--only", default=",".join(CASES),
+                   help="cases to run, comma-separated, from: " + ",".join(CASES) +
+                        " (default all; the upstream nginx always runs)")
+    p.add_argument("--out", default="target/bench",
+                   help="output directory, relative to the repository (default target/bench)")
+    p.add_argument("--skip-build", action="store_true",
+                   help="use the existing target/release/token-proxy instead of building it")
+    args = p.parse_args(argv)
+    try:
+        args.workers_list = sorted({int(x) for x in args.workers.split(",") if x.strip()})
+    except ValueError:
+        p.error("--workers takes integers such as 1,2")
+    if not args.workers_list or min(args.workers_list) < 1:
+        p.error("--workers must list numbers >= 1")
+    args.cases = [c.strip() for c in args.only.split(",") if c.strip()]
+    bad = [c for c in args.cases if c not in CASES]
+    if bad:
+        p.error(f"unknown case(s) {', '.join(bad)}; choose from {', '.join(CASES)}")
+    args.cases = [c for c in CASES if c in args.cases]  # fixed order
+    if args.quick:
+        args.workers_list, args.duration, args.rounds = [1], 2, 1
+    if args.duration <= 0 or args.rounds < 1:
+        p.error("--duration must be > 0 and --rounds >= 1")
+    return args
+
+
+def preflight(args) -> None:
+    needed = ["wrk", "h2load", "nginx", "curl", "gnuplot"]
+    needed += [c for c in ("haproxy", "caddy") if c in args.cases]
+    missing = [t for t in needed if shutil.which(t) is None]
+    if missing:
+        pkgs = [TOOL_PACKAGE[t] for t in missing]
+        ordered = [p for p in APT_LINE if p in pkgs] + [p for p in pkgs if p not in APT_LINE]
+        print("missing: " + ", ".join(missing) + ". Install with:", file=sys.stderr)
+        print("apt-get install -y " + " ".join(ordered))
+        print("(or leave a missing peer out with --only, e.g. --only direct,token-proxy,nginx)",
+              file=sys.stderr)
+        sys.exit(2)
+    if not args.skip_build and shutil.which("cargo") is None:
+        print("cargo is missing: install Rust (https://rustup.rs), or pass --skip-build",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+def build(args, out: Path) -> tuple[Path, float | None]:
+    built = REPO / "target" / "release" / "token-proxy"
+    secs = None
+    if not args.skip_build:
+        log("$ cargo build --release --locked")
+        t0 = time.time()
+        r = subprocess.run(["cargo", "build", "--release", "--locked"], cwd=REPO)
+        secs = time.time() - t0
+        if r.returncode != 0:
+            print(f"cargo build failed (exit {r.returncode})", file=sys.stderr)
+            sys.exit(1)
+        log(f"  built in {secs:.1f} s")
+    if not built.exists():
+        print(f"{built} does not exist; build it or drop --skip-build", file=sys.stderr)
+        sys.exit(1)
+    # A private copy: a rebuild during the run cannot swap the binary under the benchmark.
+    (out / "bin").mkdir(parents=True, exist_ok=True)
+    copy = out / "bin" / "token-proxy"
+    shutil.copy2(built, copy)
+    REG.temp_paths.append(out / "bin")
+    return copy, secs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preflight(args)
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = REPO / out
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("run", "logs", "configs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    for stale in ("results.json", "results.md", "chart.png", "chart.gp", "chart.dat"):
+        (out / stale).unlink(missing_ok=True)
+
+    atexit.register(REG.cleanup)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = IDLE_CONNS * 4 + 1024
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t_start = time.time()
+    binary, build_secs = build(args, out)
+    bench = Bench(args, out)
+    bench.binary = binary
+
+    cases, workers = args.cases, args.workers_list
+    big = not args.quick
+    log(f"cases: {', '.join(cases)}; workers: {workers}; {args.rounds} round(s) of "
+        f"{args.duration:g} s runs; out: {out}")
+    try:
+        bench.setup(workers, cases)
+        log(f"upstream nginx (1 worker) on 127.0.0.1:{bench.upstream.h1} (h2c :{bench.upstream.h2})")
+        for rnd in range(1, args.rounds + 1):
+            for w in workers:
+                log(f"-- round {rnd}/{args.rounds}, workers {w}")
+                steps = []
+                for c in cases:
+                    steps.append((c, "GET", lambda c=c: bench.run_get(c, w, rnd)))
+                    steps.append((c, "h2c", lambda c=c: bench.run_h2(c, w, rnd)))
+                    if big:
+                        if c != "direct":
+                            steps.append((c, "idle", lambda c=c: bench.run_idle(c, w, rnd)))
+                        steps.append((c, "upload", lambda c=c: bench.run_transfer("upload", c, w, rnd)))
+                        steps.append((c, "download", lambda c=c: bench.run_transfer("download", c, w, rnd)))
+                for c, what, fn in steps:
+                    try:
+                        fn()
+                    except (RuntimeError, OSError) as e:
+                        msg = f"{what} {c} w{w} round {rnd}: {e}"
+                        bench.errors.append(msg)
+                        log(f"    ! {msg}")
+                if "token-proxy" in cases:
+                    # Two pairs per round, A B B A, so that drift within the round cancels;
+                    # the ratio is the median of the pairs' ratios.
+                    for pair, variant in ((1, "3600s"), (1, "2s"), (2, "2s"), (2, "3600s")):
+                        try:
+                            bench.run_refresh(variant, w, rnd, pair)
+                        except (RuntimeError, OSError) as e:
+                            msg = f"refresh {variant} w{w} round {rnd}: {e}"
+                            bench.errors.append(msg)
+                            log(f"    ! {msg}")
+    finally:
+        if bench.upstream:
+            bench.upstream.stop()
+
+    total_secs = time.time() - t_start
+    agg = aggregate(bench.raw)
+    tables = build_tables(agg, bench.raw, cases, workers)
+    if "token-proxy" in cases:
+        tables.append(targets_table(agg, bench.raw, workers))
+    png = write_chart(out, agg, cases, workers)
+
+    versions = {
+        "token-proxy": tool_version([str(binary), "--version"]),
+        "rustc": tool_version(["rustc", "--version"]),
+        "nginx": tool_version(["nginx", "-v"]),
+        "haproxy": tool_version(["haproxy", "-v"]) if shutil.which("haproxy") else None,
+        "caddy": tool_version(["caddy", "version"]) if shutil.which("caddy") else None,
+        "wrk": tool_version(["wrk", "-v"]),
+        "h2load": tool_version(["h2load", "--version"]),
+        "curl": tool_version(["curl", "--version"]),
+        "gnuplot": tool_version(["gnuplot", "--version"]),
+        "python": sys.version.split()[0],
+    }
+    git = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    meta = {
+        "date": started.isoformat(timespec="seconds"),
+        "duration_total_s": round(total_secs, 1),
+        "cargo_build_s": None if build_secs is None else round(build_secs, 1),
+        "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
+                    "cpu": cpu_model(), "mem_total_kib": mem_total()},
+        "git": {"commit": git("rev-parse", "HEAD"),
+                "dirty_files": len(git("status", "--porcelain").splitlines())},
+        "options": {"workers": workers, "duration_s": args.duration, "rounds": args.rounds,
+                    "quick": args.quick, "cases": cases, "wrk_connections": WRK_CONNS,
+                    "h2_streams_per_conn": H2_STREAMS, "idle_connections": IDLE_CONNS,
+                    "transfer_bytes": BLOB_SIZE},
+        "versions": versions,
+        "configs": sorted(str(p.relative_to(out)) for p in (out / "configs").iterdir()),
+    }
+    header = (f"token-proxy benchmark, {meta['date']}, {os.cpu_count()} cores "
+              f"({meta['machine']['cpu']}), workers {workers}, {args.rounds} round(s) of "
+              f"{args.duration:g} s, median over rounds. Total {total_secs / 60:.1f} min.")
+    log("")
+    log(header)
+    for t in tables:
+        log("")
+        log(t.text())
+    if bench.errors:
+        log("")
+        log(f"{len(bench.errors)} problem(s):")
+        for e in bench.errors:
+            log(f"  - {e}")
+
+    results = {"meta": meta, "tables": [t.as_json() for t in tables],
+               "summary": [v for v in agg.values()], "raw": bench.raw, "problems": bench.errors}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = [f"# token-proxy benchmark results", "", header, "",
+          "Figures move from run to run; compare the ratios. Configurations: `configs/`.", ""]
+    for t in tables:
+        md += [t.markdown(), ""]
+    if bench.errors:
+        md += ["### Problems", ""] + [f"- {e}" for e in bench.errors] + [""]
+    if png:
+        md += ["![req/s and p99 per proxy](chart.png)", ""]
+    md += ["Versions: " + "; ".join(f"{k} `{v}`" for k, v in versions.items() if v), ""]
+    (out / "results.md").write_text("\n".join(md))
+    log("")
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}"
+        + (f", {png} ({png.stat().st_size} bytes)" if png else " (no chart)"))
+    log(f"total time {total_secs:.0f} s")
+    return 1 if bench.errors else 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
