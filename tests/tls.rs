@@ -80,14 +80,45 @@ async fn tls_front(pki: &Pki, backend: SocketAddr) -> (SocketAddr, DropGuard) {
     (addr, cancel.drop_guard())
 }
 
+/// The fake IdP and upstream, each also behind TLS with a certificate from a private CA.
+struct TlsStack {
+    ca_file: std::path::PathBuf,
+    idp: token_proxy::demo::DemoServer<token_proxy::demo::IdpState>,
+    api: token_proxy::demo::DemoServer<token_proxy::demo::EchoState>,
+    idp_tls: SocketAddr,
+    api_tls: SocketAddr,
+    _fronts: (DropGuard, DropGuard),
+}
+
+impl TlsStack {
+    async fn start() -> TlsStack {
+        let pki = private_pki();
+        let ca_file = temp_file("ca.pem", &pki.ca_pem);
+        let idp = start_token_endpoint(Duration::from_secs(60)).await;
+        let api = start_upstream(&idp).await;
+        let (idp_tls, g1) = tls_front(&pki, idp.addr()).await;
+        let (api_tls, g2) = tls_front(&pki, api.addr()).await;
+        TlsStack {
+            ca_file,
+            idp,
+            api,
+            idp_tls,
+            api_tls,
+            _fronts: (g1, g2),
+        }
+    }
+}
+
 #[tokio::test]
 async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
-    let pki = private_pki();
-    let ca_file = temp_file("ca.pem", &pki.ca_pem);
-    let idp = start_token_endpoint(Duration::from_secs(60)).await;
-    let api = start_upstream(&idp).await;
-    let (idp_tls, _g1) = tls_front(&pki, idp.addr()).await;
-    let (api_tls, _g2) = tls_front(&pki, api.addr()).await;
+    let TlsStack {
+        ca_file,
+        idp,
+        api,
+        idp_tls,
+        api_tls,
+        _fronts,
+    } = TlsStack::start().await;
     let ca = ca_file.display();
     let text = format!(
         "{}{}",
@@ -152,12 +183,14 @@ async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
 
 #[tokio::test]
 async fn certificates_are_verified_without_the_private_ca() {
-    let pki = private_pki();
-    let ca_file = temp_file("ca.pem", &pki.ca_pem);
-    let idp = start_token_endpoint(Duration::from_secs(60)).await;
-    let api = start_upstream(&idp).await;
-    let (idp_tls, _g1) = tls_front(&pki, idp.addr()).await;
-    let (api_tls, _g2) = tls_front(&pki, api.addr()).await;
+    let TlsStack {
+        ca_file,
+        idp,
+        api,
+        idp_tls,
+        api_tls,
+        _fronts,
+    } = TlsStack::start().await;
 
     // Token endpoint without the CA: the token request fails verification, nothing is sent.
     let text = format!(
