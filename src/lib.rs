@@ -3,7 +3,8 @@
 //!
 //! Modules, in the order data flows (each uses only those before it):
 //!
-//! - [`secret`], [`tls`]: a `Debug`-safe secret string; TLS client settings.
+//! - [`secret`], [`tls`], [`errors`]: a `Debug`-safe secret string; TLS client settings; error
+//!   cause chains.
 //! - [`config`]: TOML -> validated [`config::Config`].
 //! - [`token`]: fetching tokens ([`token::source`]), holding the current one
 //!   ([`token::slot`]) and refreshing it ahead of expiry ([`token::refresh`]).
@@ -22,6 +23,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod errors;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -450,23 +450,15 @@ fn upstream_uri(upstream: &Upstream, target: Option<&PathAndQuery>) -> Result<Ur
 }
 
 fn upstream_error(upstream: &Upstream, e: &hyper_util::client::legacy::Error) -> ProxyError {
-    use std::error::Error as _;
-    let mut cause = String::new();
-    let mut timed_out = false;
-    let mut current = e.source();
-    while let Some(c) = current {
-        if let Some(too_large) = c.downcast_ref::<BodyTooLarge>() {
-            return ProxyError::PayloadTooLarge(too_large.to_string());
-        }
-        if !cause.is_empty() {
-            cause.push_str(": ");
-        }
-        cause.push_str(&c.to_string());
-        timed_out |= c
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        current = c.source();
+    use crate::errors::{cause_text, causes};
+    if let Some(too_large) = causes(e).find_map(|c| c.downcast_ref::<BodyTooLarge>()) {
+        return ProxyError::PayloadTooLarge(too_large.to_string());
     }
+    let timed_out = causes(e).any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    });
+    let cause = cause_text(e);
     if timed_out {
         return ProxyError::UpstreamTimeout(format!(
             "connecting to upstream {} timed out: {cause}",

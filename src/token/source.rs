@@ -332,7 +332,7 @@ impl TokenSource {
                 Ok(Err(e)) => {
                     return Err(TokenError::Unreachable {
                         url: url.into(),
-                        problem: error_chain(&e),
+                        problem: crate::errors::cause_text(&e),
                     })
                 }
                 Ok(Ok(result)) => result?,
@@ -392,23 +392,6 @@ fn basic_auth(client_id: &str, secret: &Secret) -> HeaderValue {
 fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     let secs: u64 = value.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(secs.min(3600)))
-}
-
-/// The error and its causes, without the URL (the caller names it once).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = String::new();
-    let mut current = e.source();
-    while let Some(cause) = current {
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause.to_string());
-        current = cause.source();
-    }
-    if text.is_empty() {
-        text = e.to_string();
-    }
-    text
 }
 
 /// Shortens `text`, removes control characters and any occurrence of the secret.
