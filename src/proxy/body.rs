@@ -1,5 +1,7 @@
-//! The request body as sent upstream: streamed from the client (with an optional size limit)
-//! or, for small bodies that may need a replay after a `401`, buffered.
+//! Bodies on their way through: the request body as sent upstream (streamed from the client
+//! with an optional size limit or, for small bodies that may need a replay after a `401`,
+//! buffered), and the upstream's response body, which hands its pooled connection back once
+//! read to the end.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -7,6 +9,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use super::pool::Checkin;
 
 /// The client sent more than the route's `max_body_bytes`.
 #[derive(Debug, thiserror::Error)]
@@ -88,5 +92,57 @@ impl Body for UpstreamBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
         }
+    }
+}
+
+/// The upstream's response body on its way to the client. When it has been read to the end
+/// its connection goes back to the pool; dropped before that, the connection closes.
+#[derive(Debug)]
+pub struct ResponseBody {
+    inner: Incoming,
+    checkin: Option<Checkin>,
+}
+
+impl ResponseBody {
+    /// `inner`, returning `checkin` to its pool at the end.
+    pub fn new(inner: Incoming, checkin: Option<Checkin>) -> Self {
+        ResponseBody { inner, checkin }
+    }
+
+    fn finish(&mut self) {
+        if let Some(checkin) = self.checkin.take() {
+            checkin.finish();
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            // hyper stops polling a body once it reports its end, so the end is seen as `None`,
+            // as trailers, or as the last frame after which `is_end_stream` holds.
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || self.inner.is_end_stream() => {
+                self.finish()
+            }
+            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

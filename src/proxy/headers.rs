@@ -23,17 +23,30 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether `name` is hop-by-hop by itself (headers named by `Connection` come on top).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == CONNECTION
-        || name == TE
-        || name == TRAILER
-        || name == TRANSFER_ENCODING
-        || name == UPGRADE
-        || name == PROXY_AUTHORIZATION
-        || name == PROXY_AUTHENTICATE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+/// The headers that are hop-by-hop by themselves (those named by `Connection` come on top),
+/// each with the bit [`strip_hop_by_hop`] marks it present with.
+const HOP_BY_HOP: [&HeaderName; 9] = [
+    &CONNECTION,
+    &TE,
+    &TRAILER,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+    &PROXY_AUTHORIZATION,
+    &PROXY_AUTHENTICATE,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+];
+const HAS_CONNECTION: u16 = 1;
+const HAS_TE: u16 = 1 << 1;
+const HAS_TRAILER: u16 = 1 << 2;
+const HAS_UPGRADE: u16 = 1 << 4;
+
+/// The bit of `name` in [`HOP_BY_HOP`], or 0.
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
+    HOP_BY_HOP
+        .iter()
+        .position(|h| *h == name)
+        .map_or(0, |i| 1 << i)
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -48,44 +61,46 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers. `upgrade` keeps `Upgrade` and `Connection: upgrade`;
 /// `streamed` keeps `Trailer`. Returns whether the message's `TE` accepted trailers.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, streamed: bool) -> bool {
-    // Most messages carry none: one pass of cheap name comparisons instead of a hashed
-    // removal per hop-by-hop name.
-    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+    // One pass of cheap name comparisons finds which are present (most messages carry none,
+    // or only `Connection: keep-alive`), so that only those are looked up and removed.
+    let present = headers
+        .keys()
+        .fold(0, |acc, name| acc | hop_by_hop_bit(name));
+    if present == 0 && !upgrade {
         return false;
     }
-    let te_trailers = headers.get_all(TE).iter().any(|v| has_token(v, "trailers"));
-    if headers.contains_key(CONNECTION) {
+    let te_trailers =
+        present & HAS_TE != 0 && headers.get_all(TE).iter().any(|v| has_token(v, "trailers"));
+    if present & HAS_CONNECTION != 0 {
+        // `keep-alive` and `close` are connection options, not fields to look up (a
+        // `Keep-Alive` field goes below anyway): the usual `Connection` value costs nothing.
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !(t.is_empty()
+                    || t.eq_ignore_ascii_case("keep-alive")
+                    || t.eq_ignore_ascii_case("close")
+                    || (upgrade && t.eq_ignore_ascii_case("upgrade")))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
-            if !(upgrade && name == UPGRADE) {
-                headers.remove(&name);
-            }
+            headers.remove(&name);
         }
-        headers.remove(CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &PROXY_AUTHORIZATION,
-        &PROXY_AUTHENTICATE,
-        &TE,
-        &TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
-    }
-    if !streamed {
-        headers.remove(TRAILER);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        let bit = 1 << i;
+        let keep = bit == HAS_UPGRADE && upgrade || bit == HAS_TRAILER && streamed;
+        if present & bit != 0 && !keep {
+            headers.remove(*name);
+        }
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(UPGRADE);
     }
     te_trailers
 }

@@ -3,16 +3,16 @@
 
 pub mod body;
 pub mod headers;
+pub mod pool;
 pub mod service;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 /// Body of a proxied response: the upstream's, streamed, or a small one of the proxy's own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<body::ResponseBody, Full<Bytes>>;
 
 /// An error the proxy answers itself. Each maps to one status and one stable `error` code.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -28,8 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
-use super::body::{BodyTooLarge, UpstreamBody};
+use super::body::{BodyTooLarge, ResponseBody, UpstreamBody};
 use super::headers;
+use super::pool::{self, Checkin, Http1Pool};
 use super::{ProxyBody, ProxyError};
 use crate::config::{Cidr, RouteConfig, Upstream};
 use crate::secret::Secret;
@@ -42,6 +43,14 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
+/// How ordinary (not upgrade) requests reach the upstream.
+enum Forwarder {
+    /// Plain `http`: the per-thread HTTP/1.1 pool, the fast path.
+    Pool(Http1Pool),
+    /// `https`: hyper-util's client, with TLS and ALPN (HTTP/2 when the upstream offers it).
+    Client(Box<UpstreamClient>),
+}
+
 struct Inner {
     upstream: Upstream,
     response_timeout: Duration,
@@ -52,7 +61,7 @@ struct Inner {
     inbound_token: Option<Arc<ArcSwap<Secret>>>,
     allowed_clients: Vec<Cidr>,
     slot: Arc<TokenSlot>,
-    client: UpstreamClient,
+    forwarder: Forwarder,
     upgrade_client: UpstreamClient,
     tunnels: TaskTracker,
     cancel: CancellationToken,
@@ -110,7 +119,17 @@ impl ProxyService {
         cancel: CancellationToken,
     ) -> Result<ProxyService, tls::TlsError> {
         let tls = tls::client_config(route.ca_file.as_deref())?;
-        let client = upstream_client(route, tls.clone(), true);
+        let upstream = &route.upstream;
+        let forwarder = if upstream.scheme == http::uri::Scheme::HTTP {
+            Forwarder::Pool(Http1Pool::new(
+                upstream.authority.host(),
+                upstream.authority.port_u16().unwrap_or(80),
+                route.connect_timeout,
+                POOL_IDLE_TIMEOUT,
+            ))
+        } else {
+            Forwarder::Client(Box::new(upstream_client(route, tls.clone(), true)))
+        };
         // HTTP/1.1 `Upgrade` cannot ride an HTTP/2 connection: upgrades get their own pool.
         let upgrade_client = upstream_client(route, tls, false);
         let inner = Arc::new(Inner {
@@ -126,7 +145,7 @@ impl ProxyService {
                 .map(|t| Arc::new(ArcSwap::from_pointee(t))),
             allowed_clients: route.allowed_clients.clone(),
             slot,
-            client,
+            forwarder,
             upgrade_client,
             tunnels,
             retired: cancel.child_token(),
@@ -257,7 +276,10 @@ impl ProxyService {
             && size.is_some_and(|n| n <= inner.replay_max_body_bytes);
 
         let (mut parts, body) = req.into_parts();
-        parts.uri = upstream_uri(&inner.upstream, parts.uri.path_and_query())?;
+        // The pool speaks to one upstream and sends the origin-form target; hyper-util's
+        // client takes the absolute URI and does the same on the wire.
+        let pooled = !upgrade && matches!(inner.forwarder, Forwarder::Pool(_));
+        parts.uri = upstream_uri(&inner.upstream, parts.uri.path_and_query(), !pooled)?;
         parts.version = Version::HTTP_11;
         headers::prepare_request(
             &mut parts.headers,
@@ -278,34 +300,40 @@ impl ProxyService {
                     })?
                     .to_bytes()
             };
-            let replay = (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-                bytes.clone(),
-            );
+            let replay = Replay {
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                body: bytes.clone(),
+            };
             (UpstreamBody::buffered(bytes), Some(replay))
         } else {
             (UpstreamBody::streamed(body, inner.max_body_bytes), None)
         };
 
-        let client = if upgrade {
-            &inner.upgrade_client
-        } else {
-            &inner.client
+        let sent = self
+            .send(upgrade, Request::from_parts(parts, body), false)
+            .await;
+        let (mut response, mut checkin) = match (sent, &replay) {
+            // A kept-alive connection the upstream had closed as the request went out: send
+            // an idempotent request again on a new connection, as nginx does.
+            (Err(failed), Some(replay)) if failed.stale && replay.method.is_idempotent() => {
+                debug!("pooled upstream connection closed under the request: sending it again");
+                self.send(upgrade, replay.request(None), true)
+                    .await
+                    .map_err(|f| f.error)?
+            }
+            (sent, _) => sent.map_err(|f| f.error)?,
         };
-        let mut response = self.send(client, Request::from_parts(parts, body)).await?;
 
         if response.status() == StatusCode::UNAUTHORIZED {
-            if let Some((method, uri, mut headers, bytes)) = replay {
+            if let Some(replay) = replay {
                 if let Some(fresh) = self.token_after_401(&authorization).await {
-                    headers.insert(http::header::AUTHORIZATION, fresh);
-                    let mut again = Request::new(UpstreamBody::buffered(bytes));
-                    *again.method_mut() = method;
-                    *again.uri_mut() = uri;
-                    *again.headers_mut() = headers;
                     debug!("upstream answered 401: replaying once with a new token");
-                    response = self.send(client, again).await?;
+                    (response, checkin) = self
+                        .send(upgrade, replay.request(Some(fresh)), false)
+                        .await
+                        .map_err(|f| f.error)?;
                 }
             }
         }
@@ -321,7 +349,7 @@ impl ProxyService {
         }
         let streamed = response.body().size_hint().exact().is_none();
         headers::prepare_response(response.headers_mut(), switching, streamed);
-        Ok(response.map(Either::Left))
+        Ok(response.map(|body| Either::Left(ResponseBody::new(body, checkin))))
     }
 
     /// After a 401 to `used`: retire that token (rate limited) and wait for the next one.
@@ -341,21 +369,48 @@ impl ProxyService {
         }
     }
 
-    /// Sends one request upstream, bounded by the response timeout.
+    /// Sends one request upstream (on a new connection if `fresh`), bounded by the response
+    /// timeout. The response comes with its pooled connection, to go back when the body has
+    /// been read.
     async fn send(
         &self,
-        client: &UpstreamClient,
+        upgrade: bool,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        fresh: bool,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailed> {
         let inner = &*self.inner;
-        match tokio::time::timeout(inner.response_timeout, client.request(req)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(upstream_error(&inner.upstream, &e)),
-            Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+        let failed = |error| SendFailed {
+            error,
+            stale: false,
+        };
+        let sent = async {
+            match &inner.forwarder {
+                Forwarder::Pool(pool) if !upgrade => {
+                    pool.send(req, fresh).await.map_err(|e| SendFailed {
+                        stale: matches!(e, pool::SendError::Stale(_)),
+                        error: pool_error(&inner.upstream, &e),
+                    })
+                }
+                Forwarder::Client(client) if !upgrade => client
+                    .request(req)
+                    .await
+                    .map(|r| (r, None))
+                    .map_err(|e| failed(client_error(&inner.upstream, &e))),
+                _ => inner
+                    .upgrade_client
+                    .request(req)
+                    .await
+                    .map(|r| (r, None))
+                    .map_err(|e| failed(client_error(&inner.upstream, &e))),
+            }
+        };
+        match tokio::time::timeout(inner.response_timeout, sent).await {
+            Ok(r) => r,
+            Err(_) => Err(failed(ProxyError::UpstreamTimeout(format!(
                 "upstream {} sent no response within {:.1} s",
                 inner.upstream.url,
                 inner.response_timeout.as_secs_f64()
-            ))),
+            )))),
         }
     }
 
@@ -380,6 +435,35 @@ impl ProxyService {
             }
             .in_current_span(),
         );
+    }
+}
+
+/// A failed send; `stale` when a kept-alive connection turned out closed after the request
+/// went out on it, so that an idempotent request may be sent again.
+struct SendFailed {
+    error: ProxyError,
+    stale: bool,
+}
+
+/// A small request kept whole, to send again after a `401` or on a stale connection.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+impl Replay {
+    /// The request again, with a new `Authorization` if given.
+    fn request(&self, authorization: Option<http::HeaderValue>) -> Request<UpstreamBody> {
+        let mut req = Request::new(UpstreamBody::buffered(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        if let Some(value) = authorization {
+            req.headers_mut().insert(http::header::AUTHORIZATION, value);
+        }
+        req
     }
 }
 
@@ -421,9 +505,13 @@ async fn watch_inbound_token(
     }
 }
 
-/// The upstream URI: the route's scheme and authority, its base path, then the client's path
-/// and query byte for byte. The client's own authority is never used.
-fn upstream_uri(upstream: &Upstream, target: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
+/// The upstream URI: the route's scheme and authority (when `absolute`), its base path, then
+/// the client's path and query byte for byte. The client's own authority is never used.
+fn upstream_uri(
+    upstream: &Upstream,
+    target: Option<&PathAndQuery>,
+    absolute: bool,
+) -> Result<Uri, ProxyError> {
     let target_str = target.map_or("/", PathAndQuery::as_str);
     if !target_str.starts_with('/') {
         return Err(ProxyError::BadRequest(format!(
@@ -441,6 +529,9 @@ fn upstream_uri(upstream: &Upstream, target: Option<&PathAndQuery>) -> Result<Ur
         PathAndQuery::try_from(joined)
             .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?
     };
+    if !absolute {
+        return Ok(Uri::from(path_and_query));
+    }
     let mut parts = Parts::default();
     parts.scheme = Some(upstream.scheme.clone());
     parts.authority = Some(upstream.authority.clone());
@@ -449,14 +540,36 @@ fn upstream_uri(upstream: &Upstream, target: Option<&PathAndQuery>) -> Result<Ur
         .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))
 }
 
-fn upstream_error(upstream: &Upstream, e: &hyper_util::client::legacy::Error) -> ProxyError {
+fn client_error(upstream: &Upstream, e: &hyper_util::client::legacy::Error) -> ProxyError {
+    upstream_error(upstream, e, e.is_connect())
+}
+
+fn pool_error(upstream: &Upstream, e: &pool::SendError) -> ProxyError {
+    let connect = matches!(
+        e,
+        pool::SendError::Connect(_) | pool::SendError::ConnectTimeout(_)
+    );
+    upstream_error(upstream, e, connect)
+}
+
+/// The proxy's answer to a failed exchange with the upstream; `connect` says whether the
+/// connection could not be made at all.
+fn upstream_error(
+    upstream: &Upstream,
+    e: &(dyn std::error::Error + 'static),
+    connect: bool,
+) -> ProxyError {
     use crate::errors::{cause_text, causes};
     if let Some(too_large) = causes(e).find_map(|c| c.downcast_ref::<BodyTooLarge>()) {
         return ProxyError::PayloadTooLarge(too_large.to_string());
     }
-    let timed_out = causes(e).any(|c| {
+    let timed_out = std::iter::once(e).chain(causes(e)).any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || matches!(
+                c.downcast_ref::<pool::SendError>(),
+                Some(pool::SendError::ConnectTimeout(_))
+            )
     });
     let cause = cause_text(e);
     if timed_out {
@@ -465,7 +578,7 @@ fn upstream_error(upstream: &Upstream, e: &hyper_util::client::legacy::Error) ->
             upstream.url
         ));
     }
-    let what = if e.is_connect() {
+    let what = if connect {
         "could not connect to"
     } else {
         "lost the connection to"
@@ -504,17 +617,17 @@ mod tests {
     fn target_is_joined_under_the_base_path_byte_for_byte() {
         let up = upstream("https://api.example.cn/base/");
         let pq = PathAndQuery::from_static("/v1/items%2Fx?a=1&b=%20c&a=2");
-        let uri = upstream_uri(&up, Some(&pq)).unwrap();
+        let uri = upstream_uri(&up, Some(&pq), true).unwrap();
         assert_eq!(
             uri.to_string(),
             "https://api.example.cn/base/v1/items%2Fx?a=1&b=%20c&a=2"
         );
         let plain = upstream("http://127.0.0.1:9000");
         assert_eq!(
-            upstream_uri(&plain, Some(&pq)).unwrap().to_string(),
+            upstream_uri(&plain, Some(&pq), true).unwrap().to_string(),
             "http://127.0.0.1:9000/v1/items%2Fx?a=1&b=%20c&a=2"
         );
-        assert_eq!(upstream_uri(&plain, None).unwrap().path(), "/");
-        assert!(upstream_uri(&plain, Some(&PathAndQuery::from_static("*"))).is_err());
+        assert_eq!(upstream_uri(&plain, None, true).unwrap().path(), "/");
+        assert!(upstream_uri(&plain, Some(&PathAndQuery::from_static("*")), true).is_err());
     }
 }
