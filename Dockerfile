@@ -35,5 +35,10 @@ COPY --from=builder /src/target/release/token-proxy /usr/local/bin/token-proxy
 USER nonroot
 # Route and admin ports of the usual config; inside a container, listen on 0.0.0.0.
 EXPOSE 8080 9901
+# Readiness without a shell: exit 0 when the admin listener's /readyz answers 200. Matches
+# admin_listen = "127.0.0.1:9901" or "0.0.0.0:9901"; with another port, override it at run time
+# (docker run --health-cmd '/usr/local/bin/token-proxy health --url http://127.0.0.1:PORT/readyz').
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/token-proxy", "health"]
 ENTRYPOINT ["/usr/local/bin/token-proxy"]
 CMD ["run", "--config", "/etc/token-proxy/config.toml"]

@@ -477,8 +477,10 @@ def write_token_proxy_conf(out: Path, w: int, h1: int, up: int, token_path: str,
     lifetime = "2 s" if token_path.endswith("-2s") else "3600 s"
     conf.write_text(f"""\
 # token-proxy: one credential on the upstream's token endpoint ({lifetime} tokens), one route to
-# the upstream, no admin listener. Everything else at its default.
+# the upstream, no admin listener, no access log (as every peer runs with `access_log off`).
+# Everything else at its default.
 workers = {w}
+access_log = false
 
 [credentials.bench]
 token_url = "http://127.0.0.1:{up}{token_path}"

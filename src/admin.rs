@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (the process runs) and `/readyz` (every credential holds a
-//! valid token). Neither ever shows a token.
+//! The admin listener: `/healthz` (the process runs), `/readyz` (every credential holds a
+//! valid token) and `/metrics` (Prometheus). None ever shows a token.
 
 use std::convert::Infallible;
 use std::future::{ready, Ready};
@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
 
+use crate::metrics::Metrics;
 use crate::proxy::json_response;
 use crate::token::slot::{SlotState, TokenSlot};
 
@@ -21,12 +22,14 @@ use crate::token::slot::{SlotState, TokenSlot};
 #[derive(Debug, Clone)]
 pub struct AdminService {
     slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl AdminService {
-    /// An admin service reporting on the credentials in `slots` (swapped on reload).
-    pub fn new(slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>) -> Self {
-        AdminService { slots }
+    /// An admin service reporting on the credentials in `slots` (swapped on reload) and on
+    /// `metrics`.
+    pub fn new(slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>, metrics: Arc<Metrics>) -> Self {
+        AdminService { slots, metrics }
     }
 
     /// `/readyz`: status and JSON per credential.
@@ -67,9 +70,19 @@ impl AdminService {
                 let (status, body) = self.readiness();
                 json_response(status, &body)
             }
+            "/metrics" => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
             _ => json_response(
                 StatusCode::NOT_FOUND,
-                &json!({"error": "not_found", "message": "admin endpoints: /healthz, /readyz"}),
+                &json!({"error": "not_found", "message": "admin endpoints: /healthz, /readyz, /metrics"}),
             ),
         }
     }

@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::AdminService;
 use crate::config::{ClientLimits, Config, ConfigError, CredentialConfig, ListenAddr, RouteConfig};
+use crate::metrics::Metrics;
 use crate::proxy::service::ProxyService;
 use crate::server::{self, BoundAddr, Listener};
 use crate::tls::TlsError;
@@ -113,6 +114,7 @@ pub struct Running {
     admin_addr: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     admin_slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>,
+    metrics: Arc<Metrics>,
     limits: ClientLimits,
     permits: Arc<Semaphore>,
     stop_serving: CancellationToken,
@@ -160,15 +162,22 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         ),
         None => None,
     };
+    let admin_slots = Arc::new(ArcSwap::from_pointee(Vec::new()));
+    let permits = Arc::new(Semaphore::new(config.limits.max_connections));
     let mut running = Running {
         source: config.source.clone(),
         credentials: BTreeMap::new(),
         routes: Vec::new(),
         admin_addr: None,
         admin_listen: config.admin_listen,
-        admin_slots: Arc::new(ArcSwap::from_pointee(Vec::new())),
+        metrics: Metrics::new(
+            admin_slots.clone(),
+            permits.clone(),
+            config.limits.max_connections,
+        ),
+        admin_slots,
         limits: config.limits,
-        permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        permits,
         stop_serving: CancellationToken::new(),
         stop_refreshing: CancellationToken::new(),
         serving: TaskTracker::new(),
@@ -180,7 +189,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     if let Some(listener) = admin {
         running.admin_addr = listener.local_addr().ok();
         info!(listen = ?running.admin_addr, "admin listening (/healthz, /readyz)");
-        let service = AdminService::new(running.admin_slots.clone());
+        let service = AdminService::new(running.admin_slots.clone(), running.metrics.clone());
         running.serving.spawn(server::serve(
             listener,
             move |_| (service.clone(), CancellationToken::new()),
@@ -279,14 +288,18 @@ impl Running {
                 }
                 Some(j) => {
                     let stop = self.routes[j].stop.clone();
-                    let service = ProxyService::new(route, slot, self.serving.clone(), stop)
-                        .map_err(tls_err)?;
+                    let metrics = self.metrics.route(&route.name);
+                    let service =
+                        ProxyService::new(route, slot, metrics, self.serving.clone(), stop)
+                            .map_err(tls_err)?;
                     RoutePlan::Update(j, service)
                 }
                 None => {
                     let stop = self.stop_serving.child_token();
-                    let service = ProxyService::new(route, slot, self.serving.clone(), stop)
-                        .map_err(tls_err)?;
+                    let metrics = self.metrics.route(&route.name);
+                    let service =
+                        ProxyService::new(route, slot, metrics, self.serving.clone(), stop)
+                            .map_err(tls_err)?;
                     let listener = Listener::bind(&route.listen, route.socket_mode)
                         .await
                         .map_err(|source| StartError::Bind {

@@ -1,4 +1,5 @@
-//! The command line: `run`, `check`, `token` and `demo`, and the exit codes they end with.
+//! The command line: `run`, `check`, `token`, `demo`, `health`, `completions` and `man`, and
+//! the exit codes they end with.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (a token could not be fetched, an address is in
 //! use); 2 a configuration error (the message names the file, the key and the fix).
@@ -23,10 +24,30 @@ pub struct Cli {
     /// Runtime worker threads (default: the config's `workers`, else one per core).
     #[arg(long, global = true, value_name = "N")]
     pub workers: Option<usize>,
+    /// Log line format on stderr: `text` for people, `json` (one object per line) for log
+    /// pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or filter (e.g. `debug`, `info,token_proxy=debug`); default: `RUST_LOG`,
+    /// else `info`.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The default URL `health` probes: the admin listener of the example configs.
+pub const DEFAULT_HEALTH_URL: &str = "http://127.0.0.1:9901/readyz";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -58,12 +79,34 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: SocketAddr,
     },
+    /// Probe a running token-proxy: exit 0 when its `/readyz` answers 200, else 1 (a Docker
+    /// HEALTHCHECK or Kubernetes exec probe that needs no shell).
+    Health {
+        /// The readiness URL of the admin listener (`admin_listen`).
+        #[arg(long, default_value = DEFAULT_HEALTH_URL, value_name = "URL")]
+        url: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+        timeout: f64,
+    },
+    /// Print a shell completion script to stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `token-proxy man > token-proxy.1`.
+    Man,
 }
 
-/// Installs the log subscriber: `RUST_LOG` or `info`, on stderr. Dependencies are held to
-/// `info` whatever `RUST_LOG` says, since their trace output can carry request bytes.
-fn init_logging() {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the log subscriber on stderr: `--log-level`, else `RUST_LOG`, else `info`.
+/// Dependencies are held to `info` whatever the filter says, since their trace output can
+/// carry request bytes.
+fn init_logging(format: LogFormat, level: Option<&str>) -> Result<(), String> {
+    let mut filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     for dep in [
         "hyper",
         "hyper_util",
@@ -77,11 +120,21 @@ fn init_logging() {
         }
     }
     use std::io::IsTerminal as _;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+    Ok(())
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -93,7 +146,34 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging();
+    if let Err(e) = init_logging(cli.log_format, cli.log_level.as_deref()) {
+        eprintln!("{e}");
+        return ExitCode::from(2);
+    }
+    match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "token-proxy",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            let page = clap_mangen::Man::new(Cli::command());
+            return match page.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cannot write the man page: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let (config, workers) = match &cli.command {
         Command::Run { config } | Command::Check { config } | Command::Token { config, .. } => {
             match load(config) {
@@ -104,7 +184,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(code) => return code,
             }
         }
-        Command::Demo { .. } => (None, cli.workers),
+        _ => (None, cli.workers),
     };
     if workers == Some(0) {
         eprintln!("--workers must be at least 1");
@@ -159,6 +239,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 token(&config, credential.as_deref()).await
             }
             (Command::Demo { listen }, _) => run_demo(listen).await,
+            (Command::Health { url, timeout }, _) => health(&url, timeout).await,
             _ => unreachable!("config is loaded for every command that needs one"),
         }
     });
@@ -211,6 +292,11 @@ async fn check(config: &Config) -> ExitCode {
     }
     let mut failed = false;
     for cred in &config.credentials {
+        println!(
+            "credential {}: authenticates with {}",
+            cred.name,
+            cred.kind()
+        );
         let source = match source_for(config, cred) {
             Ok(s) => s,
             Err(code) => return code,
@@ -268,6 +354,65 @@ async fn token(config: &Config, name: Option<&str>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("credential {}: {e}", cred.name);
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// One GET of `url` over plain HTTP/1.1: exit 0 on 200, 1 on anything else, 2 on a bad URL.
+async fn health(url: &str, timeout: f64) -> ExitCode {
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("--url {url:?}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority().cloned()) else {
+        eprintln!(
+            "--url {url:?}: give an http:// URL of the admin listener, e.g. {DEFAULT_HEALTH_URL}"
+        );
+        return ExitCode::from(2);
+    };
+    let limit = Duration::from_secs_f64(timeout.clamp(0.1, 300.0));
+    let probe = async {
+        let port = authority.port_u16().unwrap_or(80);
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let stream = tokio::net::TcpStream::connect((host, port)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(std::io::Error::other)?;
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(response.status())
+    };
+    match tokio::time::timeout(limit, probe).await {
+        Ok(Ok(status)) if status == http::StatusCode::OK => {
+            println!("{url}: {status}");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => {
+            println!("{url}: {status}: not ready");
+            ExitCode::from(1)
+        }
+        Ok(Err(e)) => {
+            println!("{url}: {e}");
+            ExitCode::from(1)
+        }
+        Err(_) => {
+            println!("{url}: no answer within {timeout} s");
             ExitCode::from(1)
         }
     }

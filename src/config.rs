@@ -16,6 +16,7 @@ use http::HeaderValue;
 use serde::Deserialize;
 use url::Url;
 
+use crate::assertion::{JwtAlgorithm, SigningKeyFiles};
 use crate::secret::Secret;
 
 /// Default seconds before expiry at which a token is refreshed.
@@ -173,6 +174,38 @@ pub enum AuthMethod {
     ClientSecretBasic,
 }
 
+/// What proves the client's identity to the token endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientCredential {
+    /// A client secret, sent as the credential's `auth_method` says.
+    Secret(SecretSource),
+    /// A JWT signed with a certificate's key for each request (RFC 7523 `private_key_jwt`).
+    PrivateKey(SigningKeyFiles),
+    /// A JWT made by someone else (a federated workload identity token), read from this file
+    /// for each request.
+    AssertionFile(PathBuf),
+}
+
+impl CredentialConfig {
+    /// How the client authenticates, as `check` reports it: `client_secret_post`,
+    /// `client_secret_basic`, `private_key_jwt` or `client_assertion_file`.
+    pub fn kind(&self) -> &'static str {
+        match (&self.client_credential, self.auth_method) {
+            (ClientCredential::Secret(_), AuthMethod::ClientSecretPost) => "client_secret_post",
+            (ClientCredential::Secret(_), AuthMethod::ClientSecretBasic) => "client_secret_basic",
+            (ClientCredential::PrivateKey(_), _) => "private_key_jwt",
+            (ClientCredential::AssertionFile(_), _) => "client_assertion_file",
+        }
+    }
+}
+
+/// The public Azure clouds and their authority hosts.
+const AZURE_CLOUDS: [(&str, &str); 3] = [
+    ("china", "https://login.chinacloudapi.cn"),
+    ("global", "https://login.microsoftonline.com"),
+    ("usgov", "https://login.microsoftonline.us"),
+];
+
 /// Where the client secret comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SecretSource {
@@ -191,11 +224,15 @@ pub struct CredentialConfig {
     pub token_url: Url,
     /// The OAuth client id.
     pub client_id: String,
-    /// The OAuth client secret.
-    pub client_secret: SecretSource,
-    /// The `scope` form field, if any.
+    /// The secret, key or assertion that authenticates the client.
+    pub client_credential: ClientCredential,
+    /// The `scope` form field (several scopes space-separated), if any.
     pub scope: Option<String>,
-    /// How the id and secret are sent.
+    /// The `audience` form field, if any.
+    pub audience: Option<String>,
+    /// The `resource` form field (RFC 8707, Entra v1), if any.
+    pub resource: Option<String>,
+    /// How a client secret is sent (post or basic).
     pub auth_method: AuthMethod,
     /// Extra form fields sent with every token request, in key order.
     pub extra_params: Vec<(String, String)>,
@@ -255,6 +292,10 @@ pub struct RouteConfig {
     pub inbound_token_file: Option<PathBuf>,
     /// Only these client networks may connect (empty: any).
     pub allowed_clients: Vec<Cidr>,
+    /// The route's name in logs and metrics (default: its listen address).
+    pub name: String,
+    /// Whether each request gets an access log line (top-level `access_log`).
+    pub access_log: bool,
 }
 
 // ---- raw, as in the file ----
@@ -271,6 +312,7 @@ struct RawConfig {
     max_header_bytes: Option<usize>,
     max_headers: Option<usize>,
     max_connections: Option<usize>,
+    access_log: Option<bool>,
     #[serde(default)]
     credentials: BTreeMap<String, RawCredential>,
     #[serde(default)]
@@ -281,10 +323,17 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawCredential {
     token_url: Option<String>,
+    azure: Option<RawAzure>,
     client_id: Option<String>,
     client_secret: Option<String>,
     client_secret_file: Option<String>,
-    scope: Option<String>,
+    private_key_file: Option<String>,
+    certificate_file: Option<String>,
+    assertion_algorithm: Option<String>,
+    client_assertion_file: Option<String>,
+    scope: Option<Scopes>,
+    audience: Option<String>,
+    resource: Option<String>,
     auth_method: Option<String>,
     #[serde(default)]
     extra_params: BTreeMap<String, String>,
@@ -296,9 +345,37 @@ struct RawCredential {
     allow_insecure_token_url: bool,
 }
 
+/// The keys that say how a client authenticates, taken out of [`RawCredential`].
+struct RawSecretKeys {
+    client_secret: Option<String>,
+    client_secret_file: Option<String>,
+    private_key_file: Option<String>,
+    certificate_file: Option<String>,
+    assertion_algorithm: Option<String>,
+    client_assertion_file: Option<String>,
+}
+
+/// `azure = { cloud = "china", tenant = "…" }`: the token URL of a Microsoft Entra tenant.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAzure {
+    cloud: Option<String>,
+    tenant: Option<String>,
+    authority_host: Option<String>,
+}
+
+/// `scope = "a b"` or `scope = ["a", "b"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scopes {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
+    name: Option<String>,
     listen: Option<String>,
     socket_mode: Option<String>,
     upstream: Option<String>,
@@ -556,7 +633,8 @@ impl Validator<'_> {
 
         let mut routes = Vec::with_capacity(raw.routes.len());
         for (i, r) in raw.routes.into_iter().enumerate() {
-            let route = self.route(i, r, &credentials)?;
+            let mut route = self.route(i, r, &credentials)?;
+            route.access_log = raw.access_log.unwrap_or(true);
             // Port 0 asks the OS for a free port, so it never clashes.
             let port_fixed = route.listen.tcp().is_none_or(|a| a.port() != 0);
             let clash = routes
@@ -646,12 +724,28 @@ impl Validator<'_> {
         raw: RawCredential,
     ) -> Result<CredentialConfig, ConfigError> {
         let k = |field: &str| format!("credentials.{name}.{field}");
-        let url_text = self.required(
-            &k("token_url"),
-            raw.token_url,
-            "token_url = \"https://login.chinacloudapi.cn/<tenant>/oauth2/v2.0/token\"",
-        )?;
-        let token_url = self.http_url(&k("token_url"), &url_text)?;
+        let azure = raw.azure.is_some();
+        let token_url = match (raw.token_url, raw.azure) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    &k("azure"),
+                    "both token_url and azure are set",
+                    "keep one: azure = { cloud = \"china\", tenant = \"…\" } derives the token URL",
+                ))
+            }
+            (Some(text), None) => {
+                let text = self.expand(&k("token_url"), &text)?;
+                self.http_url(&k("token_url"), &text)?
+            }
+            (None, Some(a)) => self.azure_token_url(&k("azure"), a)?,
+            (None, None) => {
+                return Err(self.err(
+                    &k("token_url"),
+                    "is missing",
+                    "add token_url = \"https://login.chinacloudapi.cn/<tenant>/oauth2/v2.0/token\", or azure = { cloud = \"china\", tenant = \"<tenant>\" }",
+                ))
+            }
+        };
         if token_url.scheme() == "http" && !is_local(&token_url) && !raw.allow_insecure_token_url {
             return Err(self.err(
                 &k("token_url"),
@@ -659,57 +753,95 @@ impl Validator<'_> {
                 "use https://, or set allow_insecure_token_url = true on this credential if the network is trusted",
             ));
         }
-        let client_id = self.required(
-            &k("client_id"),
-            raw.client_id,
-            "client_id = \"${CLIENT_ID}\"",
-        )?;
-        let client_secret = match (raw.client_secret, raw.client_secret_file) {
-            (Some(_), Some(_)) => {
-                return Err(self.err(
-                    &k("client_secret"),
-                    "both client_secret and client_secret_file are set",
-                    "keep only one of them",
-                ))
-            }
-            (Some(s), None) => {
-                let s = self.expand(&k("client_secret"), &s)?;
-                if s.is_empty() {
-                    return Err(self.err(&k("client_secret"), "is empty", "set it, e.g. client_secret = \"${CLIENT_SECRET}\""));
-                }
-                SecretSource::Inline(Secret::new(s))
-            }
-            (None, Some(f)) => match self.path(&k("client_secret_file"), Some(f))? {
-                Some(p) => SecretSource::File(p),
-                None => unreachable!("path() returns Some for Some input"),
-            },
-            (None, None) => {
-                return Err(self.err(
-                    &k("client_secret"),
-                    "is missing",
-                    "add client_secret = \"${CLIENT_SECRET}\" or client_secret_file = \"/run/secrets/NAME\"",
-                ))
-            }
+        let client_id = match raw.client_id {
+            Some(id) => self.expand(&k("client_id"), &id)?,
+            None if azure => (self.env)("AZURE_CLIENT_ID").unwrap_or_default(),
+            None => String::new(),
         };
-        let auth_method = match self
-            .optional(&k("auth_method"), raw.auth_method)?
-            .as_deref()
-        {
-            None | Some("client_secret_post") => AuthMethod::ClientSecretPost,
-            Some("client_secret_basic") => AuthMethod::ClientSecretBasic,
-            Some(other) => {
+        if client_id.is_empty() {
+            return Err(self.err(
+                &k("client_id"),
+                "is missing or empty",
+                if azure {
+                    "add client_id = \"${CLIENT_ID}\", or set AZURE_CLIENT_ID (the workload identity webhook does)"
+                } else {
+                    "add client_id = \"${CLIENT_ID}\""
+                },
+            ));
+        }
+        let secret_keys = RawSecretKeys {
+            client_secret: raw.client_secret,
+            client_secret_file: raw.client_secret_file,
+            private_key_file: raw.private_key_file,
+            certificate_file: raw.certificate_file,
+            assertion_algorithm: raw.assertion_algorithm,
+            client_assertion_file: raw.client_assertion_file,
+        };
+        let client_credential = self.client_credential(&k, &secret_keys, azure)?;
+        let auth_method = match (
+            self.optional(&k("auth_method"), raw.auth_method)?.as_deref(),
+            &client_credential,
+        ) {
+            (None | Some("client_secret_post"), ClientCredential::Secret(_)) => {
+                AuthMethod::ClientSecretPost
+            }
+            (Some("client_secret_basic"), ClientCredential::Secret(_)) => {
+                AuthMethod::ClientSecretBasic
+            }
+            (None | Some("private_key_jwt"), ClientCredential::PrivateKey(_))
+            | (None | Some("private_key_jwt"), ClientCredential::AssertionFile(_)) => {
+                AuthMethod::ClientSecretPost
+            }
+            (Some(other), _) => {
                 return Err(self.err(
                     &k("auth_method"),
-                    format!("`{other}` is not a supported method"),
-                    "use \"client_secret_post\" (the default) or \"client_secret_basic\"",
+                    format!("`{other}` does not go with how this credential authenticates"),
+                    "with a client secret use \"client_secret_post\" (the default) or \"client_secret_basic\"; with private_key_file or client_assertion_file leave it out (or \"private_key_jwt\")",
                 ))
             }
         };
-        const RESERVED: [&str; 4] = ["grant_type", "client_id", "client_secret", "scope"];
+        let scope = match raw.scope {
+            None => None,
+            Some(Scopes::One(s)) => Some(self.expand(&k("scope"), &s)?),
+            Some(Scopes::Many(list)) => {
+                let mut joined = Vec::with_capacity(list.len());
+                for (i, s) in list.iter().enumerate() {
+                    let s = self.expand(&format!("{}[{i}]", k("scope")), s)?;
+                    if s.is_empty() || s.contains(' ') {
+                        return Err(self.err(
+                            &format!("{}[{i}]", k("scope")),
+                            format!("{s:?} is not one scope"),
+                            "give each scope as its own string, without spaces",
+                        ));
+                    }
+                    joined.push(s);
+                }
+                Some(joined.join(" "))
+            }
+        }
+        .filter(|s| !s.is_empty());
+        const RESERVED: [&str; 6] = [
+            "grant_type",
+            "client_id",
+            "client_secret",
+            "scope",
+            "client_assertion",
+            "client_assertion_type",
+        ];
+        let audience = self
+            .optional(&k("audience"), raw.audience)?
+            .filter(|s| !s.is_empty());
+        let resource = self
+            .optional(&k("resource"), raw.resource)?
+            .filter(|s| !s.is_empty());
         let mut extra_params = Vec::with_capacity(raw.extra_params.len());
         for (key, value) in raw.extra_params {
             let kk = format!("{}.{key}", k("extra_params"));
-            if RESERVED.contains(&key.as_str()) {
+            // `audience` and `resource` may also come through extra_params (configs from before
+            // they had keys of their own), but not both ways.
+            let twice = (key == "audience" && audience.is_some())
+                || (key == "resource" && resource.is_some());
+            if RESERVED.contains(&key.as_str()) || twice {
                 return Err(self.err(
                     &kk,
                     format!("`{key}` is set by token-proxy itself"),
@@ -720,9 +852,9 @@ impl Validator<'_> {
             extra_params.push((key, value));
         }
         Ok(CredentialConfig {
-            scope: self
-                .optional(&k("scope"), raw.scope)?
-                .filter(|s| !s.is_empty()),
+            scope,
+            audience,
+            resource,
             ca_file: self.path(&k("ca_file"), raw.ca_file)?,
             token_timeout: self.secs(
                 &k("token_timeout_secs"),
@@ -742,10 +874,154 @@ impl Validator<'_> {
             name,
             token_url,
             client_id,
-            client_secret,
+            client_credential,
             auth_method,
             extra_params,
         })
+    }
+
+    /// The token URL of `azure = { cloud, tenant, authority_host }`, with the tenant and the
+    /// authority host taken from `AZURE_TENANT_ID` and `AZURE_AUTHORITY_HOST` when left out.
+    fn azure_token_url(&self, key: &str, raw: RawAzure) -> Result<Url, ConfigError> {
+        let tenant = match raw.tenant {
+            Some(t) => self.expand(&format!("{key}.tenant"), &t)?,
+            None => (self.env)("AZURE_TENANT_ID").unwrap_or_default(),
+        };
+        if tenant.is_empty()
+            || !tenant
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(self.err(
+                &format!("{key}.tenant"),
+                format!("{tenant:?} is not a tenant id or domain"),
+                "set tenant = \"<tenant id>\" in azure = { … }, or AZURE_TENANT_ID",
+            ));
+        }
+        let host = match (raw.authority_host, raw.cloud) {
+            (Some(h), _) => self.expand(&format!("{key}.authority_host"), &h)?,
+            (None, Some(cloud)) => {
+                let cloud = self.expand(&format!("{key}.cloud"), &cloud)?;
+                match AZURE_CLOUDS.iter().find(|(name, _)| *name == cloud) {
+                    Some((_, host)) => (*host).to_string(),
+                    None => {
+                        return Err(self.err(
+                            &format!("{key}.cloud"),
+                            format!("`{cloud}` is not a known Azure cloud"),
+                            "use \"china\" (login.chinacloudapi.cn), \"global\" (login.microsoftonline.com) or \"usgov\" (login.microsoftonline.us), or give authority_host",
+                        ))
+                    }
+                }
+            }
+            (None, None) => match (self.env)("AZURE_AUTHORITY_HOST").filter(|h| !h.is_empty()) {
+                Some(h) => h,
+                None => {
+                    return Err(self.err(
+                        &format!("{key}.cloud"),
+                        "is missing (and AZURE_AUTHORITY_HOST is not set)",
+                        "add cloud = \"china\", \"global\" or \"usgov\"",
+                    ))
+                }
+            },
+        };
+        let text = format!("{}/{tenant}/oauth2/v2.0/token", host.trim_end_matches('/'));
+        self.http_url(&format!("{key}.authority_host"), &text)
+    }
+
+    /// The one way the client proves its identity: a secret (inline or file), a signing
+    /// key with its certificate, or an assertion file (with `azure`, `AZURE_FEDERATED_TOKEN_FILE`
+    /// when none is given).
+    fn client_credential(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        raw: &RawSecretKeys,
+        azure: bool,
+    ) -> Result<ClientCredential, ConfigError> {
+        let given: Vec<&str> = [
+            ("client_secret", raw.client_secret.is_some()),
+            ("client_secret_file", raw.client_secret_file.is_some()),
+            ("private_key_file", raw.private_key_file.is_some()),
+            ("client_assertion_file", raw.client_assertion_file.is_some()),
+        ]
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| *name)
+        .collect();
+        if given.len() > 1 {
+            return Err(self.err(
+                &k(given[1]),
+                format!("{} are all set", given.join(" and ")),
+                "keep exactly one way to authenticate the client",
+            ));
+        }
+        if raw.private_key_file.is_none()
+            && (raw.certificate_file.is_some() || raw.assertion_algorithm.is_some())
+        {
+            return Err(self.err(
+                &k("private_key_file"),
+                "is missing, but certificate_file or assertion_algorithm is set",
+                "add private_key_file = \"/path/key.pem\" (the certificate's private key)",
+            ));
+        }
+        if let Some(s) = &raw.client_secret {
+            let s = self.expand(&k("client_secret"), s)?;
+            if s.is_empty() {
+                return Err(self.err(
+                    &k("client_secret"),
+                    "is empty",
+                    "set it, e.g. client_secret = \"${CLIENT_SECRET}\"",
+                ));
+            }
+            return Ok(ClientCredential::Secret(SecretSource::Inline(Secret::new(
+                s,
+            ))));
+        }
+        if let Some(p) = self.path(&k("client_secret_file"), raw.client_secret_file.clone())? {
+            return Ok(ClientCredential::Secret(SecretSource::File(p)));
+        }
+        if let Some(key_file) = self.path(&k("private_key_file"), raw.private_key_file.clone())? {
+            let certificate_file = self
+                .path(&k("certificate_file"), raw.certificate_file.clone())?
+                .ok_or_else(|| {
+                    self.err(
+                        &k("certificate_file"),
+                        "is missing",
+                        "add certificate_file = \"/path/cert.pem\": its thumbprint names the key to the identity provider",
+                    )
+                })?;
+            let algorithm =
+                match self.optional(&k("assertion_algorithm"), raw.assertion_algorithm.clone())? {
+                    None => JwtAlgorithm::Rs256,
+                    Some(a) => JwtAlgorithm::parse(&a).ok_or_else(|| {
+                        self.err(
+                            &k("assertion_algorithm"),
+                            format!("`{a}` is not supported"),
+                            "use \"RS256\" (the default) or \"PS256\"",
+                        )
+                    })?,
+                };
+            let files = SigningKeyFiles {
+                key_file,
+                certificate_file,
+                algorithm,
+            };
+            crate::assertion::SigningKey::load(&files)
+                .map_err(|problem| self.err(&k("private_key_file"), problem, "give a PEM RSA private key (2048 bits or more) and the PEM certificate registered for the application"))?;
+            return Ok(ClientCredential::PrivateKey(files));
+        }
+        let assertion_file = match raw.client_assertion_file.clone() {
+            Some(f) => Some(f),
+            None if azure => (self.env)("AZURE_FEDERATED_TOKEN_FILE").filter(|f| !f.is_empty()),
+            None => None,
+        };
+        if let Some(p) = self.path(&k("client_assertion_file"), assertion_file)? {
+            return Ok(ClientCredential::AssertionFile(p));
+        }
+        Err(self.err(
+            &k("client_secret"),
+            "is missing: the credential has no way to authenticate",
+            "add client_secret = \"${CLIENT_SECRET}\", client_secret_file, private_key_file + certificate_file, or client_assertion_file (AZURE_FEDERATED_TOKEN_FILE with azure = { … })",
+        ))
     }
 
     fn http_url(&self, key: &str, text: &str) -> Result<Url, ConfigError> {
@@ -919,6 +1195,8 @@ impl Validator<'_> {
             inbound_token,
             inbound_token_file,
             allowed_clients,
+            name: raw.name.unwrap_or(listen_text),
+            access_log: true,
         })
     }
 
@@ -1033,7 +1311,9 @@ credential = "api"
         let c = parse(GOOD).unwrap();
         let cred = &c.credentials[0];
         assert_eq!(cred.client_id, "my-id");
-        assert!(matches!(&cred.client_secret, SecretSource::Inline(s) if s.expose() == "s3cr3t"));
+        assert!(
+            matches!(&cred.client_credential, ClientCredential::Secret(SecretSource::Inline(s)) if s.expose() == "s3cr3t")
+        );
         assert_eq!(
             cred.extra_params,
             vec![("Type".to_string(), "oauth2".to_string())]
@@ -1235,6 +1515,98 @@ credential = "api"
         let e = parse(&GOOD.replace("scope =", "client_secret_file = \"/x\"\nscope ="))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("keep only one"), "{e}");
+        assert!(e.contains("keep exactly one way"), "{e}");
+    }
+
+    fn azure_cred(cred: &str) -> String {
+        format!(
+            "[credentials.api]\n{cred}\n[[routes]]\nlisten = \"127.0.0.1:8080\"\nupstream = \"https://api.example.cn\"\ncredential = \"api\"\n"
+        )
+    }
+
+    #[test]
+    fn azure_derives_the_token_url_per_cloud_and_reads_the_workload_identity_env() {
+        let c = parse(&azure_cred(
+            "azure = { cloud = \"china\", tenant = \"contoso.partner.onmschina.cn\" }\nclient_id = \"id\"\nclient_secret = \"s\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.credentials[0].token_url.as_str(),
+            "https://login.chinacloudapi.cn/contoso.partner.onmschina.cn/oauth2/v2.0/token"
+        );
+        assert_eq!(c.credentials[0].kind(), "client_secret_post");
+        for (cloud, host) in [
+            ("global", "login.microsoftonline.com"),
+            ("usgov", "login.microsoftonline.us"),
+        ] {
+            let c = parse(&azure_cred(&format!(
+                "azure = {{ cloud = \"{cloud}\", tenant = \"t\" }}\nclient_id = \"id\"\nclient_secret = \"s\""
+            )))
+            .unwrap();
+            assert_eq!(
+                c.credentials[0].token_url.as_str(),
+                format!("https://{host}/t/oauth2/v2.0/token")
+            );
+        }
+
+        // AKS workload identity: nothing but `azure = {}`; the webhook's variables do the rest.
+        let token_file = std::env::temp_dir().join(format!("tp-fed-{}", std::process::id()));
+        std::fs::write(&token_file, "eyJ.fake.jwt").unwrap();
+        let file = token_file.display().to_string();
+        let env = |name: &str| match name {
+            "AZURE_CLIENT_ID" => Some("wi-client".to_string()),
+            "AZURE_TENANT_ID" => Some("wi-tenant".to_string()),
+            "AZURE_AUTHORITY_HOST" => Some("https://login.chinacloudapi.cn/".to_string()),
+            "AZURE_FEDERATED_TOKEN_FILE" => Some(file.clone()),
+            _ => None,
+        };
+        let c = Config::parse(&azure_cred("azure = {}"), "test.toml", &env).unwrap();
+        let cred = &c.credentials[0];
+        assert_eq!(cred.client_id, "wi-client");
+        assert_eq!(
+            cred.token_url.as_str(),
+            "https://login.chinacloudapi.cn/wi-tenant/oauth2/v2.0/token"
+        );
+        assert_eq!(cred.kind(), "client_assertion_file");
+        assert_eq!(
+            cred.client_credential,
+            ClientCredential::AssertionFile(token_file.clone())
+        );
+        std::fs::remove_file(&token_file).unwrap();
+    }
+
+    #[test]
+    fn credential_kind_errors_name_the_key_and_the_fix() {
+        let cases = [
+            ("azure = { cloud = \"mars\", tenant = \"t\" }\nclient_id = \"i\"\nclient_secret = \"s\"", "credentials.api.azure.cloud", "china"),
+            ("azure = { cloud = \"china\" }\nclient_id = \"i\"\nclient_secret = \"s\"", "credentials.api.azure.tenant", "AZURE_TENANT_ID"),
+            ("token_url = \"https://t/\"\nazure = { cloud = \"china\", tenant = \"t\" }\nclient_id = \"i\"\nclient_secret = \"s\"", "credentials.api.azure", "keep one"),
+            ("azure = { cloud = \"china\", tenant = \"t\" }\nclient_secret = \"s\"", "credentials.api.client_id", "AZURE_CLIENT_ID"),
+            ("token_url = \"https://t/\"\nclient_id = \"i\"", "credentials.api.client_secret", "private_key_file"),
+            ("token_url = \"https://t/\"\nclient_id = \"i\"\nclient_secret = \"s\"\ncertificate_file = \"/c.pem\"", "credentials.api.private_key_file", "private key"),
+            ("token_url = \"https://t/\"\nclient_id = \"i\"\nclient_secret = \"s\"\nauth_method = \"private_key_jwt\"", "credentials.api.auth_method", "client_secret_post"),
+            ("token_url = \"https://t/\"\nclient_id = \"i\"\nclient_secret = \"s\"\nscope = [\"a\", \"b c\"]", "credentials.api.scope[1]", "own string"),
+            ("token_url = \"https://t/\"\nclient_id = \"i\"\nclient_secret = \"s\"\nresource = \"r\"\nextra_params = { resource = \"r\" }", "credentials.api.extra_params.resource", "own `resource` key"),
+        ];
+        for (cred, key, fix) in cases {
+            let e = parse(&azure_cred(cred)).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.to_string().contains(fix), "{e}");
+        }
+    }
+
+    #[test]
+    fn several_scopes_audience_and_resource() {
+        let c = parse(&azure_cred(
+            "token_url = \"https://t/\"\nclient_id = \"i\"\nclient_secret = \"s\"\nscope = [\"api.read\", \"api.write\"]\naudience = \"urn:aud\"\nextra_params = { resource = \"https://r/\" }",
+        ))
+        .unwrap();
+        let cred = &c.credentials[0];
+        assert_eq!(cred.scope.as_deref(), Some("api.read api.write"));
+        assert_eq!(cred.audience.as_deref(), Some("urn:aud"));
+        assert_eq!(
+            cred.extra_params,
+            vec![("resource".to_string(), "https://r/".to_string())]
+        );
     }
 }

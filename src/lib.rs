@@ -3,13 +3,14 @@
 //!
 //! Modules, in the order data flows (each uses only those before it):
 //!
-//! - [`secret`], [`tls`], [`errors`]: a `Debug`-safe secret string; TLS client settings; error
-//!   cause chains.
+//! - [`secret`], [`tls`], [`errors`], [`assertion`]: a `Debug`-safe secret string; TLS client
+//!   settings; error cause chains; signed JWT client assertions.
 //! - [`config`]: TOML -> validated [`config::Config`].
 //! - [`token`]: fetching tokens ([`token::source`]), holding the current one
 //!   ([`token::slot`]) and refreshing it ahead of expiry ([`token::refresh`]).
-//! - [`proxy`]: the request path: header hygiene and the per-route service.
-//! - [`server`], [`admin`]: listeners with graceful drain; `/healthz` and `/readyz`.
+//! - [`metrics`]: lock-free counters the request path records, encoded for Prometheus.
+//! - [`proxy`]: the request path: header hygiene, the upstream pool and the per-route service.
+//! - [`server`], [`admin`]: listeners with graceful drain; `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: wiring, task ownership and shutdown.
 //! - [`demo`], [`cli`]: the embedded demo (also the tests' fakes) and the command line.
 //!
@@ -20,10 +21,12 @@
 
 pub mod admin;
 pub mod app;
+pub mod assertion;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod errors;
+pub mod metrics;
 pub mod proxy;
 pub mod secret;
 pub mod server;

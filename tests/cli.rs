@@ -264,3 +264,106 @@ async fn demo_subcommand_serves_the_echo_api_through_the_proxy() {
     proc.signal("TERM");
     assert_eq!(proc.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_metrics_and_the_health_probe() {
+    let idp = start_token_endpoint(Duration::from_secs(3600)).await;
+    let api = start_upstream(&idp).await;
+    let (port, admin) = (free_port(), free_port());
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    // Nothing listens yet: the probe fails.
+    let out = cli(&["health", "--url", &readyz, "--timeout", "1"], &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+
+    let config = format!(
+        "admin_listen = \"127.0.0.1:{admin}\"\n[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n\n\
+         [[routes]]\nname = \"main\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://{}/api\"\ncredential = \"api\"\n",
+        demo::token_url(&idp),
+        api.addr()
+    );
+    let path = temp_file("observed.toml", &config);
+    let mut proxy = Process::run_args(
+        &path,
+        &["--workers", "2", "--log-format", "json"],
+        "info",
+        &[],
+    );
+    let addr = ([127, 0, 0, 1], port).into();
+    wait_listening(addr, Duration::from_secs(10)).await;
+    let mut ready = false;
+    for _ in 0..100 {
+        if cli(&["health", "--url", &readyz], &[]).await.status.code() == Some(0) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "health never exited 0: {}", proxy.stderr());
+
+    for i in 0..5 {
+        let reply = get(addr, &format!("/items/{i}?sig=query-secret-{i}")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let metrics = get(([127, 0, 0, 1], admin).into(), "/metrics").await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let metrics = text(&metrics.body);
+    for line in [
+        r#"token_proxy_requests_total{route="main",method="GET",status="2xx"} 5"#,
+        r#"token_proxy_request_duration_seconds_count{route="main"} 5"#,
+        r#"token_proxy_token_fetches_total{credential="api",outcome="ok"} 1"#,
+        r#"token_proxy_token_fetches_in_flight{credential="api"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let stderr = proxy.stderr();
+    let access: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+        })
+        .filter(|v| v["target"] == "token_proxy::access")
+        .collect();
+    assert_eq!(access.len(), 5, "{stderr}");
+    for (i, line) in access.iter().enumerate() {
+        assert_eq!(line["route"], "main");
+        assert_eq!(line["method"], "GET");
+        assert_eq!(line["path"], format!("/items/{i}"));
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["complete"], true);
+        assert!(line["bytes"].as_u64().unwrap() > 0, "{line}");
+        assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    }
+    assert!(
+        !stderr.contains("query-secret"),
+        "query strings are never logged"
+    );
+    for token in idp.state().tokens.all() {
+        assert!(!stderr.contains(&token) && !metrics.contains(&token));
+    }
+}
+
+#[tokio::test]
+async fn completions_and_man_page_come_from_the_cli_definition() {
+    let out = cli(&["completions", "bash"], &[]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let script = text(&out.stdout);
+    assert!(
+        script.contains("token-proxy") && script.contains("health"),
+        "{script}"
+    );
+    let out = cli(&["man"], &[]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let page = text(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH token-proxy"),
+        "{page}"
+    );
+    assert!(
+        page.contains("health") && page.contains("\\-\\-log\\-format"),
+        "{page}"
+    );
+}

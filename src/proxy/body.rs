@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::access::Access;
 use super::pool::Checkin;
 
 /// The client sent more than the route's `max_body_bytes`.
@@ -96,22 +97,46 @@ impl Body for UpstreamBody {
 }
 
 /// The upstream's response body on its way to the client. When it has been read to the end
-/// its connection goes back to the pool; dropped before that, the connection closes.
+/// its connection goes back to the pool; dropped before that, the connection closes. When
+/// it is dropped, its request's [`Access`] record is finished.
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: Incoming,
     checkin: Option<Checkin>,
+    access: Option<(Access, http::StatusCode)>,
+    bytes: u64,
+    ended: bool,
 }
 
 impl ResponseBody {
     /// `inner`, returning `checkin` to its pool at the end.
     pub fn new(inner: Incoming, checkin: Option<Checkin>) -> Self {
-        ResponseBody { inner, checkin }
+        ResponseBody {
+            inner,
+            checkin,
+            access: None,
+            bytes: 0,
+            ended: false,
+        }
+    }
+
+    /// Finishes `access` for a response of `status` when this body is done.
+    pub fn finish_with(&mut self, access: Access, status: http::StatusCode) {
+        self.access = Some((access, status));
     }
 
     fn finish(&mut self) {
+        self.ended = true;
         if let Some(checkin) = self.checkin.take() {
             checkin.finish();
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some((access, status)) = self.access.take() {
+            access.finish(status, self.bytes, self.ended || self.inner.is_end_stream());
         }
     }
 }
@@ -125,6 +150,11 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.bytes += data.len() as u64;
+            }
+        }
         match &polled {
             // hyper stops polling a body once it reports its end, so the end is seen as `None`,
             // as trailers, or as the last frame after which `is_end_stream` holds.

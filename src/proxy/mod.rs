@@ -1,6 +1,7 @@
 //! The request path: a client request becomes an upstream request with the token stamped on,
 //! and the upstream's response (or the proxy's own JSON error) goes back.
 
+pub mod access;
 pub mod body;
 pub mod headers;
 pub mod pool;

@@ -36,7 +36,7 @@ use tracing::debug;
 use super::body::UpstreamBody;
 
 /// Idle connections kept per thread and route; more are closed when they come back.
-const MAX_IDLE_PER_THREAD: usize = 256;
+const MAX_IDLE_PER_THREAD: usize = 1024;
 
 /// Marks a connection that is checked out (not idle).
 const IN_USE: u64 = u64::MAX;

@@ -28,11 +28,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
+use super::access::Access;
 use super::body::{BodyTooLarge, ResponseBody, UpstreamBody};
 use super::headers;
 use super::pool::{self, Checkin, Http1Pool};
 use super::{ProxyBody, ProxyError};
 use crate::config::{Cidr, RouteConfig, Upstream};
+use crate::metrics::RouteMetrics;
 use crate::secret::Secret;
 use crate::tls;
 use crate::token::slot::TokenSlot;
@@ -52,6 +54,8 @@ enum Forwarder {
 }
 
 struct Inner {
+    metrics: Arc<RouteMetrics>,
+    access_log: bool,
     upstream: Upstream,
     response_timeout: Duration,
     token_wait: Duration,
@@ -115,6 +119,7 @@ impl ProxyService {
     pub fn new(
         route: &RouteConfig,
         slot: Arc<TokenSlot>,
+        metrics: Arc<RouteMetrics>,
         tunnels: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<ProxyService, tls::TlsError> {
@@ -133,6 +138,8 @@ impl ProxyService {
         // HTTP/1.1 `Upgrade` cannot ride an HTTP/2 connection: upgrades get their own pool.
         let upgrade_client = upstream_client(route, tls, false);
         let inner = Arc::new(Inner {
+            metrics,
+            access_log: route.access_log,
             upstream: route.upstream.clone(),
             response_timeout: route.response_timeout,
             token_wait: route.token_wait,
@@ -182,18 +189,31 @@ impl ProxyService {
 
     /// Handles one request; never fails (errors become JSON responses).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        // Cheap clones (reference counts), kept for the log line.
-        let method = req.method().clone();
-        let uri = req.uri().clone();
-        let started = Instant::now();
+        // Cheap clones (reference counts), kept for the record written at the end.
+        let access = Access::new(
+            self.inner.metrics.clone(),
+            self.inner.access_log,
+            req.method().clone(),
+            req.uri().clone(),
+        );
         match self.forward(req).await {
-            Ok(response) => {
-                debug!(%method, path = uri.path(), status = response.status().as_u16(), elapsed_ms = started.elapsed().as_secs_f64() * 1e3, "proxied");
+            Ok(mut response) => {
+                let status = response.status();
+                match response.body_mut() {
+                    Either::Left(body) => body.finish_with(access, status),
+                    Either::Right(body) => {
+                        access.finish(status, body.size_hint().exact().unwrap_or(0), true)
+                    }
+                }
                 response
             }
             Err(e) => {
-                warn!(%method, path = uri.path(), error = e.code(), message = %e, "request failed");
-                e.to_response()
+                warn!(route = self.inner.metrics.name(), error = e.code(), message = %e, "request failed");
+                self.inner.metrics.error(e.code());
+                let response = e.to_response();
+                let bytes = response.body().size_hint().exact().unwrap_or(0);
+                access.finish(response.status(), bytes, true);
+                response
             }
         }
     }
@@ -330,6 +350,7 @@ impl ProxyService {
             if let Some(replay) = replay {
                 if let Some(fresh) = self.token_after_401(&authorization).await {
                     debug!("upstream answered 401: replaying once with a new token");
+                    inner.metrics.replay_401();
                     (response, checkin) = self
                         .send(upgrade, replay.request(Some(fresh)), false)
                         .await

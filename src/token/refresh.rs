@@ -136,6 +136,7 @@ pub async fn run<S: FetchToken>(
                     next = fail(&slot, &e, failures, &mut last_logged);
                     continue;
                 };
+                slot.count_fetch("ok");
                 slot.store(token);
                 failures = 0;
                 last_logged = None;
@@ -175,6 +176,7 @@ fn fail(
         // A transient failure with a token still valid: retry while it still is, if possible.
         delay = delay.min((left / 2).max(MIN_RETRY_BEFORE_EXPIRY));
     }
+    slot.count_fetch(&e.outcome());
     let text = e.to_string();
     let retry_in_secs = delay.as_secs_f64();
     // Compare by kind, not text: Azure puts a fresh trace id and timestamp in every answer.

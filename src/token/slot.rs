@@ -67,6 +67,8 @@ pub struct TokenSlot {
     /// When an upstream `401` last invalidated a token (ms since `born`, 0: never).
     last_invalidation_ms: std::sync::atomic::AtomicU64,
     born: Instant,
+    /// Token requests by outcome, for `/metrics` (written by the refresher only).
+    fetches: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl TokenSlot {
@@ -83,6 +85,7 @@ impl TokenSlot {
             next_attempt_ms: std::sync::atomic::AtomicU64::new(0),
             last_invalidation_ms: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
+            fetches: Default::default(),
         }
     }
 
@@ -114,6 +117,29 @@ impl TokenSlot {
             Some(t) if t.is_valid_at(now) => (SlotState::Valid, Some(t.expires_at() - now), error),
             Some(_) => (SlotState::Expired, Some(Duration::ZERO), error),
         }
+    }
+
+    /// Counts a finished token request by `outcome` (`ok`, `http_401`, ...). Called by the
+    /// refresher only, off the request path.
+    pub fn count_fetch(&self, outcome: &str) {
+        let mut fetches = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
+        match fetches.get_mut(outcome) {
+            Some(n) => *n += 1,
+            None => {
+                fetches.insert(outcome.to_string(), 1);
+            }
+        }
+    }
+
+    /// Token requests so far, by outcome.
+    pub fn fetch_counts(&self) -> Vec<(String, u64)> {
+        let fetches = self.fetches.lock().unwrap_or_else(|e| e.into_inner());
+        fetches.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Whether a token request is in flight.
+    pub fn is_fetching(&self) -> bool {
+        self.fetching.load(Ordering::SeqCst)
     }
 
     /// Marks a token request as in flight. Called by the refresher only.

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
@@ -12,7 +12,8 @@ use http::{HeaderValue, StatusCode};
 use tokio::time::Instant;
 use url::Url;
 
-use crate::config::{AuthMethod, CredentialConfig, SecretSource};
+use crate::assertion::{SigningKey, ASSERTION_TYPE};
+use crate::config::{AuthMethod, ClientCredential, CredentialConfig, SecretSource};
 use crate::secret::Secret;
 use crate::tls;
 
@@ -127,6 +128,10 @@ pub enum TokenError {
     /// The endpoint answered 2xx but the body is not a usable token response.
     #[error("token endpoint sent an invalid response: {0}")]
     InvalidResponse(String),
+    /// The private key, certificate or assertion file that authenticates the client is
+    /// unusable.
+    #[error("{0}")]
+    Credential(String),
 }
 
 impl TokenError {
@@ -171,6 +176,20 @@ impl TokenError {
             TokenError::Timeout { .. } => "timeout".into(),
             TokenError::Unreachable { problem, .. } => format!("unreachable: {problem}"),
             TokenError::InvalidResponse(text) => format!("invalid: {text}"),
+            TokenError::Credential(text) => format!("credential: {text}"),
+        }
+    }
+
+    /// The outcome label of `/metrics`: `http_<status>`, `invalid_response`, `timeout`,
+    /// `unreachable` or `secret_file`.
+    pub fn outcome(&self) -> String {
+        match self {
+            TokenError::Rejected { status, .. } => format!("http_{status}"),
+            TokenError::SecretFile { .. } => "secret_file".into(),
+            TokenError::Timeout { .. } => "timeout".into(),
+            TokenError::Unreachable { .. } => "unreachable".into(),
+            TokenError::InvalidResponse(_) => "invalid_response".into(),
+            TokenError::Credential(_) => "credential_file".into(),
         }
     }
 
@@ -190,8 +209,10 @@ pub struct TokenSource {
     client: reqwest::Client,
     url: Url,
     client_id: String,
-    secret: SecretSource,
+    credential: ClientCredential,
     scope: Option<String>,
+    audience: Option<String>,
+    resource: Option<String>,
     auth_method: AuthMethod,
     extra_params: Vec<(String, String)>,
     timeout: Duration,
@@ -219,8 +240,10 @@ impl TokenSource {
             client,
             url: cfg.token_url.clone(),
             client_id: cfg.client_id.clone(),
-            secret: cfg.client_secret.clone(),
+            credential: cfg.client_credential.clone(),
             scope: cfg.scope.clone(),
+            audience: cfg.audience.clone(),
+            resource: cfg.resource.clone(),
             auth_method: cfg.auth_method,
             extra_params: cfg.extra_params.clone(),
             timeout: cfg.token_timeout,
@@ -238,14 +261,34 @@ impl TokenSource {
         &self.url
     }
 
-    async fn secret(&self) -> Result<Secret, TokenError> {
-        match &self.secret {
-            SecretSource::Inline(s) => Ok(s.clone()),
-            SecretSource::File(path) => read_secret_file(path).await,
+    /// The secret or the client assertion for one token request.
+    async fn proof(&self) -> Result<Secret, TokenError> {
+        match &self.credential {
+            ClientCredential::Secret(SecretSource::Inline(s)) => Ok(s.clone()),
+            ClientCredential::Secret(SecretSource::File(path)) => read_secret_file(path).await,
+            ClientCredential::AssertionFile(path) => {
+                read_secret_file(path).await.map_err(|e| match e {
+                    TokenError::SecretFile { path, problem } => TokenError::Credential(format!(
+                        "cannot read client_assertion_file {path}: {problem}"
+                    )),
+                    other => other,
+                })
+            }
+            ClientCredential::PrivateKey(files) => {
+                let (files, client_id) = (files.clone(), self.client_id.clone());
+                let audience = self.url.to_string();
+                tokio::task::spawn_blocking(move || {
+                    SigningKey::load(&files)?.sign(&client_id, &audience, SystemTime::now())
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("signing task failed: {e}")))
+                .map_err(TokenError::Credential)
+            }
         }
     }
 
-    /// The `application/x-www-form-urlencoded` body of a token request.
+    /// The `application/x-www-form-urlencoded` body of a token request; `secret` is the
+    /// client secret or the client assertion, as the credential says.
     fn form(&self, secret: &Secret) -> String {
         // Sized up front so the buffer holding the secret never reallocates (a reallocation
         // would leave a copy behind that is not zeroed).
@@ -254,19 +297,38 @@ impl TokenSource {
             .iter()
             .map(|(k, v)| k.len() + v.len() + 2)
             .sum();
-        let raw = 64
+        let optional = [&self.scope, &self.audience, &self.resource];
+        let raw = 128
             + self.client_id.len()
             + secret.expose().len()
-            + self.scope.as_ref().map_or(0, String::len)
+            + optional
+                .iter()
+                .map(|o| o.as_ref().map_or(0, String::len))
+                .sum::<usize>()
             + extra;
         let mut form = form_urlencoded::Serializer::new(String::with_capacity(raw * 3));
         form.append_pair("grant_type", "client_credentials");
-        if self.auth_method == AuthMethod::ClientSecretPost {
-            form.append_pair("client_id", &self.client_id);
-            form.append_pair("client_secret", secret.expose());
+        match &self.credential {
+            ClientCredential::Secret(_) => {
+                if self.auth_method == AuthMethod::ClientSecretPost {
+                    form.append_pair("client_id", &self.client_id);
+                    form.append_pair("client_secret", secret.expose());
+                }
+            }
+            ClientCredential::PrivateKey(_) | ClientCredential::AssertionFile(_) => {
+                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_assertion_type", ASSERTION_TYPE);
+                form.append_pair("client_assertion", secret.expose());
+            }
         }
-        if let Some(scope) = &self.scope {
-            form.append_pair("scope", scope);
+        for (name, value) in [
+            ("scope", &self.scope),
+            ("audience", &self.audience),
+            ("resource", &self.resource),
+        ] {
+            if let Some(value) = value {
+                form.append_pair(name, value);
+            }
         }
         for (k, v) in &self.extra_params {
             form.append_pair(k, v);
@@ -276,7 +338,7 @@ impl TokenSource {
 
     /// Makes one token request.
     pub async fn fetch(&self) -> Result<Fetched, TokenError> {
-        let secret = self.secret().await?;
+        let secret = self.proof().await?;
         let requested_at = Instant::now();
         let mut request = self
             .client
@@ -286,7 +348,9 @@ impl TokenSource {
             .body(crate::secret::zeroizing_bytes(
                 self.form(&secret).into_bytes(),
             ));
-        if self.auth_method == AuthMethod::ClientSecretBasic {
+        if matches!(self.credential, ClientCredential::Secret(_))
+            && self.auth_method == AuthMethod::ClientSecretBasic
+        {
             request = request.header(AUTHORIZATION, basic_auth(&self.client_id, &secret));
         }
         let url = self.url.as_str();

@@ -219,9 +219,20 @@ impl Process {
 
     /// As [`Process::run`], with extra environment variables.
     pub fn run_with(config: &std::path::Path, rust_log: &str, envs: &[(&str, &str)]) -> Process {
+        Process::run_args(config, &[], rust_log, envs)
+    }
+
+    /// As [`Process::run_with`], with global options `args` before `run`.
+    pub fn run_args(
+        config: &std::path::Path,
+        args: &[&str],
+        rust_log: &str,
+        envs: &[(&str, &str)],
+    ) -> Process {
         let stderr_path = config.with_extension("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let child = binary()
+            .args(args)
             .args(["run", "--config"])
             .arg(config)
             .envs(envs.iter().copied())

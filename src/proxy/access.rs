@@ -1,0 +1,55 @@
+//! What is recorded when a request ends: its route's metrics and, unless switched off, one
+//! access log line with the route, method, path (never the query, which can carry secrets),
+//! status, duration and response body bytes. Written when the response has been sent (or
+//! abandoned), so the duration covers the whole exchange.
+
+use std::sync::Arc;
+
+use http::{Method, StatusCode, Uri};
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::metrics::RouteMetrics;
+
+/// One request's record, finished when its response ends.
+#[derive(Debug)]
+pub struct Access {
+    route: Arc<RouteMetrics>,
+    log: bool,
+    method: Method,
+    uri: Uri,
+    started: Instant,
+}
+
+impl Access {
+    /// A record for a request on `route`, started now; `log` writes the access log line.
+    pub fn new(route: Arc<RouteMetrics>, log: bool, method: Method, uri: Uri) -> Access {
+        Access {
+            route,
+            log,
+            method,
+            uri,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records the end: `bytes` of response body sent, `complete` unless the response was
+    /// abandoned before its end (the client went away, or the upstream broke off).
+    pub fn finish(&self, status: StatusCode, bytes: u64, complete: bool) {
+        let elapsed = self.started.elapsed();
+        self.route.record(&self.method, status, elapsed);
+        if self.log {
+            info!(
+                target: "token_proxy::access",
+                route = self.route.name(),
+                method = %self.method,
+                path = self.uri.path(),
+                status = status.as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1e3,
+                bytes,
+                complete,
+                "request"
+            );
+        }
+    }
+}
