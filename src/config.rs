@@ -1609,4 +1609,23 @@ credential = "api"
             vec![("resource".to_string(), "https://r/".to_string())]
         );
     }
+
+    #[test]
+    fn the_shipped_example_configs_are_valid() {
+        let env = |_: &str| Some("value-from-env".to_string());
+        for (name, text) in [
+            (
+                "config/example.toml",
+                include_str!("../config/example.toml"),
+            ),
+            (
+                "config/azure-china.toml",
+                include_str!("../config/azure-china.toml"),
+            ),
+        ] {
+            if let Err(e) = Config::parse(text, name, &env) {
+                panic!("{e}");
+            }
+        }
+    }
 }
