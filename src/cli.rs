@@ -292,8 +292,13 @@ async fn check(config: &Config) -> ExitCode {
     }
     let mut failed = false;
     for cred in &config.credentials {
+        let via = cred
+            .proxy
+            .as_ref()
+            .map(|p| format!(", through forward proxy {}", p.uri()))
+            .unwrap_or_default();
         println!(
-            "credential {}: authenticates with {}",
+            "credential {}: authenticates with {}{via}",
             cred.name,
             cred.kind()
         );

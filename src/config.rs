@@ -17,6 +17,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::assertion::{JwtAlgorithm, SigningKeyFiles};
+use crate::egress::{ForwardProxy, ProxySetting};
 use crate::secret::Secret;
 
 /// Default seconds before expiry at which a token is refreshed.
@@ -244,6 +245,8 @@ pub struct CredentialConfig {
     pub refresh_before: Duration,
     /// Lifetime assumed when a response has no `expires_in`.
     pub default_expires_in: Duration,
+    /// The forward proxy to the token endpoint, if any.
+    pub proxy: Option<ForwardProxy>,
 }
 
 /// Where a route forwards to: scheme, authority and base path of the upstream URL.
@@ -294,6 +297,8 @@ pub struct RouteConfig {
     pub allowed_clients: Vec<Cidr>,
     /// The route's name in logs and metrics (default: its listen address).
     pub name: String,
+    /// The forward proxy to the upstream, if any.
+    pub proxy: Option<ForwardProxy>,
     /// Whether each request gets an access log line (top-level `access_log`).
     pub access_log: bool,
 }
@@ -343,6 +348,7 @@ struct RawCredential {
     default_expires_in_secs: Option<f64>,
     #[serde(default)]
     allow_insecure_token_url: bool,
+    proxy: Option<String>,
 }
 
 /// The keys that say how a client authenticates, taken out of [`RawCredential`].
@@ -376,6 +382,7 @@ enum Scopes {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     name: Option<String>,
+    proxy: Option<String>,
     listen: Option<String>,
     socket_mode: Option<String>,
     upstream: Option<String>,
@@ -851,7 +858,9 @@ impl Validator<'_> {
             let value = self.expand(&kk, &value)?;
             extra_params.push((key, value));
         }
+        let proxy = self.proxy(&k("proxy"), raw.proxy, &token_url)?;
         Ok(CredentialConfig {
+            proxy,
             scope,
             audience,
             resource,
@@ -882,6 +891,27 @@ impl Validator<'_> {
 
     /// The token URL of `azure = { cloud, tenant, authority_host }`, with the tenant and the
     /// authority host taken from `AZURE_TENANT_ID` and `AZURE_AUTHORITY_HOST` when left out.
+    /// The forward proxy for `dst`: the `proxy` key (`"none"`: direct), else the environment.
+    fn proxy(
+        &self,
+        key: &str,
+        raw: Option<String>,
+        dst: &Url,
+    ) -> Result<Option<ForwardProxy>, ConfigError> {
+        let setting = match self.optional(key, raw)? {
+            None => ProxySetting::Env,
+            Some(v) if v.is_empty() || v == "none" => ProxySetting::Off,
+            Some(v) => ProxySetting::Url(Secret::new(v)),
+        };
+        crate::egress::proxy_for(&setting, dst, self.env).map_err(|e| {
+            self.err(
+                key,
+                e,
+                "use proxy = \"http://host:port\" (credentials as http://user:password@host:port), or proxy = \"none\" to connect directly; without the key HTTPS_PROXY / HTTP_PROXY / NO_PROXY decide",
+            )
+        })
+    }
+
     fn azure_token_url(&self, key: &str, raw: RawAzure) -> Result<Url, ConfigError> {
         let tenant = match raw.tenant {
             Some(t) => self.expand(&format!("{key}.tenant"), &t)?,
@@ -1166,6 +1196,7 @@ impl Validator<'_> {
                 )
             })?);
         }
+        let proxy = self.proxy(&k("proxy"), raw.proxy, &upstream.url)?;
         Ok(RouteConfig {
             listen,
             socket_mode,
@@ -1197,6 +1228,7 @@ impl Validator<'_> {
             allowed_clients,
             name: raw.name.unwrap_or(listen_text),
             access_log: true,
+            proxy,
         })
     }
 
@@ -1612,7 +1644,9 @@ credential = "api"
 
     #[test]
     fn the_shipped_example_configs_are_valid() {
-        let env = |_: &str| Some("value-from-env".to_string());
+        let env = |name: &str| {
+            (!name.to_ascii_uppercase().contains("PROXY")).then(|| "value-from-env".to_string())
+        };
         for (name, text) in [
             (
                 "config/example.toml",

@@ -3,8 +3,8 @@
 //!
 //! Modules, in the order data flows (each uses only those before it):
 //!
-//! - [`secret`], [`tls`], [`errors`], [`assertion`]: a `Debug`-safe secret string; TLS client
-//!   settings; error cause chains; signed JWT client assertions.
+//! - [`secret`], [`tls`], [`errors`], [`assertion`], [`egress`]: a `Debug`-safe secret string;
+//!   TLS client settings; error cause chains; signed JWT client assertions; outbound proxies.
 //! - [`config`]: TOML -> validated [`config::Config`].
 //! - [`token`]: fetching tokens ([`token::source`]), holding the current one
 //!   ([`token::slot`]) and refreshing it ahead of expiry ([`token::refresh`]).
@@ -25,6 +25,7 @@ pub mod assertion;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod errors;
 pub mod metrics;
 pub mod proxy;

@@ -1,5 +1,7 @@
 //! TLS to the token endpoint and the upstream: verification is on, a private CA works through
-//! `ca_file`, and the upstream gets HTTP/2 when it offers it through ALPN.
+//! `ca_file`, and the upstream gets HTTP/2 when it offers it through ALPN. And the way out
+//! through a real forward proxy (`tinyproxy`): `CONNECT` tunnels for HTTPS, absolute-form
+//! requests for plain http, proxy credentials sent and never shown.
 
 mod support;
 
@@ -228,4 +230,108 @@ async fn certificates_are_verified_without_the_private_ca() {
     assert_eq!(reply.json()["error"], "upstream_unavailable");
     assert!(api.state().records().is_empty());
     drop(ca_file);
+}
+
+#[tokio::test]
+async fn https_token_endpoint_and_upstream_through_a_forward_proxys_connect_tunnel() {
+    let stack = TlsStack::start().await;
+    let forward = ForwardProxy::start().await;
+    let ca = stack.ca_file.display();
+    let via = format!("ca_file = \"{ca}\"\nproxy = \"{}\"", forward.url());
+    let text = format!(
+        "{}{}",
+        credential(
+            "api",
+            &format!(
+                "https://localhost:{}/oauth2/v2.0/token",
+                stack.idp_tls.port()
+            ),
+            &via
+        ),
+        route(
+            &format!("https://localhost:{}/base", stack.api_tls.port()),
+            "api",
+            &via
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let reply = get(proxy.route_addrs()[0], "/x").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(stack.api.state().records().len(), 1);
+    let seen = forward.requests();
+    for port in [stack.idp_tls.port(), stack.api_tls.port()] {
+        let tunnel = format!("CONNECT localhost:{port} HTTP/1.1");
+        assert!(seen.contains(&tunnel), "no {tunnel:?} in {seen:?}");
+    }
+    assert!(!format!("{:?}", proxy).contains(PROXY_PASSWORD));
+}
+
+#[tokio::test]
+async fn plain_http_goes_to_the_forward_proxy_in_absolute_form_and_a_wrong_password_says_so() {
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let forward = ForwardProxy::start().await;
+    let via = format!("proxy = \"{}\"", forward.url());
+    let text = format!(
+        "{}{}",
+        credential("api", &token_proxy::demo::token_url(&idp), &via),
+        route(&format!("http://{}/api", api.addr()), "api", &via)
+    );
+    let proxy = start_proxy(&text).await;
+    let reply = get(proxy.route_addrs()[0], "/items?x=1").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let record = &api.state().records()[0];
+    assert_eq!(record.target, "/api/items?x=1");
+    assert!(record.token_was_current);
+    assert!(
+        record.headers.get("proxy-authorization").is_none(),
+        "the proxy's credentials stop at the proxy"
+    );
+    let seen = forward.requests();
+    let token_url = token_proxy::demo::token_url(&idp);
+    assert!(
+        seen.contains(&format!("POST {token_url} HTTP/1.1")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&format!("GET http://{}/api/items?x=1 HTTP/1.1", api.addr())),
+        "{seen:?}"
+    );
+
+    // With a wrong password the proxy refuses: the client hears about it, the password never.
+    let tls_text = format!(
+        "{}{}",
+        credential("api", &token_proxy::demo::token_url(&idp), ""),
+        route(
+            "https://localhost:1/base",
+            "api",
+            &format!(
+                "proxy = \"http://{PROXY_USER}:wrong-password-xyz@{}\"",
+                forward.addr
+            )
+        )
+    );
+    let proxy = start_proxy(&tls_text).await;
+    let reply = get(proxy.route_addrs()[0], "/x").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    let body = String::from_utf8_lossy(&reply.body);
+    assert!(
+        body.contains("upstream_unavailable")
+            && body.contains(&format!("through forward proxy http://{}/", forward.addr)),
+        "{body}"
+    );
+    assert!(
+        !body.contains("wrong-password-xyz") && !body.contains(PROXY_USER),
+        "{body}"
+    );
 }

@@ -34,6 +34,7 @@ use super::headers;
 use super::pool::{self, Checkin, Http1Pool};
 use super::{ProxyBody, ProxyError};
 use crate::config::{Cidr, RouteConfig, Upstream};
+use crate::egress;
 use crate::metrics::RouteMetrics;
 use crate::secret::Secret;
 use crate::tls;
@@ -43,7 +44,7 @@ use arc_swap::ArcSwap;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+type UpstreamClient = Client<HttpsConnector<egress::Connector>, UpstreamBody>;
 
 /// How ordinary (not upgrade) requests reach the upstream.
 enum Forwarder {
@@ -66,6 +67,10 @@ struct Inner {
     allowed_clients: Vec<Cidr>,
     slot: Arc<TokenSlot>,
     forwarder: Forwarder,
+    /// For a plain-http upstream through a forward proxy: its `Proxy-Authorization`, if any.
+    http_proxy: Option<Option<http::HeaderValue>>,
+    /// The forward proxy to the upstream, named in error messages.
+    proxy: Option<egress::ForwardProxy>,
     upgrade_client: UpstreamClient,
     tunnels: TaskTracker,
     cancel: CancellationToken,
@@ -101,6 +106,7 @@ fn upstream_client(route: &RouteConfig, tls: rustls::ClientConfig, http2: bool) 
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1();
+    let http = egress::Connector::new(http, route.proxy.as_ref());
     let connector = if http2 {
         builder.enable_http2().wrap_connector(http)
     } else {
@@ -126,9 +132,18 @@ impl ProxyService {
         let tls = tls::client_config(route.ca_file.as_deref())?;
         let upstream = &route.upstream;
         let forwarder = if upstream.scheme == http::uri::Scheme::HTTP {
+            // Through a forward proxy, the pool's connections go to the proxy, and requests
+            // carry the absolute URI (and the proxy's credentials).
+            let (host, port) = match &route.proxy {
+                Some(p) => p.host_port(),
+                None => (
+                    upstream.authority.host(),
+                    upstream.authority.port_u16().unwrap_or(80),
+                ),
+            };
             Forwarder::Pool(Http1Pool::new(
-                upstream.authority.host(),
-                upstream.authority.port_u16().unwrap_or(80),
+                host,
+                port,
                 route.connect_timeout,
                 POOL_IDLE_TIMEOUT,
             ))
@@ -153,6 +168,8 @@ impl ProxyService {
             allowed_clients: route.allowed_clients.clone(),
             slot,
             forwarder,
+            http_proxy: route.proxy.as_ref().map(|p| p.authorization().cloned()),
+            proxy: route.proxy.clone(),
             upgrade_client,
             tunnels,
             retired: cancel.child_token(),
@@ -299,7 +316,12 @@ impl ProxyService {
         // The pool speaks to one upstream and sends the origin-form target; hyper-util's
         // client takes the absolute URI and does the same on the wire.
         let pooled = !upgrade && matches!(inner.forwarder, Forwarder::Pool(_));
-        parts.uri = upstream_uri(&inner.upstream, parts.uri.path_and_query(), !pooled)?;
+        let via_proxy = pooled && inner.http_proxy.is_some();
+        parts.uri = upstream_uri(
+            &inner.upstream,
+            parts.uri.path_and_query(),
+            !pooled || via_proxy,
+        )?;
         parts.version = Version::HTTP_11;
         headers::prepare_request(
             &mut parts.headers,
@@ -308,6 +330,11 @@ impl ProxyService {
             upgrade,
             streamed,
         );
+        if let (true, Some(Some(auth))) = (via_proxy, &inner.http_proxy) {
+            parts
+                .headers
+                .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+        }
 
         let (body, replay) = if replayable {
             let bytes = if size == Some(0) {
@@ -409,20 +436,20 @@ impl ProxyService {
                 Forwarder::Pool(pool) if !upgrade => {
                     pool.send(req, fresh).await.map_err(|e| SendFailed {
                         stale: matches!(e, pool::SendError::Stale(_)),
-                        error: pool_error(&inner.upstream, &e),
+                        error: pool_error(inner, &e),
                     })
                 }
                 Forwarder::Client(client) if !upgrade => client
                     .request(req)
                     .await
                     .map(|r| (r, None))
-                    .map_err(|e| failed(client_error(&inner.upstream, &e))),
+                    .map_err(|e| failed(client_error(inner, &e))),
                 _ => inner
                     .upgrade_client
                     .request(req)
                     .await
                     .map(|r| (r, None))
-                    .map_err(|e| failed(client_error(&inner.upstream, &e))),
+                    .map_err(|e| failed(client_error(inner, &e))),
             }
         };
         match tokio::time::timeout(inner.response_timeout, sent).await {
@@ -561,25 +588,31 @@ fn upstream_uri(
         .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))
 }
 
-fn client_error(upstream: &Upstream, e: &hyper_util::client::legacy::Error) -> ProxyError {
-    upstream_error(upstream, e, e.is_connect())
+fn client_error(inner: &Inner, e: &hyper_util::client::legacy::Error) -> ProxyError {
+    upstream_error(inner, e, e.is_connect())
 }
 
-fn pool_error(upstream: &Upstream, e: &pool::SendError) -> ProxyError {
+fn pool_error(inner: &Inner, e: &pool::SendError) -> ProxyError {
     let connect = matches!(
         e,
         pool::SendError::Connect(_) | pool::SendError::ConnectTimeout(_)
     );
-    upstream_error(upstream, e, connect)
+    upstream_error(inner, e, connect)
 }
 
 /// The proxy's answer to a failed exchange with the upstream; `connect` says whether the
-/// connection could not be made at all.
+/// connection could not be made at all. Names the forward proxy (never its credentials).
 fn upstream_error(
-    upstream: &Upstream,
+    inner: &Inner,
     e: &(dyn std::error::Error + 'static),
     connect: bool,
 ) -> ProxyError {
+    let url = &inner.upstream.url;
+    let via = inner
+        .proxy
+        .as_ref()
+        .map(|p| format!(" through forward proxy {}", p.uri()))
+        .unwrap_or_default();
     use crate::errors::{cause_text, causes};
     if let Some(too_large) = causes(e).find_map(|c| c.downcast_ref::<BodyTooLarge>()) {
         return ProxyError::PayloadTooLarge(too_large.to_string());
@@ -595,8 +628,7 @@ fn upstream_error(
     let cause = cause_text(e);
     if timed_out {
         return ProxyError::UpstreamTimeout(format!(
-            "connecting to upstream {} timed out: {cause}",
-            upstream.url
+            "connecting to upstream {url}{via} timed out: {cause}"
         ));
     }
     let what = if connect {
@@ -604,7 +636,7 @@ fn upstream_error(
     } else {
         "lost the connection to"
     };
-    ProxyError::UpstreamUnavailable(format!("{what} upstream {}: {cause}", upstream.url))
+    ProxyError::UpstreamUnavailable(format!("{what} upstream {url}{via}: {cause}"))
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {

@@ -223,7 +223,21 @@ impl TokenSource {
     /// Builds the HTTP client for this credential's token endpoint.
     pub fn new(cfg: &CredentialConfig) -> Result<TokenSource, tls::TlsError> {
         let tls = tls::client_config(cfg.ca_file.as_deref())?;
-        let client = reqwest::Client::builder()
+        // Proxies were decided with the config (src/egress.rs): never reqwest's own reading of
+        // the environment, so that `proxy = "none"` and the loopback rule hold.
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(p) = &cfg.proxy {
+            let mut proxy =
+                reqwest::Proxy::all(p.uri().to_string()).map_err(|e| tls::TlsError::CaFile {
+                    path: "(token client proxy)".into(),
+                    problem: e.to_string(),
+                })?;
+            if let Some(auth) = p.authorization() {
+                proxy = proxy.custom_http_auth(auth.clone());
+            }
+            builder = builder.proxy(proxy);
+        }
+        let client = builder
             .tls_backend_preconfigured(tls)
             // The secret goes in the body: never let a redirect carry it to another host.
             .redirect(reqwest::redirect::Policy::none())

@@ -310,3 +310,60 @@ pub async fn wait_listening(addr: SocketAddr, limit: Duration) {
 }
 
 pub type Shared<T> = Arc<T>;
+
+/// A real forward proxy on loopback (Debian's `tinyproxy`), with Basic credentials, killed
+/// when dropped. Its log shows each request line it forwarded.
+pub struct ForwardProxy {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+pub const PROXY_USER: &str = "tp-user";
+pub const PROXY_PASSWORD: &str = "proxy-pw-never-logged";
+
+impl ForwardProxy {
+    pub async fn start() -> ForwardProxy {
+        let port = free_port();
+        let log = temp_file("tinyproxy.log", "");
+        let conf = temp_file(
+            "tinyproxy.conf",
+            &format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 200\nBasicAuth {PROXY_USER} {PROXY_PASSWORD}\n",
+                log.display()
+            ),
+        );
+        let child = Command::new("tinyproxy")
+            .args(["-d", "-c"])
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy (apt-get install -y tinyproxy)");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        wait_listening(addr, Duration::from_secs(10)).await;
+        ForwardProxy { child, addr, log }
+    }
+
+    /// `http://user:password@127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("http://{PROXY_USER}:{PROXY_PASSWORD}@{}", self.addr)
+    }
+
+    /// The request lines the proxy logged.
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once("]: Request (file descriptor ").map(|(_, r)| r))
+            .filter_map(|r| r.split_once("): ").map(|(_, line)| line.to_string()))
+            .collect()
+    }
+}
+
+impl Drop for ForwardProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
