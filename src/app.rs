@@ -38,7 +38,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A TLS setting (a `ca_file`) is unusable.
-    #[error("config error in {file}: {key}: {source}\n  fix: point ca_file at a PEM file of CA certificates")]
+    #[error("config error in {file}: {key}: {source}\n  fix: {}", source.fix())]
     Tls {
         /// The config file.
         file: String,
@@ -138,11 +138,12 @@ pub fn preflight(config: &Config) -> Result<(), StartError> {
         .into());
     }
     for (i, route) in config.routes.iter().enumerate() {
-        crate::tls::client_config(route.ca_file.as_deref()).map_err(|source| StartError::Tls {
-            file: config.source.clone(),
-            key: format!("routes[{i}].ca_file"),
-            source,
-        })?;
+        crate::tls::client_config(route.ca_file.as_deref(), route.client_identity.as_ref())
+            .map_err(|source| StartError::Tls {
+                file: config.source.clone(),
+                key: format!("routes[{i}].{}", source.key()),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -274,9 +275,9 @@ impl Running {
                 r.config.listen == route.listen
                     && (route.listen.tcp().is_none_or(|a| a.port() != 0) || i == j)
             });
-            let tls_err = |source| StartError::Tls {
+            let tls_err = |source: TlsError| StartError::Tls {
                 file: config.source.clone(),
-                key: format!("routes[{i}].ca_file"),
+                key: format!("routes[{i}].{}", source.key()),
                 source,
             };
             let plan = match existing {

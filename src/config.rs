@@ -299,6 +299,8 @@ pub struct RouteConfig {
     pub name: String,
     /// The forward proxy to the upstream, if any.
     pub proxy: Option<ForwardProxy>,
+    /// The client certificate for an upstream that asks for one (mutual TLS).
+    pub client_identity: Option<crate::tls::ClientIdentity>,
     /// Whether each request gets an access log line (top-level `access_log`).
     pub access_log: bool,
 }
@@ -383,6 +385,8 @@ enum Scopes {
 struct RawRoute {
     name: Option<String>,
     proxy: Option<String>,
+    client_certificate_file: Option<String>,
+    client_key_file: Option<String>,
     listen: Option<String>,
     socket_mode: Option<String>,
     upstream: Option<String>,
@@ -1197,7 +1201,30 @@ impl Validator<'_> {
             })?);
         }
         let proxy = self.proxy(&k("proxy"), raw.proxy, &upstream.url)?;
+        let client_identity = match (
+            self.path(&k("client_certificate_file"), raw.client_certificate_file)?,
+            self.path(&k("client_key_file"), raw.client_key_file)?,
+        ) {
+            (None, None) => None,
+            (Some(certificate_file), Some(key_file)) => Some(crate::tls::ClientIdentity {
+                certificate_file,
+                key_file,
+            }),
+            (cert, _) => {
+                let missing = if cert.is_none() {
+                    "client_certificate_file"
+                } else {
+                    "client_key_file"
+                };
+                return Err(self.err(
+                    &k(missing),
+                    "is missing: mutual TLS needs both the certificate and its key",
+                    "set client_certificate_file and client_key_file together",
+                ));
+            }
+        };
         Ok(RouteConfig {
+            client_identity,
             listen,
             socket_mode,
             upstream,

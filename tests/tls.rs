@@ -17,11 +17,13 @@ use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-/// A private CA and a `localhost` server certificate it signed, as PEM.
+/// A private CA, a `localhost` server certificate and a client certificate it signed, as PEM.
 struct Pki {
     ca_pem: String,
     cert_pem: String,
     key_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
 }
 
 fn private_pki() -> Pki {
@@ -36,27 +38,52 @@ fn private_pki() -> Pki {
     let key = KeyPair::generate().unwrap();
     let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "token-proxy test client");
+    client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = client_params.signed_by(&client_key, &issuer).unwrap();
     Pki {
         ca_pem: ca_cert.pem(),
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
+        client_cert_pem: client_cert.pem(),
+        client_key_pem: client_key.serialize_pem(),
     }
 }
 
 /// Terminates TLS (ALPN h2 and http/1.1) on a loopback port and pipes bytes to `backend`,
 /// which speaks both HTTP/1.1 and HTTP/2.
 async fn tls_front(pki: &Pki, backend: SocketAddr) -> (SocketAddr, DropGuard) {
+    tls_front_with(pki, backend, false).await
+}
+
+/// As [`tls_front`]; with `mutual`, only clients with a certificate from the CA get through.
+async fn tls_front_with(pki: &Pki, backend: SocketAddr, mutual: bool) -> (SocketAddr, DropGuard) {
     use rustls::pki_types::pem::PemObject;
     let certs =
         vec![rustls::pki_types::CertificateDer::from_pem_slice(pki.cert_pem.as_bytes()).unwrap()];
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.key_pem.as_bytes()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
         .unwrap();
+    let builder = if mutual {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(certs, key).unwrap();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(LOOPBACK).await.unwrap();
@@ -334,4 +361,83 @@ async fn plain_http_goes_to_the_forward_proxy_in_absolute_form_and_a_wrong_passw
         !body.contains("wrong-password-xyz") && !body.contains(PROXY_USER),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn mutual_tls_presents_the_routes_client_certificate() {
+    let pki = private_pki();
+    let ca_file = temp_file("ca.pem", &pki.ca_pem);
+    let cert_file = temp_file("client.pem", &pki.client_cert_pem);
+    let key_file = temp_file("client-key.pem", &pki.client_key_pem);
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (api_tls, _front) = tls_front_with(&pki, api.addr(), true).await;
+    let upstream = format!("https://localhost:{}/base", api_tls.port());
+    let ca = format!("ca_file = \"{}\"", ca_file.display());
+    let with_cert = format!(
+        "{ca}\nclient_certificate_file = \"{}\"\nclient_key_file = \"{}\"",
+        cert_file.display(),
+        key_file.display()
+    );
+    let text = format!(
+        "{}{}{}",
+        credential("api", &token_proxy::demo::token_url(&idp), ""),
+        route(&upstream, "api", &with_cert),
+        route(&upstream, "api", &ca)
+    );
+    let proxy = start_proxy(&text).await;
+    let [with, without] = proxy.route_addrs()[..] else {
+        panic!("two routes")
+    };
+    let reply = get(with, "/x").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    let reply = get(without, "/x").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "the upstream wants a client certificate");
+    assert_eq!(api.state().records().len(), 1);
+
+    // Half a pair is a config error that names the missing key.
+    let half = format!(
+        "{}{}",
+        credential("api", "https://t.example/", ""),
+        route(&upstream, "api", &format!("client_certificate_file = \"{}\"", cert_file.display()))
+    );
+    let e = token_proxy::config::Config::parse(&half, "t.toml", &|_| None).unwrap_err();
+    assert_eq!(e.key, "routes[0].client_key_file");
+}
+
+#[tokio::test]
+async fn a_changed_ca_file_is_picked_up_without_a_restart() {
+    let pki = private_pki();
+    let other = private_pki();
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (api_tls, _front) = tls_front(&pki, api.addr()).await;
+    // The route starts with the wrong CA: the upstream's certificate is refused.
+    let ca_file = temp_file("ca.pem", &other.ca_pem);
+    let text = format!(
+        "{}{}",
+        credential("api", &token_proxy::demo::token_url(&idp), ""),
+        route(
+            &format!("https://localhost:{}/base", api_tls.port()),
+            "api",
+            &format!("ca_file = \"{}\"", ca_file.display())
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let addr = proxy.route_addrs()[0];
+    assert_eq!(get(addr, "/x").await.status, StatusCode::BAD_GATEWAY);
+
+    // The CA bundle is replaced the way Kubernetes does it: a new file renamed over the old.
+    let fresh = ca_file.with_extension("new");
+    std::fs::write(&fresh, &pki.ca_pem).unwrap();
+    std::fs::rename(&fresh, &ca_file).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = get(addr, "/x").await.status;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {status} 10 s after the change");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

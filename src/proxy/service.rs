@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,12 +47,22 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type UpstreamClient = Client<HttpsConnector<egress::Connector>, UpstreamBody>;
 
-/// How ordinary (not upgrade) requests reach the upstream.
-enum Forwarder {
-    /// Plain `http`: the per-thread HTTP/1.1 pool, the fast path.
-    Pool(Http1Pool),
-    /// `https`: hyper-util's client, with TLS and ALPN (HTTP/2 when the upstream offers it).
-    Client(Box<UpstreamClient>),
+/// hyper-util's clients, built from the route's TLS files and swapped when those change.
+struct Clients {
+    /// `https` requests: TLS with ALPN (HTTP/2 when the upstream offers it).
+    main: UpstreamClient,
+    /// HTTP/1.1 `Upgrade` (WebSocket) requests, which cannot ride an HTTP/2 connection.
+    upgrade: UpstreamClient,
+}
+
+impl Clients {
+    fn build(route: &RouteConfig) -> Result<Clients, tls::TlsError> {
+        let tls = tls::client_config(route.ca_file.as_deref(), route.client_identity.as_ref())?;
+        Ok(Clients {
+            main: upstream_client(route, tls.clone(), true),
+            upgrade: upstream_client(route, tls, false),
+        })
+    }
 }
 
 struct Inner {
@@ -66,12 +77,13 @@ struct Inner {
     inbound_token: Option<Arc<ArcSwap<Secret>>>,
     allowed_clients: Vec<Cidr>,
     slot: Arc<TokenSlot>,
-    forwarder: Forwarder,
+    /// Plain `http` upstreams: the per-thread HTTP/1.1 pool, the fast path.
+    pool: Option<Http1Pool>,
     /// For a plain-http upstream through a forward proxy: its `Proxy-Authorization`, if any.
     http_proxy: Option<Option<http::HeaderValue>>,
     /// The forward proxy to the upstream, named in error messages.
     proxy: Option<egress::ForwardProxy>,
-    upgrade_client: UpstreamClient,
+    clients: Arc<ArcSwap<Clients>>,
     tunnels: TaskTracker,
     cancel: CancellationToken,
     /// Fired when a reload replaces this service: its connections finish and close.
@@ -129,9 +141,9 @@ impl ProxyService {
         tunnels: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<ProxyService, tls::TlsError> {
-        let tls = tls::client_config(route.ca_file.as_deref())?;
+        let clients = Arc::new(ArcSwap::from_pointee(Clients::build(route)?));
         let upstream = &route.upstream;
-        let forwarder = if upstream.scheme == http::uri::Scheme::HTTP {
+        let pool = (upstream.scheme == http::uri::Scheme::HTTP).then(|| {
             // Through a forward proxy, the pool's connections go to the proxy, and requests
             // carry the absolute URI (and the proxy's credentials).
             let (host, port) = match &route.proxy {
@@ -141,17 +153,8 @@ impl ProxyService {
                     upstream.authority.port_u16().unwrap_or(80),
                 ),
             };
-            Forwarder::Pool(Http1Pool::new(
-                host,
-                port,
-                route.connect_timeout,
-                POOL_IDLE_TIMEOUT,
-            ))
-        } else {
-            Forwarder::Client(Box::new(upstream_client(route, tls.clone(), true)))
-        };
-        // HTTP/1.1 `Upgrade` cannot ride an HTTP/2 connection: upgrades get their own pool.
-        let upgrade_client = upstream_client(route, tls, false);
+            Http1Pool::new(host, port, route.connect_timeout, POOL_IDLE_TIMEOUT)
+        });
         let inner = Arc::new(Inner {
             metrics,
             access_log: route.access_log,
@@ -167,14 +170,28 @@ impl ProxyService {
                 .map(|t| Arc::new(ArcSwap::from_pointee(t))),
             allowed_clients: route.allowed_clients.clone(),
             slot,
-            forwarder,
+            pool,
             http_proxy: route.proxy.as_ref().map(|p| p.authorization().cloned()),
             proxy: route.proxy.clone(),
-            upgrade_client,
+            clients,
             tunnels,
             retired: cancel.child_token(),
             cancel,
         });
+        let tls_files: Vec<PathBuf> = route
+            .ca_file
+            .iter()
+            .chain(route.client_identity.iter().flat_map(|i| i.files()))
+            .cloned()
+            .collect();
+        if !tls_files.is_empty() {
+            inner.tunnels.spawn(watch_tls_files(
+                tls_files,
+                route.clone(),
+                inner.clients.clone(),
+                inner.retired.clone(),
+            ));
+        }
         if let (Some(path), Some(slot)) = (&route.inbound_token_file, &inner.inbound_token) {
             inner.tunnels.spawn(watch_inbound_token(
                 path.clone(),
@@ -315,7 +332,7 @@ impl ProxyService {
         let (mut parts, body) = req.into_parts();
         // The pool speaks to one upstream and sends the origin-form target; hyper-util's
         // client takes the absolute URI and does the same on the wire.
-        let pooled = !upgrade && matches!(inner.forwarder, Forwarder::Pool(_));
+        let pooled = !upgrade && inner.pool.is_some();
         let via_proxy = pooled && inner.http_proxy.is_some();
         parts.uri = upstream_uri(
             &inner.upstream,
@@ -432,24 +449,24 @@ impl ProxyService {
             stale: false,
         };
         let sent = async {
-            match &inner.forwarder {
-                Forwarder::Pool(pool) if !upgrade => {
-                    pool.send(req, fresh).await.map_err(|e| SendFailed {
-                        stale: matches!(e, pool::SendError::Stale(_)),
-                        error: pool_error(inner, &e),
-                    })
+            match &inner.pool {
+                Some(pool) if !upgrade => pool.send(req, fresh).await.map_err(|e| SendFailed {
+                    stale: matches!(e, pool::SendError::Stale(_)),
+                    error: pool_error(inner, &e),
+                }),
+                _ => {
+                    let clients = inner.clients.load_full();
+                    let client = if upgrade {
+                        &clients.upgrade
+                    } else {
+                        &clients.main
+                    };
+                    client
+                        .request(req)
+                        .await
+                        .map(|r| (r, None))
+                        .map_err(|e| failed(client_error(inner, &e)))
                 }
-                Forwarder::Client(client) if !upgrade => client
-                    .request(req)
-                    .await
-                    .map(|r| (r, None))
-                    .map_err(|e| failed(client_error(inner, &e))),
-                _ => inner
-                    .upgrade_client
-                    .request(req)
-                    .await
-                    .map(|r| (r, None))
-                    .map_err(|e| failed(client_error(inner, &e))),
             }
         };
         match tokio::time::timeout(inner.response_timeout, sent).await {
@@ -512,6 +529,49 @@ impl Replay {
             req.headers_mut().insert(http::header::AUTHORIZATION, value);
         }
         req
+    }
+}
+
+/// How often the route's TLS files (`ca_file`, client certificate and key) are checked for a
+/// change.
+const TLS_FILES_POLL: Duration = Duration::from_secs(2);
+
+/// Rebuilds the route's upstream clients when one of its TLS `files` changes (its modification
+/// time, size or inode: a rewritten file, or Kubernetes' symlink swap of a mounted Secret), until
+/// `stop` fires. Requests in flight finish on the clients they started with; new ones use the
+/// new settings. An unusable new file keeps the current settings and is logged once.
+async fn watch_tls_files(
+    files: Vec<PathBuf>,
+    route: RouteConfig,
+    clients: Arc<ArcSwap<Clients>>,
+    stop: CancellationToken,
+) {
+    let stamp = || files.iter().map(|f| tls::file_stamp(f)).collect::<Vec<_>>();
+    let mut seen = stamp();
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TLS_FILES_POLL) => {}
+        }
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        let route = route.clone();
+        match tokio::task::spawn_blocking(move || Clients::build(&route)).await {
+            Ok(Ok(new)) => {
+                seen = now;
+                failing = false;
+                clients.store(Arc::new(new));
+                tracing::info!("upstream TLS files changed: new connections use them");
+            }
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                warn!(error = %e, "upstream TLS files changed but are unusable: keeping the current ones");
+            }
+            _ => {}
+        }
     }
 }
 

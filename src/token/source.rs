@@ -206,7 +206,9 @@ impl TokenError {
 #[derive(Debug)]
 pub struct TokenSource {
     name: String,
-    client: reqwest::Client,
+    /// The client, and the `ca_file` stamp it was built with: rebuilt when the file changes.
+    client: std::sync::Mutex<(Option<tls::FileStamp>, reqwest::Client)>,
+    config: CredentialConfig,
     url: Url,
     client_id: String,
     credential: ClientCredential,
@@ -222,36 +224,12 @@ pub struct TokenSource {
 impl TokenSource {
     /// Builds the HTTP client for this credential's token endpoint.
     pub fn new(cfg: &CredentialConfig) -> Result<TokenSource, tls::TlsError> {
-        let tls = tls::client_config(cfg.ca_file.as_deref())?;
-        // Proxies were decided with the config (src/egress.rs): never reqwest's own reading of
-        // the environment, so that `proxy = "none"` and the loopback rule hold.
-        let mut builder = reqwest::Client::builder().no_proxy();
-        if let Some(p) = &cfg.proxy {
-            let mut proxy =
-                reqwest::Proxy::all(p.uri().to_string()).map_err(|e| tls::TlsError::CaFile {
-                    path: "(token client proxy)".into(),
-                    problem: e.to_string(),
-                })?;
-            if let Some(auth) = p.authorization() {
-                proxy = proxy.custom_http_auth(auth.clone());
-            }
-            builder = builder.proxy(proxy);
-        }
-        let client = builder
-            .tls_backend_preconfigured(tls)
-            // The secret goes in the body: never let a redirect carry it to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(cfg.token_timeout)
-            .timeout(cfg.token_timeout)
-            .user_agent(concat!("token-proxy/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| tls::TlsError::CaFile {
-                path: "(token client)".into(),
-                problem: e.to_string(),
-            })?;
+        let client = build_client(cfg)?;
+        let stamp = cfg.ca_file.as_deref().map(tls::file_stamp);
         Ok(TokenSource {
             name: cfg.name.clone(),
-            client,
+            client: std::sync::Mutex::new((stamp, client)),
+            config: cfg.clone(),
             url: cfg.token_url.clone(),
             client_id: cfg.client_id.clone(),
             credential: cfg.client_credential.clone(),
@@ -263,6 +241,29 @@ impl TokenSource {
             timeout: cfg.token_timeout,
             default_expires_in: cfg.default_expires_in,
         })
+    }
+
+    /// The HTTP client, rebuilt first if the `ca_file` changed since it was built (a renewed
+    /// private CA is picked up at the next token request). An unusable new file keeps the
+    /// current client.
+    fn client(&self) -> reqwest::Client {
+        let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = self.config.ca_file.as_deref() {
+            let now = tls::file_stamp(path);
+            if guard.0.as_ref() != Some(&now) {
+                match build_client(&self.config) {
+                    Ok(client) => {
+                        tracing::info!(credential = %self.name, "ca_file changed: the token client uses it now");
+                        *guard = (Some(now), client);
+                    }
+                    Err(e) => {
+                        tracing::warn!(credential = %self.name, error = %e, "ca_file changed but is unusable: keeping the current one");
+                        guard.0 = Some(now);
+                    }
+                }
+            }
+        }
+        guard.1.clone()
     }
 
     /// The credential's name.
@@ -355,7 +356,7 @@ impl TokenSource {
         let secret = self.proof().await?;
         let requested_at = Instant::now();
         let mut request = self
-            .client
+            .client()
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
@@ -621,6 +622,38 @@ pub fn parse_response(
         }
     };
     Ok((access_token, lifetime))
+}
+
+/// The token endpoint's client: TLS with the built-in roots and `ca_file`, the proxy decided
+/// with the config, no redirects.
+fn build_client(cfg: &CredentialConfig) -> Result<reqwest::Client, tls::TlsError> {
+    let tls = tls::client_config(cfg.ca_file.as_deref(), None)?;
+    // Proxies were decided with the config (src/egress.rs): never reqwest's own reading of
+    // the environment, so that `proxy = "none"` and the loopback rule hold.
+    let mut builder = reqwest::Client::builder().no_proxy();
+    if let Some(p) = &cfg.proxy {
+        let mut proxy =
+            reqwest::Proxy::all(p.uri().to_string()).map_err(|e| tls::TlsError::CaFile {
+                path: "(token client proxy)".into(),
+                problem: e.to_string(),
+            })?;
+        if let Some(auth) = p.authorization() {
+            proxy = proxy.custom_http_auth(auth.clone());
+        }
+        builder = builder.proxy(proxy);
+    }
+    builder
+        .tls_backend_preconfigured(tls)
+        // The secret goes in the body: never let a redirect carry it to another host.
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(cfg.token_timeout)
+        .timeout(cfg.token_timeout)
+        .user_agent(concat!("token-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| tls::TlsError::CaFile {
+            path: "(token client)".into(),
+            problem: e.to_string(),
+        })
 }
 
 #[cfg(test)]
