@@ -390,16 +390,29 @@ async fn mutual_tls_presents_the_routes_client_certificate() {
         panic!("two routes")
     };
     let reply = get(with, "/x").await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     let reply = get(without, "/x").await;
-    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "the upstream wants a client certificate");
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_GATEWAY,
+        "the upstream wants a client certificate"
+    );
     assert_eq!(api.state().records().len(), 1);
 
     // Half a pair is a config error that names the missing key.
     let half = format!(
         "{}{}",
         credential("api", "https://t.example/", ""),
-        route(&upstream, "api", &format!("client_certificate_file = \"{}\"", cert_file.display()))
+        route(
+            &upstream,
+            "api",
+            &format!("client_certificate_file = \"{}\"", cert_file.display())
+        )
     );
     let e = token_proxy::config::Config::parse(&half, "t.toml", &|_| None).unwrap_err();
     assert_eq!(e.key, "routes[0].client_key_file");
@@ -437,7 +450,10 @@ async fn a_changed_ca_file_is_picked_up_without_a_restart() {
         if status == StatusCode::OK {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "still {status} 10 s after the change");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {status} 10 s after the change"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
