@@ -367,3 +367,44 @@ async fn completions_and_man_page_come_from_the_cli_definition() {
         "{page}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_environments_proxy_variables_are_honoured_and_their_credentials_never_shown() {
+    let forward = ForwardProxy::start().await;
+    // A destination that is not loopback (loopback never uses an environment proxy). The
+    // proxy cannot resolve it, so the token request fails there, and the proxy's log shows
+    // the request went through it.
+    let config = temp_file(
+        "env-proxy.toml",
+        "[credentials.far]\ntoken_url = \"http://idp.token-proxy-test.invalid/oauth2/token\"\nallow_insecure_token_url = true\nclient_id = \"i\"\nclient_secret = \"s\"\n\n\
+         [credentials.near]\ntoken_url = \"http://127.0.0.1:9/oauth2/token\"\nclient_id = \"i\"\nclient_secret = \"s\"\n\n\
+         [[routes]]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9\"\ncredential = \"near\"\n",
+    );
+    let url = forward.url();
+    let out = cli(
+        &["check", "--config", config.to_str().unwrap()],
+        &[("HTTP_PROXY", url.as_str()), ("NO_PROXY", "")],
+    )
+    .await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let via = format!(
+        "credential far: authenticates with client_secret_post, through forward proxy http://{}/",
+        forward.addr
+    );
+    assert!(stdout.contains(&via), "{stdout}");
+    assert!(
+        stdout.contains("credential near: authenticates with client_secret_post\n"),
+        "loopback goes direct: {stdout}"
+    );
+    assert!(
+        forward.requests().contains(
+            &"POST http://idp.token-proxy-test.invalid/oauth2/token HTTP/1.1".to_string()
+        ),
+        "{:?}",
+        forward.requests()
+    );
+    for shown in [&stdout, &stderr] {
+        assert!(!shown.contains(PROXY_PASSWORD), "{shown}");
+    }
+}
