@@ -351,15 +351,20 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_connection_closes_after_the_idle_timeout() {
-        let (port, upstream) = one_answer().await;
-        let pool = Http1Pool::new(
+    /// A pool for the loopback `port`: 5 s connect timeout, 90 s idle timeout.
+    fn pool(port: u16) -> Http1Pool {
+        Http1Pool::new(
             "127.0.0.1",
             port,
             Duration::from_secs(5),
             Duration::from_secs(90),
-        );
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_after_the_idle_timeout() {
+        let (port, upstream) = one_answer().await;
+        let pool = pool(port);
         get_once(&pool).await;
         let (n, idle) = upstream.await.unwrap();
         assert_eq!(n, 0, "the proxy closed the connection");
@@ -372,12 +377,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_pool_closes_its_idle_connections() {
         let (port, upstream) = one_answer().await;
-        let pool = Http1Pool::new(
-            "127.0.0.1",
-            port,
-            Duration::from_secs(5),
-            Duration::from_secs(90),
-        );
+        let pool = pool(port);
         get_once(&pool).await;
         drop(pool);
         let (n, idle) = tokio::time::timeout(Duration::from_secs(5), upstream)

@@ -79,9 +79,8 @@ struct Inner {
     slot: Arc<TokenSlot>,
     /// Plain `http` upstreams: the per-thread HTTP/1.1 pool, the fast path.
     pool: Option<Http1Pool>,
-    /// For a plain-http upstream through a forward proxy: its `Proxy-Authorization`, if any.
-    http_proxy: Option<Option<http::HeaderValue>>,
-    /// The forward proxy to the upstream, named in error messages.
+    /// The forward proxy to the upstream: a plain-http upstream's requests go to it in
+    /// absolute form with its credentials; errors name it.
     proxy: Option<egress::ForwardProxy>,
     clients: Arc<ArcSwap<Clients>>,
     tunnels: TaskTracker,
@@ -171,7 +170,6 @@ impl ProxyService {
             allowed_clients: route.allowed_clients.clone(),
             slot,
             pool,
-            http_proxy: route.proxy.as_ref().map(|p| p.authorization().cloned()),
             proxy: route.proxy.clone(),
             clients,
             tunnels,
@@ -333,7 +331,7 @@ impl ProxyService {
         // The pool speaks to one upstream and sends the origin-form target; hyper-util's
         // client takes the absolute URI and does the same on the wire.
         let pooled = !upgrade && inner.pool.is_some();
-        let via_proxy = pooled && inner.http_proxy.is_some();
+        let via_proxy = pooled && inner.proxy.is_some();
         parts.uri = upstream_uri(
             &inner.upstream,
             parts.uri.path_and_query(),
@@ -347,7 +345,8 @@ impl ProxyService {
             upgrade,
             streamed,
         );
-        if let (true, Some(Some(auth))) = (via_proxy, &inner.http_proxy) {
+        let proxy_auth = inner.proxy.as_ref().and_then(|p| p.authorization());
+        if let (true, Some(auth)) = (via_proxy, proxy_auth) {
             parts
                 .headers
                 .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
