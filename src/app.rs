@@ -189,7 +189,7 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     running.apply(config).await?;
     if let Some(listener) = admin {
         running.admin_addr = listener.local_addr().ok();
-        info!(listen = ?running.admin_addr, "admin listening (/healthz, /readyz)");
+        info!(listen = ?running.admin_addr, "admin listening (/healthz, /readyz, /metrics)");
         let service = AdminService::new(running.admin_slots.clone(), running.metrics.clone());
         running.serving.spawn(server::serve(
             listener,

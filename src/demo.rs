@@ -828,6 +828,7 @@ scope = "api://demo/.default"
 extra_params = {{ Type = "oauth2" }}
 
 [[routes]]
+name = "demo"
 listen = "{listen}"
 upstream = "http://{upstream}/api"
 credential = "demo"

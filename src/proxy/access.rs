@@ -45,7 +45,7 @@ impl Access {
                 method = %self.method,
                 path = self.uri.path(),
                 status = status.as_u16(),
-                duration_ms = elapsed.as_secs_f64() * 1e3,
+                duration_ms = elapsed.as_micros() as f64 / 1e3,
                 bytes,
                 complete,
                 "request"
