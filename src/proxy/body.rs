@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use super::access::Access;
 use super::pool::Checkin;
+use super::raw::RawBody;
 
 /// The client sent more than the route's `max_body_bytes`.
 #[derive(Debug, thiserror::Error)]
@@ -101,16 +102,43 @@ impl Body for UpstreamBody {
 /// it is dropped, its request's [`Access`] record is finished.
 #[derive(Debug)]
 pub struct ResponseBody {
-    inner: Incoming,
+    inner: Source,
     checkin: Option<Checkin>,
     access: Option<(Access, http::StatusCode)>,
     bytes: u64,
     ended: bool,
 }
 
+/// Where the body's bytes come from.
+#[derive(Debug)]
+enum Source {
+    /// hyper's client.
+    Hyper(Incoming),
+    /// The lean exchange of a bodiless request (`raw.rs`), which returns its own connection.
+    Raw(RawBody),
+}
+
+impl Source {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Hyper(b) => b.is_end_stream(),
+            Source::Raw(b) => b.is_end_stream(),
+        }
+    }
+}
+
 impl ResponseBody {
+    /// From the lean exchange.
+    pub fn raw(body: RawBody) -> Self {
+        Self::with(Source::Raw(body), None)
+    }
+
     /// `inner`, returning `checkin` to its pool at the end.
     pub fn new(inner: Incoming, checkin: Option<Checkin>) -> Self {
+        Self::with(Source::Hyper(inner), checkin)
+    }
+
+    fn with(inner: Source, checkin: Option<Checkin>) -> Self {
         ResponseBody {
             inner,
             checkin,
@@ -143,13 +171,16 @@ impl Drop for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = match &mut self.inner {
+            Source::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Source::Raw(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        };
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 self.bytes += data.len() as u64;
@@ -173,6 +204,9 @@ impl Body for ResponseBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Hyper(b) => b.size_hint(),
+            Source::Raw(b) => b.size_hint(),
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod access;
 pub mod body;
 pub mod headers;
 pub mod pool;
+pub mod raw;
 pub mod service;
 
 use bytes::Bytes;

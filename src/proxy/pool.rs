@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::body::UpstreamBody;
+use super::raw::{RawBody, RawConn, RawError, Reuse};
 
 /// Idle connections kept per thread and route; more are closed when they come back.
 const MAX_IDLE_PER_THREAD: usize = 1024;
@@ -57,6 +58,9 @@ pub enum SendError {
     /// may or may not have been seen, so only an idempotent one may be sent again.
     #[error("the upstream closed a kept-alive connection before answering: {0}")]
     Stale(#[source] hyper::Error),
+    /// The lean exchange of a bodiless request failed.
+    #[error("{0}")]
+    Raw(#[source] RawError),
 }
 
 /// The pool of one route. Dropping it closes its idle connections on every thread.
@@ -99,6 +103,78 @@ struct Local {
     id: u64,
     closed: CancellationToken,
     idle: Vec<Conn>,
+    /// Connections of the lean exchange for bodiless requests (see `raw.rs`).
+    raw: Vec<RawConn>,
+    /// Whether a sweeper closes this thread's idle raw connections.
+    swept: bool,
+}
+
+/// This thread's stack of the pool `id`, created if needed.
+fn local<'a>(locals: &'a mut Vec<Local>, shared: &Shared) -> &'a mut Local {
+    match locals.iter().position(|l| l.id == shared.id) {
+        Some(i) => &mut locals[i],
+        None => {
+            // A new pool on this thread: also forget the stacks of dropped pools.
+            locals.retain(|l| !l.closed.is_cancelled());
+            locals.push(Local {
+                id: shared.id,
+                closed: shared.closed.clone(),
+                idle: Vec::new(),
+                raw: Vec::new(),
+                swept: false,
+            });
+            locals.last_mut().expect("just pushed")
+        }
+    }
+}
+
+impl Reuse for Shared {
+    fn reuse(&self, mut conn: RawConn) {
+        if self.closed.is_cancelled() {
+            return;
+        }
+        conn.idle_since = Instant::now();
+        let sweep = IDLE.with_borrow_mut(|locals| {
+            let local = local(locals, self);
+            if local.raw.len() < MAX_IDLE_PER_THREAD {
+                local.raw.push(conn);
+            }
+            !std::mem::replace(&mut local.swept, true)
+        });
+        if sweep {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(sweep_raw(self.id, self.closed.clone(), self.idle_timeout));
+            }
+        }
+    }
+}
+
+/// Closes this thread's raw connections of the pool `id` once idle for `idle_timeout`, and
+/// all of them when the pool is dropped. Idle raw connections are polled by nobody, so a
+/// connection the upstream closed lingers until then (or until a request finds it closed
+/// and sends again on another).
+async fn sweep_raw(id: u64, closed: CancellationToken, idle_timeout: Duration) {
+    let every = (idle_timeout / 4).max(Duration::from_millis(250));
+    loop {
+        let stopping = tokio::select! {
+            _ = closed.cancelled() => true,
+            _ = tokio::time::sleep(every) => false,
+        };
+        let now = Instant::now();
+        IDLE.with_borrow_mut(|locals| {
+            if let Some(local) = locals.iter_mut().find(|l| l.id == id) {
+                local.raw.retain(|c| {
+                    !stopping && now.saturating_duration_since(c.idle_since) < idle_timeout
+                });
+                if stopping {
+                    local.swept = false;
+                }
+            }
+        });
+        if stopping {
+            return;
+        }
+    }
 }
 
 thread_local! {
@@ -128,19 +204,7 @@ impl Checkin {
             .0
             .store(shared.millis(Instant::now()), Ordering::Relaxed);
         IDLE.with_borrow_mut(|locals| {
-            let local = match locals.iter().position(|l| l.id == shared.id) {
-                Some(i) => &mut locals[i],
-                None => {
-                    // A new pool on this thread: also forget the stacks of dropped pools.
-                    locals.retain(|l| !l.closed.is_cancelled());
-                    locals.push(Local {
-                        id: shared.id,
-                        closed: shared.closed.clone(),
-                        idle: Vec::new(),
-                    });
-                    locals.last_mut().expect("just pushed")
-                }
-            };
+            let local = local(locals, &shared);
             if local.idle.len() < MAX_IDLE_PER_THREAD {
                 local.idle.push(conn);
             }
@@ -230,6 +294,49 @@ impl Http1Pool {
         }
     }
 
+    /// Sends the bodiless request `parts` (target and headers ready) with the lean exchange
+    /// on an idle raw connection of this thread, or on a new one. A reused connection that
+    /// the upstream had closed is replaced and the request sent again: only bodiless
+    /// idempotent requests come here. The body returns the connection when read to its end.
+    pub async fn send_bodiless(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<Response<RawBody>, SendError> {
+        loop {
+            let idle = self.checkout_raw();
+            let pooled = idle.is_some();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => RawConn::new(self.connect_stream().await?),
+            };
+            match conn.exchange(parts).await {
+                Ok(mut response) => {
+                    response.body_mut().on_done(self.shared.clone());
+                    return Ok(response);
+                }
+                Err(RawError::Stale) if pooled => {
+                    debug!("pooled upstream connection was closed: sending on another");
+                }
+                Err(e) => return Err(SendError::Raw(e)),
+            }
+        }
+    }
+
+    /// An idle raw connection of this thread, not idle for too long.
+    fn checkout_raw(&self) -> Option<RawConn> {
+        let id = self.shared.id;
+        let now = Instant::now();
+        IDLE.with_borrow_mut(|locals| {
+            let local = locals.iter_mut().find(|l| l.id == id)?;
+            while let Some(conn) = local.raw.pop() {
+                if now.saturating_duration_since(conn.idle_since) < self.shared.idle_timeout {
+                    return Some(conn);
+                }
+            }
+            None
+        })
+    }
+
     /// An idle connection of this thread that is still open.
     fn checkout(&self) -> Option<Conn> {
         let id = self.shared.id;
@@ -245,8 +352,8 @@ impl Http1Pool {
         })
     }
 
-    /// A new connection, driven by its own task until it closes.
-    async fn connect(&self) -> Result<Conn, SendError> {
+    /// A new TCP connection to the upstream (or its forward proxy), `TCP_NODELAY` set.
+    async fn connect_stream(&self) -> Result<TcpStream, SendError> {
         let shared = &self.shared;
         let connecting = async {
             match &shared.target {
@@ -259,6 +366,13 @@ impl Http1Pool {
             .map_err(|_| SendError::ConnectTimeout(shared.connect_timeout.as_secs_f64()))?
             .map_err(SendError::Connect)?;
         stream.set_nodelay(true).map_err(SendError::Connect)?;
+        Ok(stream)
+    }
+
+    /// A new connection, driven by its own task until it closes.
+    async fn connect(&self) -> Result<Conn, SendError> {
+        let shared = &self.shared;
+        let stream = self.connect_stream().await?;
         let (sender, connection) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await

@@ -352,6 +352,29 @@ impl ProxyService {
                 .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
         }
 
+        // The commonest request, bodiless and idempotent to a plain-http upstream, takes the
+        // lean exchange (raw.rs). Its head stays here, so a 401 replay needs no copy.
+        let bodiless_idempotent = size == Some(0)
+            && matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+            );
+        if let (true, Some(pool)) = (pooled && bodiless_idempotent, &inner.pool) {
+            drop(body);
+            let mut response = self.send_bodiless(pool, &parts).await?;
+            if response.status() == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
+                if let Some(fresh) = self.token_after_401(&authorization).await {
+                    debug!("upstream answered 401: replaying once with a new token");
+                    inner.metrics.replay_401();
+                    parts.headers.insert(http::header::AUTHORIZATION, fresh);
+                    response = self.send_bodiless(pool, &parts).await?;
+                }
+            }
+            let streamed = response.body().size_hint().exact().is_none();
+            headers::prepare_response(response.headers_mut(), false, streamed);
+            return Ok(response.map(|body| Either::Left(ResponseBody::raw(body))));
+        }
+
         let (body, replay) = if replayable {
             let bytes = if size == Some(0) {
                 bytes::Bytes::new()
@@ -433,6 +456,29 @@ impl ProxyService {
         }
     }
 
+    /// Sends a bodiless request with the pool's lean exchange, bounded by the response timeout.
+    async fn send_bodiless(
+        &self,
+        pool: &Http1Pool,
+        parts: &http::request::Parts,
+    ) -> Result<Response<super::raw::RawBody>, ProxyError> {
+        let inner = &*self.inner;
+        match tokio::time::timeout(inner.response_timeout, pool.send_bodiless(parts)).await {
+            Ok(r) => r.map_err(|e| pool_error(inner, &e)),
+            Err(_) => Err(self.response_timed_out()),
+        }
+    }
+
+    /// The answer when the upstream sent no response head in time.
+    fn response_timed_out(&self) -> ProxyError {
+        let inner = &*self.inner;
+        ProxyError::UpstreamTimeout(format!(
+            "upstream {} sent no response within {:.1} s",
+            inner.upstream.url,
+            inner.response_timeout.as_secs_f64()
+        ))
+    }
+
     /// Sends one request upstream (on a new connection if `fresh`), bounded by the response
     /// timeout. The response comes with its pooled connection, to go back when the body has
     /// been read.
@@ -470,11 +516,7 @@ impl ProxyService {
         };
         match tokio::time::timeout(inner.response_timeout, sent).await {
             Ok(r) => r,
-            Err(_) => Err(failed(ProxyError::UpstreamTimeout(format!(
-                "upstream {} sent no response within {:.1} s",
-                inner.upstream.url,
-                inner.response_timeout.as_secs_f64()
-            )))),
+            Err(_) => Err(failed(self.response_timed_out())),
         }
     }
 
