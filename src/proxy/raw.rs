@@ -29,8 +29,11 @@ use tokio::time::Instant;
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a response head.
 const MAX_HEADERS: usize = 128;
-/// Bytes asked of the socket per read.
+/// Bytes asked of the socket per read of a response head.
 const READ_CHUNK: usize = 16 * 1024;
+/// Bytes asked of the socket per read of a response body: large bodies stream in large
+/// frames. An idle connection keeps none of it (see `RawBody::finish`).
+const BODY_CHUNK: usize = 64 * 1024;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -113,8 +116,14 @@ impl RawConn {
                 Err(e) => return Err(e.into()),
             }
         };
+        let mut head = head;
+        // Transfer-Encoding overrides Content-Length, which must not be passed on with it
+        // (RFC 9112 §6.3), and such a message ends the connection.
+        let both = head.headers.contains_key(TRANSFER_ENCODING)
+            && head.headers.remove(CONTENT_LENGTH).is_some();
         let framing = framing(&parts.method, &head)?;
-        let keep_alive = head.version == Version::HTTP_11
+        let keep_alive = !both
+            && head.version == Version::HTTP_11
             && !head
                 .headers
                 .get_all(CONNECTION)
@@ -325,9 +334,11 @@ impl RawBody {
 
     fn finish(&mut self) {
         self.framing = Framing::Empty;
-        if let (Some(conn), true) = (self.conn.take(), self.reusable) {
+        if let (Some(mut conn), true) = (self.conn.take(), self.reusable) {
             // Bytes after the response: the connection's framing cannot be trusted.
             if conn.buf.is_empty() {
+                // An idle connection holds no read buffer.
+                conn.buf = BytesMut::new();
                 if let Some(done) = self.done.take() {
                     done.reuse(conn);
                 }
@@ -340,7 +351,7 @@ impl RawBody {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(Ok(false));
         };
-        conn.buf.reserve(READ_CHUNK);
+        conn.buf.reserve(BODY_CHUNK);
         let n = std::task::ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut conn.stream),
             cx,
@@ -634,7 +645,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn close_delimited_and_connection_close_are_not_reused() {
+    async fn close_delimited_connection_close_and_te_with_cl_are_not_reused() {
         let (addr, _seen) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"], true).await;
         let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let (_, body, _, conn) = fetch(conn, Method::GET).await;
@@ -648,6 +659,17 @@ mod tests {
         let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let (_, body, _, conn) = fetch(conn, Method::GET).await;
         assert_eq!(&body[..], b"ok");
+        assert!(conn.is_none());
+        // Both framings: chunked wins, the length is not passed on, the connection ends.
+        let (addr, _seen) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+            false,
+        )
+        .await;
+        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let (r, body, _, conn) = fetch(conn, Method::GET).await;
+        assert_eq!(&body[..], b"ok");
+        assert!(!r.headers().contains_key(CONTENT_LENGTH));
         assert!(conn.is_none());
     }
 
