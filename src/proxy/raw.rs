@@ -31,9 +31,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Bytes asked of the socket per read of a response head.
 const READ_CHUNK: usize = 16 * 1024;
-/// Bytes asked of the socket per read of a response body: large bodies stream in large
-/// frames. An idle connection keeps none of it (see `RawBody::finish`).
-const BODY_CHUNK: usize = 64 * 1024;
+/// Bytes asked of the socket per read of a response body, at first and at most: a read that
+/// fills its buffer doubles the next one, so large bodies stream in large frames. An idle
+/// connection keeps none of it (see `RawBody::finish`).
+const BODY_CHUNK: (usize, usize) = (16 * 1024, 512 * 1024);
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,7 @@ impl RawConn {
         self.reused = true;
         let mut response = Response::new(RawBody {
             conn: Some(self),
+            chunk: BODY_CHUNK.0,
             framing,
             reusable,
             done: None,
@@ -309,6 +311,8 @@ pub type Done = std::sync::Arc<dyn Reuse>;
 /// connection goes to `done` if it can serve another request; dropped early, it closes.
 pub struct RawBody {
     conn: Option<RawConn>,
+    /// Bytes to ask of the socket at the next read.
+    chunk: usize,
     framing: Framing,
     reusable: bool,
     done: Option<Done>,
@@ -351,12 +355,16 @@ impl RawBody {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(Ok(false));
         };
-        conn.buf.reserve(BODY_CHUNK);
+        conn.buf.reserve(self.chunk);
+        let room = conn.buf.capacity() - conn.buf.len();
         let n = std::task::ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut conn.stream),
             cx,
             &mut conn.buf
         ))?;
+        if n == room {
+            self.chunk = (self.chunk * 2).min(BODY_CHUNK.1);
+        }
         Poll::Ready(Ok(n > 0))
     }
 
