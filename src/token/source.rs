@@ -205,20 +205,9 @@ impl TokenError {
 /// Fetches tokens for one credential.
 #[derive(Debug)]
 pub struct TokenSource {
-    name: String,
     /// The client, and the `ca_file` stamp it was built with: rebuilt when the file changes.
     client: std::sync::Mutex<(Option<tls::FileStamp>, reqwest::Client)>,
     config: CredentialConfig,
-    url: Url,
-    client_id: String,
-    credential: ClientCredential,
-    scope: Option<String>,
-    audience: Option<String>,
-    resource: Option<String>,
-    auth_method: AuthMethod,
-    extra_params: Vec<(String, String)>,
-    timeout: Duration,
-    default_expires_in: Duration,
 }
 
 impl TokenSource {
@@ -227,19 +216,8 @@ impl TokenSource {
         let client = build_client(cfg)?;
         let stamp = cfg.ca_file.as_deref().map(tls::file_stamp);
         Ok(TokenSource {
-            name: cfg.name.clone(),
             client: std::sync::Mutex::new((stamp, client)),
             config: cfg.clone(),
-            url: cfg.token_url.clone(),
-            client_id: cfg.client_id.clone(),
-            credential: cfg.client_credential.clone(),
-            scope: cfg.scope.clone(),
-            audience: cfg.audience.clone(),
-            resource: cfg.resource.clone(),
-            auth_method: cfg.auth_method,
-            extra_params: cfg.extra_params.clone(),
-            timeout: cfg.token_timeout,
-            default_expires_in: cfg.default_expires_in,
         })
     }
 
@@ -253,11 +231,11 @@ impl TokenSource {
             if guard.0.as_ref() != Some(&now) {
                 match build_client(&self.config) {
                     Ok(client) => {
-                        tracing::info!(credential = %self.name, "ca_file changed: the token client uses it now");
+                        tracing::info!(credential = %self.config.name, "ca_file changed: the token client uses it now");
                         *guard = (Some(now), client);
                     }
                     Err(e) => {
-                        tracing::warn!(credential = %self.name, error = %e, "ca_file changed but is unusable: keeping the current one");
+                        tracing::warn!(credential = %self.config.name, error = %e, "ca_file changed but is unusable: keeping the current one");
                         guard.0 = Some(now);
                     }
                 }
@@ -268,17 +246,17 @@ impl TokenSource {
 
     /// The credential's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.config.name
     }
 
     /// The token endpoint.
     pub fn url(&self) -> &Url {
-        &self.url
+        &self.config.token_url
     }
 
     /// The secret or the client assertion for one token request.
     async fn proof(&self) -> Result<Secret, TokenError> {
-        match &self.credential {
+        match &self.config.client_credential {
             ClientCredential::Secret(SecretSource::Inline(s)) => Ok(s.clone()),
             ClientCredential::Secret(SecretSource::File(path)) => read_secret_file(path).await,
             ClientCredential::AssertionFile(path) => {
@@ -290,8 +268,8 @@ impl TokenSource {
                 })
             }
             ClientCredential::PrivateKey(files) => {
-                let (files, client_id) = (files.clone(), self.client_id.clone());
-                let audience = self.url.to_string();
+                let (files, client_id) = (files.clone(), self.config.client_id.clone());
+                let audience = self.config.token_url.to_string();
                 tokio::task::spawn_blocking(move || {
                     SigningKey::load(&files)?.sign(&client_id, &audience, SystemTime::now())
                 })
@@ -308,13 +286,18 @@ impl TokenSource {
         // Sized up front so the buffer holding the secret never reallocates (a reallocation
         // would leave a copy behind that is not zeroed).
         let extra: usize = self
+            .config
             .extra_params
             .iter()
             .map(|(k, v)| k.len() + v.len() + 2)
             .sum();
-        let optional = [&self.scope, &self.audience, &self.resource];
+        let optional = [
+            &self.config.scope,
+            &self.config.audience,
+            &self.config.resource,
+        ];
         let raw = 128
-            + self.client_id.len()
+            + self.config.client_id.len()
             + secret.expose().len()
             + optional
                 .iter()
@@ -323,29 +306,29 @@ impl TokenSource {
             + extra;
         let mut form = form_urlencoded::Serializer::new(String::with_capacity(raw * 3));
         form.append_pair("grant_type", "client_credentials");
-        match &self.credential {
+        match &self.config.client_credential {
             ClientCredential::Secret(_) => {
-                if self.auth_method == AuthMethod::ClientSecretPost {
-                    form.append_pair("client_id", &self.client_id);
+                if self.config.auth_method == AuthMethod::ClientSecretPost {
+                    form.append_pair("client_id", &self.config.client_id);
                     form.append_pair("client_secret", secret.expose());
                 }
             }
             ClientCredential::PrivateKey(_) | ClientCredential::AssertionFile(_) => {
-                form.append_pair("client_id", &self.client_id);
+                form.append_pair("client_id", &self.config.client_id);
                 form.append_pair("client_assertion_type", ASSERTION_TYPE);
                 form.append_pair("client_assertion", secret.expose());
             }
         }
         for (name, value) in [
-            ("scope", &self.scope),
-            ("audience", &self.audience),
-            ("resource", &self.resource),
+            ("scope", &self.config.scope),
+            ("audience", &self.config.audience),
+            ("resource", &self.config.resource),
         ] {
             if let Some(value) = value {
                 form.append_pair(name, value);
             }
         }
-        for (k, v) in &self.extra_params {
+        for (k, v) in &self.config.extra_params {
             form.append_pair(k, v);
         }
         form.finish()
@@ -357,18 +340,18 @@ impl TokenSource {
         let requested_at = Instant::now();
         let mut request = self
             .client()
-            .post(self.url.clone())
+            .post(self.config.token_url.clone())
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
             .body(crate::secret::zeroizing_bytes(
                 self.form(&secret).into_bytes(),
             ));
-        if matches!(self.credential, ClientCredential::Secret(_))
-            && self.auth_method == AuthMethod::ClientSecretBasic
+        if matches!(self.config.client_credential, ClientCredential::Secret(_))
+            && self.config.auth_method == AuthMethod::ClientSecretBasic
         {
-            request = request.header(AUTHORIZATION, basic_auth(&self.client_id, &secret));
+            request = request.header(AUTHORIZATION, basic_auth(&self.config.client_id, &secret));
         }
-        let url = self.url.as_str();
+        let url = self.config.token_url.as_str();
         let exchange = async {
             let mut response = request.send().await?;
             let status = response.status();
@@ -395,17 +378,17 @@ impl TokenSource {
             Ok::<_, reqwest::Error>(Ok((status, retry_after, content_type, body)))
         };
         let (status, retry_after, content_type, body) =
-            match tokio::time::timeout(self.timeout, exchange).await {
+            match tokio::time::timeout(self.config.token_timeout, exchange).await {
                 Err(_) => {
                     return Err(TokenError::Timeout {
                         url: url.into(),
-                        secs: self.timeout.as_secs_f64(),
+                        secs: self.config.token_timeout.as_secs_f64(),
                     })
                 }
                 Ok(Err(e)) if e.is_timeout() => {
                     return Err(TokenError::Timeout {
                         url: url.into(),
-                        secs: self.timeout.as_secs_f64(),
+                        secs: self.config.token_timeout.as_secs_f64(),
                     })
                 }
                 Ok(Err(e)) => {
@@ -421,7 +404,7 @@ impl TokenSource {
             retry_after,
             &content_type,
             &body,
-            self.default_expires_in,
+            self.config.default_expires_in,
             &secret,
         )?;
         Ok(Fetched {
