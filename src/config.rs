@@ -17,7 +17,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::assertion::{JwtAlgorithm, SigningKeyFiles};
-use crate::egress::{ForwardProxy, ProxySetting};
+use crate::egress::{is_local, ForwardProxy, ProxySetting};
 use crate::secret::Secret;
 
 /// Default seconds before expiry at which a token is refreshed.
@@ -1316,16 +1316,6 @@ pub fn read_inbound_token(path: &Path) -> Result<Secret, String> {
         return Err(format!("{} holds fewer than 16 characters", path.display()));
     }
     Ok(Secret::new(token))
-}
-
-/// Whether `url` points at this machine (a loopback address or `localhost`).
-fn is_local(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).to_canonical().is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
-    }
 }
 
 impl Config {

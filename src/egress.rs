@@ -172,7 +172,7 @@ pub fn proxy_for(
             Matcher::builder().all(url.expose().to_string()).build()
         }
         ProxySetting::Env => {
-            if is_loopback(dst) {
+            if is_local(dst) {
                 return Ok(None);
             }
             let first =
@@ -230,10 +230,12 @@ fn check_proxy_url(value: &str, name: &str) -> Result<(), ProxyError> {
     Ok(())
 }
 
-fn is_loopback(dst: &url::Url) -> bool {
-    match dst.host() {
+/// Whether `url` points at this machine (a loopback address, IPv4-mapped ones included, or
+/// `localhost`). Also what the config's plain-http checks use.
+pub fn is_local(url: &url::Url) -> bool {
+    match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => std::net::IpAddr::V6(ip).to_canonical().is_loopback(),
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         None => false,
     }
