@@ -193,7 +193,11 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
         let service = AdminService::new(running.admin_slots.clone(), running.metrics.clone());
         running.serving.spawn(server::serve(
             listener,
-            move |_| (service.clone(), CancellationToken::new()),
+            move |_| server::Served {
+                service: service.clone(),
+                retire: CancellationToken::new(),
+                front: None,
+            },
             running.limits,
             // Probes have their own connections: clients using up max_connections cannot
             // make the proxy look dead.
@@ -384,8 +388,12 @@ impl Running {
                     self.serving.spawn(server::serve(
                         listener,
                         move |peer| {
-                            let service = current.load();
-                            (service.for_peer(peer), service.retired())
+                            let service = current.load().for_peer(peer);
+                            server::Served {
+                                front: service.has_front_door().then(|| service.clone()),
+                                retire: service.retired(),
+                                service,
+                            }
                         },
                         self.limits,
                         self.permits.clone(),

@@ -260,7 +260,11 @@ where
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::spawn(server::serve(
         listener,
-        move |_| (service.clone(), CancellationToken::new()),
+        move |_| crate::server::Served {
+            service: service.clone(),
+            retire: CancellationToken::new(),
+            front: None,
+        },
         limits,
         permits,
         cancel.clone(),

@@ -1,7 +1,10 @@
 //! Listeners: the accept loop, one span per connection, and graceful drain.
 //!
-//! Each accepted connection is served by hyper-util's auto builder (HTTP/1.1 and h2c on the same
-//! port, upgrades allowed) in a task owned by a [`TaskTracker`]. When `cancel` fires the loop
+//! Each accepted connection is served in a task owned by a [`TaskTracker`]: on a route with a
+//! plain-`http` upstream, first by the front door (`proxy::front`), which answers bodiless
+//! HTTP/1.1 requests itself; then, or from the start, by hyper-util's auto builder (HTTP/1.1
+//! and h2c on the same port, upgrades allowed), which gets the bytes the front door had
+//! already read. When `cancel` fires the loop
 //! stops accepting and every connection is told to finish its requests in flight and close;
 //! the caller waits on the tracker, bounded by the grace period.
 //!
@@ -19,6 +22,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -32,6 +36,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use crate::config::{ClientLimits, ListenAddr};
+use crate::proxy::front::{self, Outcome, Rewind};
+use crate::proxy::service::ProxyService;
 
 /// Binds `addr`, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
@@ -241,9 +247,21 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Accepts connections on `listener` and serves each with the service `make` builds for the
-/// peer, until `cancel` fires. `make` also returns a token that retires the connection (a
-/// reload replaced its service): the connection then finishes its requests and closes.
+/// What serves one connection.
+#[derive(Debug)]
+pub struct Served<S> {
+    /// hyper's service.
+    pub service: S,
+    /// Fired when the service is retired (a reload replaced it): the connection then finishes
+    /// its requests and closes.
+    pub retire: CancellationToken,
+    /// The front door for its bodiless HTTP/1.1 requests, if the route has one
+    /// ([`ProxyService::has_front_door`]); hyper serves the rest.
+    pub front: Option<ProxyService>,
+}
+
+/// Accepts connections on `listener` and serves each as `make` says for the peer, until
+/// `cancel` fires.
 /// `permits` bounds the open connections: when none is left, the accept loop waits and new
 /// connections stay in the kernel's accept queue.
 #[allow(clippy::too_many_arguments)]
@@ -256,7 +274,7 @@ pub async fn serve<S, B, F>(
     connections: TaskTracker,
     name: &'static str,
 ) where
-    F: Fn(Option<SocketAddr>) -> (S, CancellationToken) + Send + 'static,
+    F: Fn(Option<SocketAddr>) -> Served<S> + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -305,12 +323,24 @@ pub async fn serve<S, B, F>(
                 Err(_) => break,
             },
         };
-        let (service, retire) = make(peer);
+        let Served {
+            service,
+            retire,
+            front,
+        } = make(peer);
         let cancel = cancel.clone();
         let span = tracing::debug_span!("conn", listener = name, local = %local, peer = ?peer);
         let builder = builder.clone();
         let serve = move |stream: Conn| async move {
             let _permit = permit;
+            let stream = match &front {
+                Some(front) => match front::serve(stream, front, &limits, [&cancel, &retire]).await
+                {
+                    Outcome::Closed => return,
+                    Outcome::Handoff(rewound) => rewound,
+                },
+                None => Rewind::new(stream, Bytes::new()),
+            };
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod body;
+pub mod front;
 pub mod headers;
 pub mod pool;
 pub mod raw;

@@ -221,14 +221,42 @@ impl ProxyService {
 
     /// Handles one request; never fails (errors become JSON responses).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        // Cheap clones (reference counts), kept for the record written at the end.
-        let access = Access::new(
+        let access = self.access(req.method(), req.uri());
+        let result = self.forward(req).await;
+        self.respond(access, result)
+    }
+
+    /// Whether the front door (`front.rs`) may take this route's bodiless HTTP/1.1 requests:
+    /// they can go through the lean exchange (a plain-`http` upstream).
+    pub fn has_front_door(&self) -> bool {
+        self.inner.pool.is_some()
+    }
+
+    /// Handles a bodiless `GET`, `HEAD`, `DELETE` or `OPTIONS` read by the front door, as
+    /// [`handle`](Self::handle) would; never fails.
+    pub async fn handle_bodiless(&self, head: http::request::Parts) -> Response<ProxyBody> {
+        let access = self.access(&head.method, &head.uri);
+        let result = self.forward_bodiless(head).await;
+        self.respond(access, result)
+    }
+
+    /// The record finished when the response ends (cheap clones: reference counts).
+    fn access(&self, method: &Method, uri: &Uri) -> Access {
+        Access::new(
             self.inner.metrics.clone(),
             self.inner.access_log,
-            req.method().clone(),
-            req.uri().clone(),
-        );
-        match self.forward(req).await {
+            method.clone(),
+            uri.clone(),
+        )
+    }
+
+    /// The response to send: the upstream's, or the JSON for an error (logged once, here).
+    fn respond(
+        &self,
+        access: Access,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Response<ProxyBody> {
+        match result {
             Ok(mut response) => {
                 let status = response.status();
                 match response.body_mut() {
@@ -251,7 +279,7 @@ impl ProxyService {
     }
 
     /// Refuses what the route does not accept, before anything else is looked at.
-    fn admit(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    fn admit(&self, head: Head<'_>, size: Option<u64>) -> Result<(), ProxyError> {
         let inner = &*self.inner;
         if !inner.allowed_clients.is_empty() {
             let allowed = self
@@ -264,37 +292,37 @@ impl ProxyService {
             }
         }
         if let Some(expected) = &inner.inbound_token {
-            let sent = req.headers().get(http::header::PROXY_AUTHORIZATION);
+            let sent = head.headers.get(http::header::PROXY_AUTHORIZATION);
             if !headers::bearer_matches(sent, expected.load().expose().as_bytes()) {
                 return Err(ProxyError::ProxyAuthenticationRequired(
                     "send `Proxy-Authorization: Bearer <inbound token>`: this route requires its inbound token".into(),
                 ));
             }
         }
-        if req.method() == Method::CONNECT {
+        if *head.method == Method::CONNECT {
             return Err(ProxyError::BadRequest(
                 "CONNECT is not supported: token-proxy is a reverse proxy for one upstream, not a forward proxy".into(),
             ));
         }
-        if req.version() < Version::HTTP_2
-            && (req.uri().scheme().is_some() || req.uri().authority().is_some())
+        if head.version < Version::HTTP_2
+            && (head.uri.scheme().is_some() || head.uri.authority().is_some())
         {
             return Err(ProxyError::BadRequest(
                 "absolute-form request targets are refused: send origin-form (`GET /path`), token-proxy chooses the upstream".into(),
             ));
         }
-        let hosts = req.headers().get_all(HOST).iter().count();
-        if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+        let hosts = head.headers.get_all(HOST).iter().count();
+        if hosts > 1 || (hosts == 0 && head.version == Version::HTTP_11) {
             return Err(ProxyError::BadRequest(format!(
                 "an HTTP/1.1 request needs exactly one Host header, this one has {hosts}"
             )));
         }
-        if headers::is_loop(req.headers()) {
+        if headers::is_loop(head.headers) {
             return Err(ProxyError::LoopDetected(
                 "this request already passed through this token-proxy: the route's upstream leads back to it".into(),
             ));
         }
-        if let (Some(limit), Some(len)) = (inner.max_body_bytes, req.body().size_hint().exact()) {
+        if let (Some(limit), Some(len)) = (inner.max_body_bytes, size) {
             if len > limit {
                 return Err(ProxyError::PayloadTooLarge(format!(
                     "request body of {len} bytes is over this route's limit of {limit} bytes"
@@ -306,21 +334,21 @@ impl ProxyService {
 
     async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
-        self.admit(&req)?;
-
-        let authorization = match inner.slot.header_at(Instant::now()) {
-            Some(h) => h,
-            None => inner
-                .slot
-                .wait_for_header(inner.token_wait)
-                .await
-                .map_err(|e| ProxyError::TokenUnavailable(e.to_string()))?,
-        };
+        let size = req.body().size_hint().exact();
+        self.admit(
+            Head {
+                method: req.method(),
+                version: req.version(),
+                uri: req.uri(),
+                headers: req.headers(),
+            },
+            size,
+        )?;
+        let authorization = self.authorization().await?;
 
         let upgrade =
             req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let size = req.body().size_hint().exact();
         let streamed = size.is_none();
         // A request can be replayed after a 401 if its whole body is small enough to keep.
         let replayable = inner.retry_on_401
@@ -331,48 +359,14 @@ impl ProxyService {
         // The pool speaks to one upstream and sends the origin-form target; hyper-util's
         // client takes the absolute URI and does the same on the wire.
         let pooled = !upgrade && inner.pool.is_some();
-        let via_proxy = pooled && inner.proxy.is_some();
-        parts.uri = upstream_uri(
-            &inner.upstream,
-            parts.uri.path_and_query(),
-            !pooled || via_proxy,
-        )?;
-        parts.version = Version::HTTP_11;
-        headers::prepare_request(
-            &mut parts.headers,
-            authorization.clone(),
-            &inner.upstream.host_header,
-            upgrade,
-            streamed,
-        );
-        let proxy_auth = inner.proxy.as_ref().and_then(|p| p.authorization());
-        if let (true, Some(auth)) = (via_proxy, proxy_auth) {
-            parts
-                .headers
-                .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
-        }
+        self.prepare(&mut parts, authorization.clone(), pooled, upgrade, streamed)?;
 
         // The commonest request, bodiless and idempotent to a plain-http upstream, takes the
         // lean exchange (raw.rs). Its head stays here, so a 401 replay needs no copy.
-        let bodiless_idempotent = size == Some(0)
-            && matches!(
-                parts.method,
-                Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-            );
+        let bodiless_idempotent = size == Some(0) && is_bodiless_method(&parts.method);
         if let (true, Some(pool)) = (pooled && bodiless_idempotent, &inner.pool) {
             drop(body);
-            let mut response = self.send_bodiless(pool, &parts).await?;
-            if response.status() == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
-                if let Some(fresh) = self.token_after_401(&authorization).await {
-                    debug!("upstream answered 401: replaying once with a new token");
-                    inner.metrics.replay_401();
-                    parts.headers.insert(http::header::AUTHORIZATION, fresh);
-                    response = self.send_bodiless(pool, &parts).await?;
-                }
-            }
-            let streamed = response.body().size_hint().exact().is_none();
-            headers::prepare_response(response.headers_mut(), false, streamed);
-            return Ok(response.map(|body| Either::Left(ResponseBody::raw(body))));
+            return self.exchange_bodiless(pool, parts, &authorization).await;
         }
 
         let (body, replay) = if replayable {
@@ -437,6 +431,102 @@ impl ProxyService {
         let streamed = response.body().size_hint().exact().is_none();
         headers::prepare_response(response.headers_mut(), switching, streamed);
         Ok(response.map(|body| Either::Left(ResponseBody::new(body, checkin))))
+    }
+
+    /// [`forward`](Self::forward) for a bodiless request whose head the front door read.
+    async fn forward_bodiless(
+        &self,
+        mut head: http::request::Parts,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.admit(
+            Head {
+                method: &head.method,
+                version: head.version,
+                uri: &head.uri,
+                headers: &head.headers,
+            },
+            Some(0),
+        )?;
+        let Some(pool) = &self.inner.pool else {
+            // The front door only serves routes with a pool (`has_front_door`).
+            return Err(ProxyError::BadRequest(
+                "this route takes no requests through the front door".into(),
+            ));
+        };
+        let authorization = self.authorization().await?;
+        self.prepare(&mut head, authorization.clone(), true, false, false)?;
+        self.exchange_bodiless(pool, head, &authorization).await
+    }
+
+    /// The `Authorization` value to send: the current token, lock-free and without I/O, or,
+    /// only when none is valid, the next one within the route's `token_wait`.
+    async fn authorization(&self) -> Result<http::HeaderValue, ProxyError> {
+        let slot = &self.inner.slot;
+        match slot.header_at(Instant::now()) {
+            Some(h) => Ok(h),
+            None => slot
+                .wait_for_header(self.inner.token_wait)
+                .await
+                .map_err(|e| ProxyError::TokenUnavailable(e.to_string())),
+        }
+    }
+
+    /// Turns the client's request head into the upstream's: the target under the upstream's
+    /// base path (absolute when hyper-util's client or a forward proxy takes it), the headers
+    /// readied, the forward proxy's credentials added where the request goes to it.
+    fn prepare(
+        &self,
+        parts: &mut http::request::Parts,
+        authorization: http::HeaderValue,
+        pooled: bool,
+        upgrade: bool,
+        streamed: bool,
+    ) -> Result<(), ProxyError> {
+        let inner = &*self.inner;
+        let via_proxy = pooled && inner.proxy.is_some();
+        parts.uri = upstream_uri(
+            &inner.upstream,
+            parts.uri.path_and_query(),
+            !pooled || via_proxy,
+        )?;
+        parts.version = Version::HTTP_11;
+        headers::prepare_request(
+            &mut parts.headers,
+            authorization,
+            &inner.upstream.host_header,
+            upgrade,
+            streamed,
+        );
+        let proxy_auth = inner.proxy.as_ref().and_then(|p| p.authorization());
+        if let (true, Some(auth)) = (via_proxy, proxy_auth) {
+            parts
+                .headers
+                .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+        }
+        Ok(())
+    }
+
+    /// The lean exchange of a prepared bodiless request, replayed once with a new token after
+    /// a `401`.
+    async fn exchange_bodiless(
+        &self,
+        pool: &Http1Pool,
+        mut parts: http::request::Parts,
+        authorization: &http::HeaderValue,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let inner = &*self.inner;
+        let mut response = self.send_bodiless(pool, &parts).await?;
+        if response.status() == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
+            if let Some(fresh) = self.token_after_401(authorization).await {
+                debug!("upstream answered 401: replaying once with a new token");
+                inner.metrics.replay_401();
+                parts.headers.insert(http::header::AUTHORIZATION, fresh);
+                response = self.send_bodiless(pool, &parts).await?;
+            }
+        }
+        let streamed = response.body().size_hint().exact().is_none();
+        headers::prepare_response(response.headers_mut(), false, streamed);
+        Ok(response.map(|body| Either::Left(ResponseBody::raw(body))))
     }
 
     /// After a 401 to `used`: retire that token (rate limited) and wait for the next one.
@@ -738,6 +828,24 @@ fn upstream_error(
         "lost the connection to"
     };
     ProxyError::UpstreamUnavailable(format!("{what} upstream {url}{via}: {cause}"))
+}
+
+/// What [`ProxyService::admit`] looks at of a request head.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    method: &'a Method,
+    version: Version,
+    uri: &'a Uri,
+    headers: &'a http::HeaderMap,
+}
+
+/// Methods whose bodiless requests take the lean exchange: idempotent, so a request the
+/// upstream's closing keep-alive connection lost may be sent again.
+pub fn is_bodiless_method(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    )
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
