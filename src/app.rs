@@ -214,7 +214,9 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 enum RoutePlan {
     Keep(usize),
     Update(usize, ProxyService),
-    Start(Listener, ProxyService),
+    /// The token stops the listener; the service was built with it, so that its `retired`
+    /// token fires with it too.
+    Start(Listener, ProxyService, CancellationToken),
 }
 
 impl Running {
@@ -303,7 +305,7 @@ impl Running {
                     let stop = self.stop_serving.child_token();
                     let metrics = self.metrics.route(&route.name);
                     let service =
-                        ProxyService::new(route, slot, metrics, self.serving.clone(), stop)
+                        ProxyService::new(route, slot, metrics, self.serving.clone(), stop.clone())
                             .map_err(tls_err)?;
                     let listener = Listener::bind(&route.listen, route.socket_mode)
                         .await
@@ -312,7 +314,7 @@ impl Running {
                             key: format!("routes[{i}].listen"),
                             source,
                         })?;
-                    RoutePlan::Start(listener, service)
+                    RoutePlan::Start(listener, service, stop)
                 }
             };
             plans.push((route.clone(), plan));
@@ -375,14 +377,13 @@ impl Running {
                     summary.routes_updated += 1;
                     entry
                 }
-                RoutePlan::Start(listener, service) => {
+                RoutePlan::Start(listener, service, stop) => {
                     let addr = listener
                         .bound_addr()
                         .unwrap_or_else(|_| match &route.listen {
                             ListenAddr::Tcp(a) => BoundAddr::Tcp(*a),
                             ListenAddr::Unix(p) => BoundAddr::Unix(p.clone()),
                         });
-                    let stop = self.stop_serving.child_token();
                     let service = Arc::new(ArcSwap::from_pointee(service));
                     let current = service.clone();
                     self.serving.spawn(server::serve(

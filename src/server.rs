@@ -253,7 +253,8 @@ pub struct Served<S> {
     /// hyper's service.
     pub service: S,
     /// Fired when the service is retired (a reload replaced it): the connection then finishes
-    /// its requests and closes.
+    /// its requests and closes. Where there is a front door, this token must also fire when
+    /// the listener's `cancel` does (a child of it): the front door watches only this one.
     pub retire: CancellationToken,
     /// The front door for its bodiless HTTP/1.1 requests, if the route has one
     /// ([`ProxyService::has_front_door`]); hyper serves the rest.
@@ -334,8 +335,7 @@ pub async fn serve<S, B, F>(
         let serve = move |stream: Conn| async move {
             let _permit = permit;
             let stream = match &front {
-                Some(front) => match front::serve(stream, front, &limits, [&cancel, &retire]).await
-                {
+                Some(front) => match front::serve(stream, front, &limits, &retire).await {
                     Outcome::Closed => return,
                     Outcome::Handoff(rewound) => rewound,
                 },

@@ -4,6 +4,8 @@
 
 mod support;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -89,7 +91,14 @@ async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
         "the unchanged credential kept its token"
     );
 
-    // Remove the first route: its listener closes.
+    // Remove the first route: its listener closes, and so do its idle kept-alive connections.
+    let mut idle = tokio::net::TcpStream::connect(addr(p1)).await.unwrap();
+    idle.write_all(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let summary = running
         .apply(&parse(&config_text(
             &url,
@@ -98,6 +107,11 @@ async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
         .await
         .unwrap();
     assert_eq!(summary.routes_stopped, 1);
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("the removed route's idle connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
     assert!(
         eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
             addr(p1)
@@ -215,7 +229,6 @@ async fn sighup_with_a_broken_file_keeps_serving_and_a_good_file_applies() {
 
 #[tokio::test]
 async fn a_changed_route_closes_its_open_keep_alive_connections_after_their_requests() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
     let p1 = free_port();

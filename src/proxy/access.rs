@@ -15,20 +15,19 @@ use crate::metrics::RouteMetrics;
 #[derive(Debug)]
 pub struct Access {
     route: Arc<RouteMetrics>,
-    log: bool,
     method: Method,
-    uri: Uri,
+    /// The target, kept only when the access log is written.
+    uri: Option<Uri>,
     started: Instant,
 }
 
 impl Access {
     /// A record for a request on `route`, started now; `log` writes the access log line.
-    pub fn new(route: Arc<RouteMetrics>, log: bool, method: Method, uri: Uri) -> Access {
+    pub fn new(route: Arc<RouteMetrics>, log: bool, method: Method, uri: &Uri) -> Access {
         Access {
             route,
-            log,
             method,
-            uri,
+            uri: log.then(|| uri.clone()),
             started: Instant::now(),
         }
     }
@@ -38,12 +37,12 @@ impl Access {
     pub fn finish(&self, status: StatusCode, bytes: u64, complete: bool) {
         let elapsed = self.started.elapsed();
         self.route.record(&self.method, status, elapsed);
-        if self.log {
+        if let Some(uri) = &self.uri {
             info!(
                 target: "token_proxy::access",
                 route = self.route.name(),
                 method = %self.method,
-                path = self.uri.path(),
+                path = uri.path(),
                 status = status.as_u16(),
                 duration_ms = elapsed.as_micros() as f64 / 1e3,
                 bytes,

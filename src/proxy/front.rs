@@ -61,14 +61,13 @@ pub enum Outcome<T> {
     Handoff(Rewind<T>),
 }
 
-/// Serves requests on `io` until it closes or a request needs hyper. `stop` holds the
-/// listener's and the route's tokens: when either fires, the connection closes before its
-/// next request.
+/// Serves requests on `io` until it closes or a request needs hyper. When `stop` fires (the
+/// route was retired or its listener stopped), the connection closes before its next request.
 pub async fn serve<T>(
     mut io: T,
     service: &ProxyService,
     limits: &ClientLimits,
-    stop: [&CancellationToken; 2],
+    stop: &CancellationToken,
 ) -> Outcome<T>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -76,12 +75,7 @@ where
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut fields = Vec::new();
-    let mut stopped = pin!(async {
-        tokio::select! {
-            _ = stop[0].cancelled() => {}
-            _ = stop[1].cancelled() => {}
-        }
-    });
+    let mut stopped = pin!(stop.cancelled());
     let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
     loop {
         let request = match read_head(
@@ -101,7 +95,7 @@ where
         let Request { head, close, te } = request;
         let head_only = head.method == Method::HEAD;
         let response = service.handle_bodiless(head).await;
-        let close = close || stop.iter().any(|t| t.is_cancelled());
+        let close = close || stop.is_cancelled();
         let written = write_response(&mut io, &mut out, response, head_only, te, close).await;
         if written.is_err() {
             return Outcome::Closed;

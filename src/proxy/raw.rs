@@ -13,6 +13,11 @@
 //! number; anything else is read to the end of the connection. Interim 1xx answers are skipped
 //! (`101` was not asked for: an error). A connection goes back to the pool only when the
 //! response was complete, HTTP/1.1, not `Connection: close`, and nothing followed it.
+//!
+//! The response comes back with its hop-by-hop fields already taken out (`Connection` and the
+//! fields it names, `Transfer-Encoding`, `TE`, `Upgrade`, `Keep-Alive`, `Proxy-Connection`,
+//! `Proxy-Authenticate`, `Proxy-Authorization`, and `Trailer` unless the body is streamed):
+//! the parser sees each field once anyway, and this spares a second pass over the map.
 
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -34,7 +39,7 @@ const MAX_HEADERS: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
 /// Bytes asked of the socket per read of a response body, at first and at most: a read that
 /// fills its buffer doubles the next one, so large bodies stream in large frames. An idle
-/// connection keeps none of it (see `RawBody::finish`).
+/// connection keeps a buffer of the first size only (see `RawBody::finish`).
 const BODY_CHUNK: (usize, usize) = (16 * 1024, 512 * 1024);
 
 /// Why an exchange failed.
@@ -52,9 +57,14 @@ pub enum RawError {
     Invalid(String),
 }
 
-/// One upstream connection for bodiless requests.
+/// One upstream connection for bodiless requests. Boxed once, when it is made: it travels
+/// inside each response body, which is moved several times on its way to the client.
 #[derive(Debug)]
-pub struct RawConn {
+pub struct RawConn(Box<ConnState>);
+
+/// What a [`RawConn`] holds.
+#[derive(Debug)]
+pub struct ConnState {
     stream: TcpStream,
     /// Bytes read and not yet used.
     buf: BytesMut,
@@ -66,16 +76,29 @@ pub struct RawConn {
     pub idle_since: Instant,
 }
 
+impl std::ops::Deref for RawConn {
+    type Target = ConnState;
+    fn deref(&self) -> &ConnState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RawConn {
+    fn deref_mut(&mut self) -> &mut ConnState {
+        &mut self.0
+    }
+}
+
 impl RawConn {
     /// A fresh connection over `stream`.
     pub fn new(stream: TcpStream) -> RawConn {
-        RawConn {
+        RawConn(Box::new(ConnState {
             stream,
             buf: BytesMut::new(),
             out: Vec::new(),
             reused: false,
             idle_since: Instant::now(),
-        }
+        }))
     }
 
     /// Sends the bodiless request `parts` (target as in `parts.uri`, headers ready) and reads
@@ -84,7 +107,8 @@ impl RawConn {
     pub async fn exchange(mut self, parts: &request::Parts) -> Result<Response<RawBody>, RawError> {
         self.out.clear();
         write_head(&mut self.out, parts);
-        if let Err(e) = self.stream.write_all(&self.out).await {
+        let state = &mut *self.0;
+        if let Err(e) = state.stream.write_all(&state.out).await {
             let reused = self.reused;
             return Err(if reused { RawError::Stale } else { e.into() });
         }
@@ -103,7 +127,8 @@ impl RawConn {
                 Err(e) => return Err(e),
             }
             self.buf.reserve(READ_CHUNK);
-            match self.stream.read_buf(&mut self.buf).await {
+            let state = &mut *self.0;
+            match state.stream.read_buf(&mut state.buf).await {
                 Ok(0) if self.buf.is_empty() && self.reused => return Err(RawError::Stale),
                 Ok(0) => {
                     return Err(RawError::Invalid(
@@ -121,16 +146,13 @@ impl RawConn {
         let mut head = head;
         // Transfer-Encoding overrides Content-Length, which must not be passed on with it
         // (RFC 9112 §6.3), and such a message ends the connection.
-        let both = head.headers.contains_key(TRANSFER_ENCODING)
-            && head.headers.remove(CONTENT_LENGTH).is_some();
+        let both = head.chunked.is_some() && head.headers.remove(CONTENT_LENGTH).is_some();
         let framing = framing(&parts.method, &head)?;
-        let keep_alive = !both
-            && head.version == Version::HTTP_11
-            && !head
-                .headers
-                .get_all(CONNECTION)
-                .iter()
-                .any(|v| has_token(v.as_bytes(), b"close"));
+        if !matches!(framing, Framing::Chunked(_) | Framing::Close) {
+            // Trailers can only follow a streamed body.
+            head.headers.remove(http::header::TRAILER);
+        }
+        let keep_alive = !both && head.version == Version::HTTP_11 && !head.close;
         let reusable = keep_alive && !matches!(framing, Framing::Close);
         self.reused = true;
         let mut response = Response::new(RawBody {
@@ -173,10 +195,19 @@ fn write_head(out: &mut Vec<u8>, parts: &request::Parts) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A response head, its hop-by-hop fields already taken out: what framing and connection
+/// reuse need of them is kept here instead.
 struct Head {
     status: StatusCode,
     version: Version,
+    /// The end-to-end fields.
     headers: HeaderMap,
+    /// Whether the last `Transfer-Encoding` ends in `chunked`, if there is one.
+    chunked: Option<bool>,
+    /// The `Content-Length`: `Err` when its values are not one number.
+    length: Result<Option<u64>, &'static str>,
+    /// `Connection: close`.
+    close: bool,
 }
 
 /// Parses a complete response head off the front of `buf`, or `None` if more bytes are needed.
@@ -209,34 +240,113 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, RawError> {
     };
     let base = buf.as_ptr() as usize;
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    // Values are sliced from the frozen head below; until then, where each one is.
+    // Values are sliced from the frozen head below; until then, where each kept one is.
     let mut values = [(0, 0); MAX_HEADERS];
-    for (field, at) in parsed.headers.iter().zip(values.iter_mut()) {
+    let mut kept = 0;
+    let (mut chunked, mut length, mut close) = (None, Ok(None), false);
+    // Fields a `Connection` header names besides its options (rare): hop-by-hop too.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| RawError::Invalid(format!("header name {:?}", field.name)))?;
+        // Hop-by-hop fields (RFC 9110 §7.6.1) stay here: a bodiless request never upgrades.
+        match hop_by_hop(&name) {
+            Some(Hop::Connection) => {
+                for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        named.extend(HeaderName::from_bytes(token).ok());
+                    }
+                }
+                continue;
+            }
+            Some(Hop::TransferEncoding) => {
+                let last = field
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .unwrap_or_default();
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                continue;
+            }
+            Some(Hop::Other) => continue,
+            None if name == CONTENT_LENGTH => {
+                length = length.and_then(|l| content_length(field.value, l));
+            }
+            None => {}
+        }
         let start = field.value.as_ptr() as usize - base;
-        *at = (start, start + field.value.len());
+        values[kept] = (start, start + field.value.len());
+        kept += 1;
         // A placeholder keeps the names' order; `from_static` costs nothing.
         headers.append(name, HeaderValue::from_static(""));
     }
-    let count = parsed.headers.len();
-    let bytes = buf.split_to(len).freeze();
-    for (value, &(start, end)) in headers.values_mut().zip(&values[..count]) {
+    // The head is copied out (it is small) rather than split off, so that the read buffer
+    // stays whole and is reused by the next exchange instead of allocated anew.
+    let bytes = Bytes::copy_from_slice(&buf[..len]);
+    buf.advance(len);
+    for (value, &(start, end)) in headers.values_mut().zip(&values[..kept]) {
         *value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
             .map_err(|_| RawError::Invalid("a header value".into()))?;
+    }
+    for name in named {
+        headers.remove(name);
     }
     Ok(Some(Head {
         status,
         version,
         headers,
+        chunked,
+        length,
+        close,
     }))
 }
 
-/// Whether a comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+/// Hop-by-hop fields, as the response parser treats them.
+enum Hop {
+    Connection,
+    TransferEncoding,
+    /// Dropped: `TE`, `Upgrade`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`,
+    /// `Proxy-Authorization`. (`Trailer` is kept: it describes the trailers passed on.)
+    Other,
+}
+
+fn hop_by_hop(name: &HeaderName) -> Option<Hop> {
+    use http::header::{PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, UPGRADE};
+    if *name == CONNECTION {
+        Some(Hop::Connection)
+    } else if *name == TRANSFER_ENCODING {
+        Some(Hop::TransferEncoding)
+    } else if *name == TE
+        || *name == UPGRADE
+        || *name == PROXY_AUTHENTICATE
+        || *name == PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+    {
+        Some(Hop::Other)
+    } else {
+        None
+    }
+}
+
+/// Adds one `Content-Length` field's value (a number, or a list of equal numbers) to the
+/// length seen so far.
+fn content_length(value: &[u8], seen: Option<u64>) -> Result<Option<u64>, &'static str> {
+    let mut length = seen;
+    for part in value.split(|b| *b == b',') {
+        let n = std::str::from_utf8(part.trim_ascii())
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or("Content-Length is not a number")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting Content-Length values");
+        }
+        length = Some(n);
+    }
+    Ok(length)
 }
 
 /// How the response body is delimited (RFC 9112 §6.3).
@@ -269,39 +379,18 @@ fn framing(method: &Method, head: &Head) -> Result<Framing, RawError> {
     if method == Method::HEAD || status == 204 || status == 304 {
         return Ok(Framing::Empty);
     }
-    if let Some(te) = head.headers.get_all(TRANSFER_ENCODING).iter().next_back() {
-        let last = te
-            .as_bytes()
-            .rsplit(|b| *b == b',')
-            .next()
-            .unwrap_or_default();
-        return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            Framing::Chunked(Chunk::Size)
-        } else {
-            Framing::Close
-        });
+    match head.chunked {
+        Some(true) => return Ok(Framing::Chunked(Chunk::Size)),
+        Some(false) => return Ok(Framing::Close),
+        None => {}
     }
-    let mut length = None;
-    for value in head.headers.get_all(CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let n = std::str::from_utf8(part.trim_ascii())
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| RawError::Invalid("Content-Length is not a number".into()))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(RawError::Invalid(
-                    "conflicting Content-Length values".into(),
-                ));
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => Framing::Empty,
-        Some(n) => Framing::Length(n),
-        None => Framing::Close,
-    })
+    Ok(
+        match head.length.map_err(|e| RawError::Invalid(e.into()))? {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        },
+    )
 }
 
 /// Where a connection goes when its response body is done and it can serve another request.
@@ -347,8 +436,13 @@ impl RawBody {
         if let (Some(mut conn), true) = (self.conn.take(), self.reusable) {
             // Bytes after the response: the connection's framing cannot be trusted.
             if conn.buf.is_empty() {
-                // An idle connection holds no read buffer.
-                conn.buf = BytesMut::new();
+                // An idle connection keeps a read buffer of the first size only; one grown
+                // for a large body goes.
+                if conn.buf.capacity() > READ_CHUNK {
+                    conn.buf = BytesMut::new();
+                } else {
+                    conn.buf.clear();
+                }
                 if let Some(done) = self.done.take() {
                     done.reuse(conn);
                 }
@@ -363,6 +457,7 @@ impl RawBody {
         };
         conn.buf.reserve(self.chunk);
         let room = conn.buf.capacity() - conn.buf.len();
+        let conn = &mut *conn.0;
         let n = std::task::ready!(tokio_util::io::poll_read_buf(
             Pin::new(&mut conn.stream),
             cx,
@@ -717,5 +812,33 @@ mod tests {
         let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let response = conn.exchange(&parts(Method::GET, "/")).await.unwrap();
         assert!(response.into_body().collect().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_fields_do_not_come_back() {
+        let (addr, _seen) = upstream(
+            vec![
+                b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Named\r\nX-Named: hop\r\n\
+                  Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
+                  Upgrade: h2c\r\nProxy-Authenticate: Basic\r\nTrailer: X-Sum\r\n\
+                  X-End: kept\r\nContent-Length: 2\r\n\r\nok",
+                b"HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  2\r\nok\r\n0\r\nX-Sum: 1\r\n\r\n",
+            ],
+            false,
+        )
+        .await;
+        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let (head, body, _, conn) = fetch(conn, Method::GET).await;
+        assert_eq!(&body[..], b"ok");
+        let mut names: Vec<_> = head.headers().keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-end"], "{:?}", head.headers());
+        // A streamed body keeps its `Trailer`; the connection was kept alive.
+        let (head, body, trailers, _) = fetch(conn.expect("reused"), Method::GET).await;
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(head.headers()["trailer"], "X-Sum");
+        assert!(!head.headers().contains_key("transfer-encoding"));
+        assert_eq!(trailers.unwrap()["x-sum"], "1");
     }
 }

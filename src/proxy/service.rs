@@ -246,7 +246,7 @@ impl ProxyService {
             self.inner.metrics.clone(),
             self.inner.access_log,
             method.clone(),
-            uri.clone(),
+            uri,
         )
     }
 
@@ -524,8 +524,7 @@ impl ProxyService {
                 response = self.send_bodiless(pool, &parts).await?;
             }
         }
-        let streamed = response.body().size_hint().exact().is_none();
-        headers::prepare_response(response.headers_mut(), false, streamed);
+        // Its hop-by-hop fields are already out (see raw.rs).
         Ok(response.map(|body| Either::Left(ResponseBody::raw(body))))
     }
 
