@@ -474,6 +474,11 @@ where
     io.write_all(&second).await
 }
 
+/// Appends the current `date` value.
+pub(super) fn date(out: &mut Vec<u8>) {
+    date::extend(out);
+}
+
 /// The `date` value, formatted once a second per thread (as hyper does).
 mod date {
     use std::cell::RefCell;

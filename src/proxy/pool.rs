@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::body::UpstreamBody;
-use super::raw::{RawBody, RawConn, RawError, Reuse};
+use super::raw::{ClientFraming, ClientHead, RawBody, RawConn, RawError, Reuse};
 
 /// Idle connections kept per thread and route; more are closed when they come back.
 const MAX_IDLE_PER_THREAD: usize = 1024;
@@ -303,23 +303,39 @@ impl Http1Pool {
         parts: &http::request::Parts,
     ) -> Result<Response<RawBody>, SendError> {
         loop {
-            let idle = self.checkout_raw();
-            let pooled = idle.is_some();
-            let conn = match idle {
-                Some(conn) => conn,
-                None => RawConn::new(self.connect_stream().await?),
-            };
-            match conn.exchange(parts).await {
-                Ok(mut response) => {
-                    response.body_mut().on_done(self.shared.clone());
-                    return Ok(response);
-                }
-                Err(RawError::Stale) if pooled => {
-                    debug!("pooled upstream connection was closed: sending on another");
-                }
-                Err(e) => return Err(SendError::Raw(e)),
+            let (conn, pooled) = self.raw_conn().await?;
+            match conn.exchange(parts, self.shared.clone()).await {
+                Err(RawError::Stale) if pooled => stale(),
+                answer => return answer.map_err(SendError::Raw),
             }
         }
+    }
+
+    /// [`send_bodiless`](Self::send_bodiless) for a request head already written for the
+    /// upstream (`head`, for `method`), the response head written for the front door's client
+    /// (see [`RawConn::exchange_for_client`]).
+    pub async fn send_for_client(
+        &self,
+        head: &[u8],
+        method: &http::Method,
+        client: &mut ClientHead<'_>,
+    ) -> Result<(http::StatusCode, RawBody, ClientFraming), SendError> {
+        loop {
+            let (conn, pooled) = self.raw_conn().await?;
+            let done = self.shared.clone();
+            match conn.exchange_for_client(head, method, client, done).await {
+                Err(RawError::Stale) if pooled => stale(),
+                answer => return answer.map_err(SendError::Raw),
+            }
+        }
+    }
+
+    /// An idle raw connection of this thread, or a new one; and whether it was idle.
+    async fn raw_conn(&self) -> Result<(RawConn, bool), SendError> {
+        Ok(match self.checkout_raw() {
+            Some(conn) => (conn, true),
+            None => (RawConn::new(self.connect_stream().await?), false),
+        })
     }
 
     /// An idle raw connection of this thread, not idle for too long.
@@ -417,6 +433,11 @@ async fn drive(
             }
         }
     }
+}
+
+/// A pooled raw connection failed before any answer: it had been closed under us.
+fn stale() {
+    debug!("pooled upstream connection was closed: sending on another");
 }
 
 #[cfg(test)]

@@ -24,7 +24,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -72,6 +71,8 @@ pub struct ConnState {
     out: Vec<u8>,
     /// Whether it served a request before (a failure to answer then means "stale").
     reused: bool,
+    /// Scratch space for parsing response heads (kept to reuse its allocation).
+    fields: Vec<Field>,
     /// When it was last put back.
     pub idle_since: Instant,
 }
@@ -97,75 +98,120 @@ impl RawConn {
             buf: BytesMut::new(),
             out: Vec::new(),
             reused: false,
+            fields: Vec::new(),
             idle_since: Instant::now(),
         }))
     }
 
     /// Sends the bodiless request `parts` (target as in `parts.uri`, headers ready) and reads
-    /// the response head. The body reads the rest; `reusable` tells it whether the connection
-    /// may serve another request afterwards.
-    pub async fn exchange(mut self, parts: &request::Parts) -> Result<Response<RawBody>, RawError> {
-        self.out.clear();
-        write_head(&mut self.out, parts);
-        let state = &mut *self.0;
-        if let Err(e) = state.stream.write_all(&state.out).await {
-            let reused = self.reused;
-            return Err(if reused { RawError::Stale } else { e.into() });
+    /// the response head into a [`Response`]. The body reads the rest and hands the connection
+    /// to `done` when it may serve another request.
+    pub async fn exchange(
+        mut self,
+        parts: &request::Parts,
+        done: Done,
+    ) -> Result<Response<RawBody>, RawError> {
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        write_head(&mut out, parts);
+        let sent = self.roundtrip(&out, &parts.method).await;
+        self.out = out;
+        let head = sent?;
+        let bytes = Bytes::copy_from_slice(&self.buf[..head.len]);
+        let mut headers = HeaderMap::with_capacity(head.fields.len());
+        for field in head.fields.iter().filter(|f| f.kept) {
+            let name = HeaderName::from_bytes(&bytes[field.name.0..field.name.1])
+                .map_err(|_| RawError::Invalid("a header name".into()))?;
+            let value = HeaderValue::from_maybe_shared(bytes.slice(field.value.0..field.value.1))
+                .map_err(|_| RawError::Invalid("a header value".into()))?;
+            headers.append(name, value);
         }
-        let head = loop {
-            match parse_head(&mut self.buf) {
+        let (status, version) = (head.status, head.version);
+        let body = self.into_body(head, done);
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        Ok(response)
+    }
+
+    /// Sends the bodiless request `head` (a complete request head, ready for the upstream) for
+    /// `method` and writes the response head, ready for the client, to `client.out`: what the
+    /// front door sends back, without `http` types in between. Returns the status, the body
+    /// and how the client's copy of the body is framed.
+    pub async fn exchange_for_client(
+        mut self,
+        head: &[u8],
+        method: &Method,
+        client: &mut ClientHead<'_>,
+        done: Done,
+    ) -> Result<(StatusCode, RawBody, ClientFraming), RawError> {
+        let parsed = self.roundtrip(head, method).await?;
+        let framing = client.write(&self.buf[..parsed.len], &parsed, method)?;
+        let status = parsed.status;
+        Ok((status, self.into_body(parsed, done), framing))
+    }
+
+    /// The body that reads the rest of the response whose head is `head`.
+    fn into_body(mut self, head: Head, done: Done) -> RawBody {
+        self.buf.advance(head.len);
+        self.fields = head.fields;
+        self.reused = true;
+        let mut body = RawBody {
+            conn: Some(self),
+            chunk: BODY_CHUNK.0,
+            framing: head.framing,
+            reusable: head.reusable,
+            done: None,
+        };
+        body.on_done(done);
+        body
+    }
+
+    /// Writes `request` and reads up to a complete final response head (left in the buffer).
+    async fn roundtrip(&mut self, request: &[u8], method: &Method) -> Result<Head, RawError> {
+        let state = &mut *self.0;
+        if let Err(e) = state.stream.write_all(request).await {
+            return Err(if state.reused {
+                RawError::Stale
+            } else {
+                e.into()
+            });
+        }
+        let mut fields = std::mem::take(&mut state.fields);
+        loop {
+            match parse_head(&state.buf, method, &mut fields) {
                 Ok(Some(head)) if head.status.is_informational() => {
                     if head.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(RawError::Invalid(
                             "101 Switching Protocols to a request that asked for no upgrade".into(),
                         ));
                     }
-                    continue; // 100 Continue, 103 Early Hints: the final answer follows
+                    // 100 Continue, 103 Early Hints: the final answer follows.
+                    state.buf.advance(head.len);
+                    fields = head.fields;
+                    continue;
                 }
-                Ok(Some(head)) => break head,
+                Ok(Some(head)) => return Ok(head),
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
-            self.buf.reserve(READ_CHUNK);
-            let state = &mut *self.0;
+            state.buf.reserve(READ_CHUNK);
             match state.stream.read_buf(&mut state.buf).await {
-                Ok(0) if self.buf.is_empty() && self.reused => return Err(RawError::Stale),
+                Ok(0) if state.buf.is_empty() && state.reused => return Err(RawError::Stale),
                 Ok(0) => {
                     return Err(RawError::Invalid(
                         "the connection closed before the response head".into(),
                     ))
                 }
                 Ok(_) => {}
-                Err(e) if self.buf.is_empty() && self.reused => {
+                Err(e) if state.buf.is_empty() && state.reused => {
                     tracing::debug!(error = %e, "reused upstream connection failed");
                     return Err(RawError::Stale);
                 }
                 Err(e) => return Err(e.into()),
             }
-        };
-        let mut head = head;
-        // Transfer-Encoding overrides Content-Length, which must not be passed on with it
-        // (RFC 9112 §6.3), and such a message ends the connection.
-        let both = head.chunked.is_some() && head.headers.remove(CONTENT_LENGTH).is_some();
-        let framing = framing(&parts.method, &head)?;
-        if !matches!(framing, Framing::Chunked(_) | Framing::Close) {
-            // Trailers can only follow a streamed body.
-            head.headers.remove(http::header::TRAILER);
         }
-        let keep_alive = !both && head.version == Version::HTTP_11 && !head.close;
-        let reusable = keep_alive && !matches!(framing, Framing::Close);
-        self.reused = true;
-        let mut response = Response::new(RawBody {
-            conn: Some(self),
-            chunk: BODY_CHUNK.0,
-            framing,
-            reusable,
-            done: None,
-        });
-        *response.status_mut() = head.status;
-        *response.version_mut() = head.version;
-        *response.headers_mut() = head.headers;
-        Ok(response)
     }
 }
 
@@ -195,32 +241,51 @@ fn write_head(out: &mut Vec<u8>, parts: &request::Parts) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A response head, its hop-by-hop fields already taken out: what framing and connection
-/// reuse need of them is kept here instead.
+/// A parsed response head, still in the read buffer: its status, where its fields are and
+/// which of them go on (hop-by-hop ones do not), and what framing and reuse need of the rest.
 struct Head {
     status: StatusCode,
     version: Version,
-    /// The end-to-end fields.
-    headers: HeaderMap,
-    /// Whether the last `Transfer-Encoding` ends in `chunked`, if there is one.
-    chunked: Option<bool>,
-    /// The `Content-Length`: `Err` when its values are not one number.
-    length: Result<Option<u64>, &'static str>,
-    /// `Connection: close`.
-    close: bool,
+    /// Length of the head in the buffer.
+    len: usize,
+    fields: Vec<Field>,
+    /// Whether the fields include a `Date`.
+    date: bool,
+    framing: Framing,
+    /// Whether the connection can serve another request after this response.
+    reusable: bool,
 }
 
-/// Parses a complete response head off the front of `buf`, or `None` if more bytes are needed.
-/// Header values are slices of the read buffer, not copies.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, RawError> {
+/// Where a response field's name and value are in the head, and whether it goes on.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    name: (usize, usize),
+    value: (usize, usize),
+    kept: bool,
+    trailer: bool,
+}
+
+/// Parses a complete response head at the front of `buf` (left there), or `None` if more
+/// bytes are needed. `fields` is scratch space, returned in the head.
+///
+/// Hop-by-hop fields (RFC 9110 §7.6.1) are marked not to go on as the parser sees them: a
+/// bodiless request never upgrades, so `Connection` and the fields it names,
+/// `Transfer-Encoding`, `TE`, `Upgrade`, `Keep-Alive`, `Proxy-Connection`,
+/// `Proxy-Authenticate`, `Proxy-Authorization`; `Trailer` unless the body is streamed; and a
+/// `Content-Length` that came with `Transfer-Encoding`, which also ends the connection.
+fn parse_head(
+    buf: &[u8],
+    method: &Method,
+    fields: &mut Vec<Field>,
+) -> Result<Option<Head>, RawError> {
     if buf.is_empty() {
         return Ok(None);
     }
     // Uninitialised: zeroing 128 fields costs more than parsing a typical head.
-    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Response::new(&mut []);
     let config = httparse::ParserConfig::default();
-    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
+    let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut storage) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err(RawError::Invalid(format!(
@@ -239,96 +304,82 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, RawError> {
         Version::HTTP_10
     };
     let base = buf.as_ptr() as usize;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    // Values are sliced from the frozen head below; until then, where each kept one is.
-    let mut values = [(0, 0); MAX_HEADERS];
-    let mut kept = 0;
-    let (mut chunked, mut length, mut close) = (None, Ok(None), false);
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    let (mut chunked, mut length, mut close, mut date) = (None, Ok(None), false, false);
+    let mut has_length = false;
     // Fields a `Connection` header names besides its options (rare): hop-by-hop too.
-    let mut named: Vec<HeaderName> = Vec::new();
+    let mut named: Vec<&[u8]> = Vec::new();
+    fields.clear();
     for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| RawError::Invalid(format!("header name {:?}", field.name)))?;
-        // Hop-by-hop fields (RFC 9110 §7.6.1) stay here: a bodiless request never upgrades.
-        match hop_by_hop(&name) {
-            Some(Hop::Connection) => {
-                for token in field.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-                        named.extend(HeaderName::from_bytes(token).ok());
-                    }
+        let (name, value) = (field.name.as_bytes(), field.value);
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        let mut kept = true;
+        let mut trailer = false;
+        if is(b"connection") {
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    named.push(token);
                 }
-                continue;
             }
-            Some(Hop::TransferEncoding) => {
-                let last = field
-                    .value
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .unwrap_or_default();
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-                continue;
-            }
-            Some(Hop::Other) => continue,
-            None if name == CONTENT_LENGTH => {
-                length = length.and_then(|l| content_length(field.value, l));
-            }
-            None => {}
+            kept = false;
+        } else if is(b"transfer-encoding") {
+            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            kept = false;
+        } else if is(b"content-length") {
+            length = length.and_then(|l| content_length(value, l));
+            has_length = true;
+        } else if is(b"date") {
+            date = true;
+        } else if is(b"trailer") {
+            trailer = true;
+        } else if is(b"te")
+            || is(b"upgrade")
+            || is(b"keep-alive")
+            || is(b"proxy-connection")
+            || is(b"proxy-authenticate")
+            || is(b"proxy-authorization")
+        {
+            kept = false;
         }
-        let start = field.value.as_ptr() as usize - base;
-        values[kept] = (start, start + field.value.len());
-        kept += 1;
-        // A placeholder keeps the names' order; `from_static` costs nothing.
-        headers.append(name, HeaderValue::from_static(""));
+        fields.push(Field {
+            name: span(name),
+            value: span(value),
+            kept,
+            trailer,
+        });
     }
-    // The head is copied out (it is small) rather than split off, so that the read buffer
-    // stays whole and is reused by the next exchange instead of allocated anew.
-    let bytes = Bytes::copy_from_slice(&buf[..len]);
-    buf.advance(len);
-    for (value, &(start, end)) in headers.values_mut().zip(&values[..kept]) {
-        *value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
-            .map_err(|_| RawError::Invalid("a header value".into()))?;
+    let framing = framing(method, status, chunked, length)?;
+    let streamed = matches!(framing, Framing::Chunked(_) | Framing::Close);
+    // Transfer-Encoding overrides Content-Length, which must not be passed on with it
+    // (RFC 9112 §6.3), and such a message ends the connection.
+    let both = chunked.is_some() && has_length;
+    if both || !streamed || !named.is_empty() {
+        for field in fields.iter_mut() {
+            let name = &buf[field.name.0..field.name.1];
+            if (both && name.eq_ignore_ascii_case(b"content-length"))
+                || (field.trailer && !streamed)
+                || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+            {
+                field.kept = false;
+            }
+        }
     }
-    for name in named {
-        headers.remove(name);
-    }
+    let keep_alive = !both && version == Version::HTTP_11 && !close;
     Ok(Some(Head {
         status,
         version,
-        headers,
-        chunked,
-        length,
-        close,
+        len,
+        fields: std::mem::take(fields),
+        date,
+        reusable: keep_alive && !matches!(framing, Framing::Close),
+        framing,
     }))
-}
-
-/// Hop-by-hop fields, as the response parser treats them.
-enum Hop {
-    Connection,
-    TransferEncoding,
-    /// Dropped: `TE`, `Upgrade`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`,
-    /// `Proxy-Authorization`. (`Trailer` is kept: it describes the trailers passed on.)
-    Other,
-}
-
-fn hop_by_hop(name: &HeaderName) -> Option<Hop> {
-    use http::header::{PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, UPGRADE};
-    if *name == CONNECTION {
-        Some(Hop::Connection)
-    } else if *name == TRANSFER_ENCODING {
-        Some(Hop::TransferEncoding)
-    } else if *name == TE
-        || *name == UPGRADE
-        || *name == PROXY_AUTHENTICATE
-        || *name == PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-    {
-        Some(Hop::Other)
-    } else {
-        None
-    }
 }
 
 /// Adds one `Content-Length` field's value (a number, or a list of equal numbers) to the
@@ -347,6 +398,101 @@ fn content_length(value: &[u8], seen: Option<u64>) -> Result<Option<u64>, &'stat
         length = Some(n);
     }
     Ok(length)
+}
+
+/// How the client's copy of a response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFraming {
+    /// No body (`HEAD`, 1xx, 204, 304).
+    None,
+    /// As many bytes as its `Content-Length` says.
+    Length,
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Where the front door wants the response head written, and what its client asked.
+#[derive(Debug)]
+pub struct ClientHead<'a> {
+    /// The buffer the head is written to.
+    pub out: &'a mut Vec<u8>,
+    /// The client asked to close: the head says `connection: close`.
+    pub close: bool,
+    /// The client's `TE` accepts trailers.
+    pub te: bool,
+    /// The trailer fields the response declares, collected when the client accepts trailers.
+    pub trailers: Vec<HeaderName>,
+}
+
+impl ClientHead<'_> {
+    /// Writes the response head `head` (its bytes in `bytes`) for the client: the status line,
+    /// the fields that go on, as they came, then the framing, `date` and `connection` fields
+    /// the front door's answer needs.
+    fn write(
+        &mut self,
+        bytes: &[u8],
+        head: &Head,
+        method: &Method,
+    ) -> Result<ClientFraming, RawError> {
+        let out = &mut *self.out;
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(head.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(
+            head.status
+                .canonical_reason()
+                .unwrap_or("<none>")
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\r\n");
+        for field in head.fields.iter().filter(|f| f.kept) {
+            out.extend_from_slice(&bytes[field.name.0..field.name.1]);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&bytes[field.value.0..field.value.1]);
+            out.extend_from_slice(b"\r\n");
+            if field.trailer && self.te {
+                let names =
+                    std::str::from_utf8(&bytes[field.value.0..field.value.1]).unwrap_or_default();
+                self.trailers.extend(
+                    names
+                        .split(',')
+                        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+                );
+            }
+        }
+        let status = head.status;
+        let bodiless = *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framing = match head.framing {
+            _ if bodiless => ClientFraming::None,
+            // Its `Content-Length` went on with the other fields.
+            Framing::Empty | Framing::Length(_) => ClientFraming::Length,
+            Framing::Chunked(_) | Framing::Close => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                ClientFraming::Chunked
+            }
+        };
+        if framing == ClientFraming::Length
+            && !head.fields.iter().any(|f| {
+                f.kept && bytes[f.name.0..f.name.1].eq_ignore_ascii_case(b"content-length")
+            })
+        {
+            // An empty body delimited by the status alone: say so.
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        if !head.date {
+            out.extend_from_slice(b"date: ");
+            super::front::date(out);
+            out.extend_from_slice(b"\r\n");
+        }
+        if self.close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        Ok(framing)
+    }
 }
 
 /// How the response body is delimited (RFC 9112 §6.3).
@@ -374,23 +520,26 @@ enum Chunk {
     Trailers,
 }
 
-fn framing(method: &Method, head: &Head) -> Result<Framing, RawError> {
-    let status = head.status.as_u16();
-    if method == Method::HEAD || status == 204 || status == 304 {
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    chunked: Option<bool>,
+    length: Result<Option<u64>, &'static str>,
+) -> Result<Framing, RawError> {
+    let code = status.as_u16();
+    if method == Method::HEAD || code == 204 || code == 304 || status.is_informational() {
         return Ok(Framing::Empty);
     }
-    match head.chunked {
+    match chunked {
         Some(true) => return Ok(Framing::Chunked(Chunk::Size)),
         Some(false) => return Ok(Framing::Close),
         None => {}
     }
-    Ok(
-        match head.length.map_err(|e| RawError::Invalid(e.into()))? {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::Close,
-        },
-    )
+    Ok(match length.map_err(|e| RawError::Invalid(e.into()))? {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
 }
 
 /// Where a connection goes when its response body is done and it can serve another request.
@@ -704,14 +853,20 @@ mod tests {
         }
     }
 
+    fn back() -> std::sync::Arc<Back> {
+        std::sync::Arc::new(Back(std::sync::Mutex::new(None)))
+    }
+
     async fn fetch(
         conn: RawConn,
         method: Method,
     ) -> (Response<()>, Bytes, Option<HeaderMap>, Option<RawConn>) {
-        let response = conn.exchange(&parts(method, "/p?q=1")).await.unwrap();
-        let (head, mut body) = response.into_parts();
-        let back = std::sync::Arc::new(Back(std::sync::Mutex::new(None)));
-        body.on_done(back.clone());
+        let back = back();
+        let response = conn
+            .exchange(&parts(method, "/p?q=1"), back.clone())
+            .await
+            .unwrap();
+        let (head, body) = response.into_parts();
         let collected = body.collect().await.unwrap();
         let trailers = collected.trailers().cloned();
         let bytes = collected.to_bytes();
@@ -778,7 +933,7 @@ mod tests {
         let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let (r, body, _, conn) = fetch(conn, Method::GET).await;
         assert_eq!(&body[..], b"ok");
-        assert!(!r.headers().contains_key(CONTENT_LENGTH));
+        assert!(!r.headers().contains_key(http::header::CONTENT_LENGTH));
         assert!(conn.is_none());
     }
 
@@ -792,7 +947,7 @@ mod tests {
         ] {
             let (addr, _seen) = upstream(vec![bad], true).await;
             let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
-            let result = conn.exchange(&parts(Method::GET, "/")).await;
+            let result = conn.exchange(&parts(Method::GET, "/"), back()).await;
             assert!(matches!(result, Err(RawError::Invalid(_))), "{bad:?}");
         }
         // A body cut short is an error, not a short body.
@@ -802,7 +957,10 @@ mod tests {
         )
         .await;
         let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
-        let response = conn.exchange(&parts(Method::GET, "/")).await.unwrap();
+        let response = conn
+            .exchange(&parts(Method::GET, "/"), back())
+            .await
+            .unwrap();
         assert!(response.into_body().collect().await.is_err());
         let (addr, _seen) = upstream(
             vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
@@ -810,7 +968,10 @@ mod tests {
         )
         .await;
         let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
-        let response = conn.exchange(&parts(Method::GET, "/")).await.unwrap();
+        let response = conn
+            .exchange(&parts(Method::GET, "/"), back())
+            .await
+            .unwrap();
         assert!(response.into_body().collect().await.is_err());
     }
 
