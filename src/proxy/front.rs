@@ -32,12 +32,14 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{DATE, TRAILER};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame};
+use http::{HeaderMap, HeaderName, Method, Response, StatusCode};
+use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::body::ResponseBody;
+use super::raw::{ClientFraming, ClientHead};
 use super::service::ProxyService;
 use super::ProxyBody;
 use crate::config::ClientLimits;
@@ -74,6 +76,7 @@ where
 {
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
+    let mut up = Vec::new();
     let mut fields = Vec::new();
     let mut stopped = pin!(stop.cancelled());
     let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
@@ -92,11 +95,35 @@ where
             Next::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
             Next::Close => return Outcome::Closed,
         };
-        let Request { head, close, te } = request;
-        let head_only = head.method == Method::HEAD;
-        let response = service.handle_bodiless(head).await;
-        let close = close || stop.is_cancelled();
-        let written = write_response(&mut io, &mut out, response, head_only, te, close).await;
+        let close = request.close || stop.is_cancelled();
+        let head = &buf[..request.len];
+        let view = FrontRequest {
+            method: &request.method,
+            target: &head[request.target.0..request.target.1],
+            head,
+            fields: &fields,
+            te: request.te,
+        };
+        out.clear();
+        up.clear();
+        let mut client = ClientHead {
+            out: &mut out,
+            close,
+            te: request.te,
+            trailers: Vec::new(),
+        };
+        let answer = service.handle_front(&view, &mut up, &mut client).await;
+        let trailers = std::mem::take(&mut client.trailers);
+        buf.advance(request.len);
+        let head_only = request.method == Method::HEAD;
+        let written = match answer {
+            FrontAnswer::Streaming { body, framing } => {
+                write_body(&mut io, &mut out, body, framing, &trailers).await
+            }
+            FrontAnswer::Response(response) => {
+                write_response(&mut io, &mut out, response, head_only, request.te, close).await
+            }
+        };
         if written.is_err() {
             return Outcome::Closed;
         }
@@ -111,17 +138,66 @@ where
     }
 }
 
-/// A request head the front door serves.
+/// A request head the front door read, as the service sees it: bytes of the read buffer.
+#[derive(Debug)]
+pub struct FrontRequest<'a> {
+    /// `GET`, `HEAD`, `DELETE` or `OPTIONS`.
+    pub method: &'a Method,
+    /// The origin-form target, as sent.
+    pub target: &'a [u8],
+    head: &'a [u8],
+    fields: &'a [Field],
+    /// The client's `TE` accepts trailers.
+    pub te: bool,
+}
+
+impl FrontRequest<'_> {
+    /// The header fields: name and value, as sent.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|f| {
+            (
+                &self.head[f.name.0..f.name.1],
+                &self.head[f.value.0..f.value.1],
+            )
+        })
+    }
+
+    /// The values of the fields named `name` (lowercase).
+    pub fn values<'n>(&'n self, name: &'n [u8]) -> impl Iterator<Item = &'n [u8]> {
+        self.fields()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+}
+
+/// What the service answers the front door.
+#[derive(Debug)]
+pub enum FrontAnswer {
+    /// The upstream's response: its head is in the client's buffer already, its body
+    /// follows, framed so.
+    Streaming {
+        /// The upstream's body.
+        body: ResponseBody,
+        /// How it goes on the wire.
+        framing: ClientFraming,
+    },
+    /// A response of the proxy's own (an error), written as it is.
+    Response(Response<ProxyBody>),
+}
+
+/// A request head the front door serves, at the front of the read buffer.
 struct Request {
-    head: http::request::Parts,
+    /// Its length.
+    len: usize,
+    method: Method,
+    /// Where the target is.
+    target: (usize, usize),
     /// The client sent `Connection: close`.
     close: bool,
     /// The client's `TE` accepts trailers.
     te: bool,
 }
 
-// Boxing the head would cost an allocation per request; the enum is moved once.
-#[allow(clippy::large_enum_variant)]
 enum Next {
     Head(Request),
     Handoff,
@@ -179,7 +255,6 @@ where
     }
 }
 
-#[allow(clippy::large_enum_variant)]
 enum Parsed {
     Complete(Request),
     Partial,
@@ -188,15 +263,15 @@ enum Parsed {
 }
 
 /// Where a parsed field's name and value are in the head.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct Field {
     name: (usize, usize),
     value: (usize, usize),
 }
 
-/// Parses a complete request head off the front of `buf` if it is one the front door serves.
-/// `fields` is scratch space kept by the connection.
-fn parse(buf: &mut BytesMut, max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
+/// Parses a complete request head at the front of `buf` (left there) if it is one the front
+/// door serves. `fields` is scratch space kept by the connection.
+fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
     // Uninitialised: zeroing 128 fields costs more than parsing a typical head.
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
@@ -224,7 +299,10 @@ fn parse(buf: &mut BytesMut, max_headers: usize, fields: &mut Vec<Field>) -> Par
         let start = s.as_ptr() as usize - base;
         (start, start + s.len())
     };
-    let path = span(path.as_bytes());
+    let target = span(path.as_bytes());
+    if !plain_target(path.as_bytes()) {
+        return Parsed::Other;
+    }
     let (mut close, mut te) = (false, false);
     fields.clear();
     for parsed in req.headers.iter() {
@@ -234,6 +312,10 @@ fn parse(buf: &mut BytesMut, max_headers: usize, fields: &mut Vec<Field>) -> Par
             return Parsed::Other;
         }
         if is(b"content-length") && value.trim_ascii() != b"0" {
+            return Parsed::Other;
+        }
+        // Values go on byte for byte: those hyper would take apart differently go to it.
+        if value.iter().any(|b| *b < 0x20 && *b != b'\t' || *b == 0x7f) {
             return Parsed::Other;
         }
         if is(b"connection") {
@@ -246,43 +328,22 @@ fn parse(buf: &mut BytesMut, max_headers: usize, fields: &mut Vec<Field>) -> Par
             value: span(value),
         });
     }
-    // The head is frozen so that the target and values are slices of it, not copies; should
-    // one not convert after all, its bytes go back in front for hyper.
-    let bytes = buf.split_to(len).freeze();
-    match build(&bytes, method, path, fields) {
-        Some(head) => Parsed::Complete(Request { head, close, te }),
-        None => {
-            let mut all = BytesMut::with_capacity(bytes.len() + buf.len());
-            all.extend_from_slice(&bytes);
-            all.extend_from_slice(buf);
-            *buf = all;
-            Parsed::Other
-        }
-    }
+    Parsed::Complete(Request {
+        len,
+        method,
+        target,
+        close,
+        te,
+    })
 }
 
-/// The `http` head for a parsed request, or `None` if a part does not convert.
-fn build(
-    bytes: &Bytes,
-    method: Method,
-    path: (usize, usize),
-    fields: &[Field],
-) -> Option<http::request::Parts> {
-    let uri = Uri::from_maybe_shared(bytes.slice(path.0..path.1)).ok()?;
-    // Room for what `prepare_request` adds (`Via`), so that the map does not grow.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
-    for field in fields {
-        let name = HeaderName::from_bytes(&bytes[field.name.0..field.name.1]).ok()?;
-        let value =
-            HeaderValue::from_maybe_shared(bytes.slice(field.value.0..field.value.1)).ok()?;
-        headers.append(name, value);
-    }
-    let (mut head, ()) = http::Request::new(()).into_parts();
-    head.method = method;
-    head.uri = uri;
-    head.version = Version::HTTP_11;
-    head.headers = headers;
-    Some(head)
+/// Whether `target` is one the `http` crate takes as it is: printable ASCII without a
+/// fragment or the few characters it refuses (hyper answers those), and not too long.
+fn plain_target(target: &[u8]) -> bool {
+    target.len() < usize::from(u16::MAX - 1)
+        && target
+            .iter()
+            .all(|b| (0x21..=0x7e).contains(b) && !matches!(b, b'#' | b'<' | b'>' | b'`' | b'"'))
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
@@ -290,17 +351,6 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|b| *b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
-/// How the response body goes on the wire.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// No body (`HEAD`, 1xx, 204, 304).
-    None,
-    /// As many bytes as `content-length` says.
-    Length,
-    /// `transfer-encoding: chunked`.
-    Chunked,
 }
 
 /// Writes `response` to the client: its head, then its body as the upstream delivers it.
@@ -316,7 +366,7 @@ async fn write_response<T>(
 where
     T: AsyncWrite + Unpin,
 {
-    let (parts, mut body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
@@ -340,15 +390,15 @@ where
         out.extend_from_slice(b"\r\n");
     }
     let framing = if head_only || !can_have_body(parts.status) {
-        Framing::None
+        ClientFraming::None
     } else if let Some(n) = body.size_hint().exact() {
         if !has_length {
             let _ = write!(out, "content-length: {n}\r\n");
         }
-        Framing::Length
+        ClientFraming::Length
     } else {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        Framing::Chunked
+        ClientFraming::Chunked
     };
     if !has_date {
         out.extend_from_slice(b"date: ");
@@ -359,11 +409,8 @@ where
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if framing == Framing::None {
-        return io.write_all(out).await;
-    }
     // Trailers go to a client that asked for them, and only the fields the response declared.
-    let trailers: Vec<HeaderName> = if framing == Framing::Chunked && te {
+    let trailers: Vec<HeaderName> = if framing == ClientFraming::Chunked && te {
         parts
             .headers
             .get_all(TRAILER)
@@ -375,26 +422,46 @@ where
     } else {
         Vec::new()
     };
-    let chunked = framing == Framing::Chunked;
+    write_body(io, out, body, framing, &trailers).await
+}
+
+/// Writes `body` after the head already in `out`, framed as `framing` says, with those of
+/// its trailers named in `trailers`.
+async fn write_body<T, B>(
+    io: &mut T,
+    out: &mut Vec<u8>,
+    mut body: B,
+    framing: ClientFraming,
+    trailers: &[HeaderName],
+) -> io::Result<()>
+where
+    T: AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if framing == ClientFraming::None {
+        return io.write_all(out).await;
+    }
+    let chunked = framing == ClientFraming::Chunked;
     let mut ended = body.is_end_stream();
     while !ended {
         // Frames ready now are gathered behind what is pending; the write waits until the
         // body would have to wait.
         let frame = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-            Poll::Pending if !out.is_empty() => Poll::Ready(Step::Flush),
+            Poll::Pending if !out.is_empty() => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
-            Poll::Ready(frame) => Poll::Ready(Step::Frame(frame)),
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
         })
         .await;
         let frame = match frame {
-            Step::Flush => {
+            None => {
                 io.write_all(out).await?;
                 out.clear();
                 continue;
             }
-            Step::Frame(None) => break,
-            Step::Frame(Some(Err(e))) => return Err(io::Error::other(e)),
-            Step::Frame(Some(Ok(frame))) => frame,
+            Some(None) => break,
+            Some(Some(Err(e))) => return Err(io::Error::other(e)),
+            Some(Some(Ok(frame))) => frame,
         };
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
@@ -415,7 +482,7 @@ where
             Err(frame) => {
                 if let (Ok(fields), true) = (frame.into_trailers(), chunked) {
                     out.extend_from_slice(b"0\r\n");
-                    write_trailers(out, &fields, &trailers);
+                    write_trailers(out, &fields, trailers);
                     out.extend_from_slice(b"\r\n");
                     return io.write_all(out).await;
                 }
@@ -427,12 +494,6 @@ where
         out.extend_from_slice(b"0\r\n\r\n");
     }
     io.write_all(out).await
-}
-
-enum Step {
-    /// Nothing more is ready now: write what is pending.
-    Flush,
-    Frame(Option<Result<Frame<Bytes>, <ProxyBody as Body>::Error>>),
 }
 
 /// Whether a response with `status` has a body (RFC 9112 §6.3).
@@ -562,28 +623,33 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 mod tests {
     use super::*;
 
-    fn parsed(text: &str) -> (Parsed, BytesMut) {
-        let mut buf = BytesMut::from(text.as_bytes());
-        let parsed = parse(&mut buf, 100, &mut Vec::new());
-        (parsed, buf)
+    fn parsed(text: &str) -> (Parsed, Vec<Field>) {
+        let mut fields = Vec::new();
+        let parsed = parse(text.as_bytes(), 100, &mut fields);
+        (parsed, fields)
     }
 
     #[test]
-    fn a_bodiless_request_is_parsed_and_the_next_one_stays_in_the_buffer() {
-        let (p, rest) = parsed(
-            "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\nTE: trailers\r\n\
-             Content-Length: 0\r\nX-Two: 1\r\nX-Two: 2\r\n\r\nGET /next",
-        );
+    fn a_bodiless_request_is_parsed_in_place() {
+        let text = "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\
+                    TE: trailers\r\nContent-Length: 0\r\nX-Two: 1\r\nX-Two: 2\r\n\r\nGET /next";
+        let (p, fields) = parsed(text);
         let Parsed::Complete(r) = p else {
             panic!("not complete")
         };
-        assert_eq!(r.head.method, Method::GET);
-        assert_eq!(r.head.uri, "/a?b=1");
-        assert_eq!(r.head.version, Version::HTTP_11);
-        assert_eq!(r.head.headers.get_all("x-two").iter().count(), 2);
-        assert_eq!(r.head.headers["host"], "x");
+        assert_eq!(r.method, Method::GET);
+        assert_eq!(&text[r.target.0..r.target.1], "/a?b=1");
         assert!(r.close && r.te);
-        assert_eq!(&rest[..], b"GET /next");
+        assert_eq!(&text[r.len..], "GET /next");
+        let view = FrontRequest {
+            method: &r.method,
+            target: &text.as_bytes()[r.target.0..r.target.1],
+            head: &text.as_bytes()[..r.len],
+            fields: &fields,
+            te: r.te,
+        };
+        assert_eq!(view.values(b"x-two").count(), 2);
+        assert_eq!(view.values(b"host").collect::<Vec<_>>(), [b"x"]);
     }
 
     #[test]
@@ -595,7 +661,7 @@ mod tests {
     }
 
     #[test]
-    fn everything_else_goes_to_hyper_with_its_bytes_intact() {
+    fn everything_else_goes_to_hyper() {
         for text in [
             "POST / HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET / HTTP/1.0\r\nHost: x\r\n\r\n",
@@ -607,10 +673,11 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a<b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a?\"b HTTP/1.1\r\nHost: x\r\n\r\n",
         ] {
-            let (p, rest) = parsed(text);
-            assert!(matches!(p, Parsed::Other), "{text:?}");
-            assert_eq!(&rest[..], text.as_bytes(), "{text:?}");
+            assert!(matches!(parsed(text).0, Parsed::Other), "{text:?}");
         }
     }
 
@@ -621,8 +688,10 @@ mod tests {
             text.push_str(&format!("X-{i}: 1\r\n"));
         }
         text.push_str("\r\n");
-        let mut buf = BytesMut::from(text.as_bytes());
-        assert!(matches!(parse(&mut buf, 4, &mut Vec::new()), Parsed::Other));
+        assert!(matches!(
+            parse(text.as_bytes(), 4, &mut Vec::new()),
+            Parsed::Other
+        ));
     }
 
     #[test]

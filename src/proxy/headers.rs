@@ -49,6 +49,18 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
         .map_or(0, |i| 1 << i)
 }
 
+/// Whether a request field named `name` (as sent) stays behind: a hop-by-hop field, or one
+/// the proxy sets itself (`Authorization`, `Host`).
+pub fn is_hop_by_hop_or_replaced(name: &[u8]) -> bool {
+    // Cheap first: most fields are neither, and their lengths rule them out.
+    matches!(name.len(), 2 | 4 | 7 | 10 | 13 | 16 | 17 | 18 | 19)
+        && (HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+            || name.eq_ignore_ascii_case(b"authorization")
+            || name.eq_ignore_ascii_case(b"host"))
+}
+
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
@@ -136,16 +148,26 @@ pub fn via_entry() -> &'static HeaderValue {
 
 /// Whether the request already went through this process (its `Via` names our pseudonym).
 pub fn is_loop(headers: &HeaderMap) -> bool {
-    let ours = &via_entry().as_bytes()[4..];
     headers
         .get_all(http::header::VIA)
         .iter()
-        .any(|v| v.as_bytes().windows(ours.len()).any(|w| w == ours))
+        .any(|v| names_us(v.as_bytes()))
+}
+
+/// Whether a `Via` value names this process's pseudonym.
+pub fn names_us(via: &[u8]) -> bool {
+    let ours = &via_entry().as_bytes()[4..];
+    via.windows(ours.len()).any(|w| w == ours)
 }
 
 /// Whether `value` is `Bearer <expected>`, compared in constant time for equal lengths.
 pub fn bearer_matches(value: Option<&HeaderValue>, expected: &[u8]) -> bool {
-    let Some(token) = value.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+    bearer_bytes_match(value.map(HeaderValue::as_bytes), expected)
+}
+
+/// [`bearer_matches`] for a value as sent.
+pub fn bearer_bytes_match(value: Option<&[u8]>, expected: &[u8]) -> bool {
+    let Some(token) = value.and_then(|v| v.strip_prefix(b"Bearer ")) else {
         return false;
     };
     token.len() == expected.len()

@@ -31,8 +31,10 @@ use tracing::{debug, warn, Instrument};
 
 use super::access::Access;
 use super::body::{BodyTooLarge, ResponseBody, UpstreamBody};
+use super::front::{FrontAnswer, FrontRequest};
 use super::headers;
 use super::pool::{self, Checkin, Http1Pool};
+use super::raw::{ClientFraming, ClientHead, RawBody};
 use super::{ProxyBody, ProxyError};
 use crate::config::{Cidr, RouteConfig, Upstream};
 use crate::egress;
@@ -233,11 +235,37 @@ impl ProxyService {
     }
 
     /// Handles a bodiless `GET`, `HEAD`, `DELETE` or `OPTIONS` read by the front door, as
-    /// [`handle`](Self::handle) would; never fails.
-    pub async fn handle_bodiless(&self, head: http::request::Parts) -> Response<ProxyBody> {
-        let access = self.access(&head.method, &head.uri);
-        let result = self.forward_bodiless(head).await;
-        self.respond(access, result)
+    /// [`handle`](Self::handle) would, but from bytes to bytes: the upstream's request head is
+    /// written into `up`, and the response head for the client into `client.out`. Never fails
+    /// (errors become JSON responses).
+    pub async fn handle_front(
+        &self,
+        req: &FrontRequest<'_>,
+        up: &mut Vec<u8>,
+        client: &mut ClientHead<'_>,
+    ) -> FrontAnswer {
+        let inner = &*self.inner;
+        // The target is only parsed for the access log.
+        let uri = inner
+            .access_log
+            .then(|| Uri::try_from(req.target).unwrap_or_default());
+        let access = Access::new(
+            inner.metrics.clone(),
+            inner.access_log,
+            req.method.clone(),
+            uri.as_ref().unwrap_or(&Uri::from_static("/")),
+        );
+        match self.forward_front(req, up, client).await {
+            Ok((status, body, framing)) => {
+                let mut body = ResponseBody::raw(body);
+                body.finish_with(access, status);
+                FrontAnswer::Streaming { body, framing }
+            }
+            Err(e) => {
+                client.out.clear();
+                FrontAnswer::Response(self.respond(access, Err(e)))
+            }
+        }
     }
 
     /// The record finished when the response ends (cheap clones: reference counts).
@@ -280,25 +308,8 @@ impl ProxyService {
 
     /// Refuses what the route does not accept, before anything else is looked at.
     fn admit(&self, head: Head<'_>, size: Option<u64>) -> Result<(), ProxyError> {
-        let inner = &*self.inner;
-        if !inner.allowed_clients.is_empty() {
-            let allowed = self
-                .peer
-                .is_some_and(|ip| inner.allowed_clients.iter().any(|c| c.contains(ip)));
-            if !allowed {
-                return Err(ProxyError::Forbidden(
-                    "this client address may not use this route (allowed_clients)".into(),
-                ));
-            }
-        }
-        if let Some(expected) = &inner.inbound_token {
-            let sent = head.headers.get(http::header::PROXY_AUTHORIZATION);
-            if !headers::bearer_matches(sent, expected.load().expose().as_bytes()) {
-                return Err(ProxyError::ProxyAuthenticationRequired(
-                    "send `Proxy-Authorization: Bearer <inbound token>`: this route requires its inbound token".into(),
-                ));
-            }
-        }
+        let sent = head.headers.get(http::header::PROXY_AUTHORIZATION);
+        self.admit_client(sent.map(http::HeaderValue::as_bytes))?;
         if *head.method == Method::CONNECT {
             return Err(ProxyError::BadRequest(
                 "CONNECT is not supported: token-proxy is a reverse proxy for one upstream, not a forward proxy".into(),
@@ -312,21 +323,40 @@ impl ProxyService {
             ));
         }
         let hosts = head.headers.get_all(HOST).iter().count();
-        if hosts > 1 || (hosts == 0 && head.version == Version::HTTP_11) {
-            return Err(ProxyError::BadRequest(format!(
-                "an HTTP/1.1 request needs exactly one Host header, this one has {hosts}"
-            )));
-        }
-        if headers::is_loop(head.headers) {
-            return Err(ProxyError::LoopDetected(
-                "this request already passed through this token-proxy: the route's upstream leads back to it".into(),
-            ));
-        }
-        if let (Some(limit), Some(len)) = (inner.max_body_bytes, size) {
+        admit_head(
+            hosts,
+            head.version == Version::HTTP_11,
+            headers::is_loop(head.headers),
+        )?;
+        if let (Some(limit), Some(len)) = (self.inner.max_body_bytes, size) {
             if len > limit {
                 return Err(ProxyError::PayloadTooLarge(format!(
                     "request body of {len} bytes is over this route's limit of {limit} bytes"
                 )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The client's address must be allowed, and its `Proxy-Authorization` (`sent`) must carry
+    /// the inbound token where the route has one.
+    fn admit_client(&self, sent: Option<&[u8]>) -> Result<(), ProxyError> {
+        let inner = &*self.inner;
+        if !inner.allowed_clients.is_empty() {
+            let allowed = self
+                .peer
+                .is_some_and(|ip| inner.allowed_clients.iter().any(|c| c.contains(ip)));
+            if !allowed {
+                return Err(ProxyError::Forbidden(
+                    "this client address may not use this route (allowed_clients)".into(),
+                ));
+            }
+        }
+        if let Some(expected) = &inner.inbound_token {
+            if !headers::bearer_bytes_match(sent, expected.load().expose().as_bytes()) {
+                return Err(ProxyError::ProxyAuthenticationRequired(
+                    "send `Proxy-Authorization: Bearer <inbound token>`: this route requires its inbound token".into(),
+                ));
             }
         }
         Ok(())
@@ -433,29 +463,115 @@ impl ProxyService {
         Ok(response.map(|body| Either::Left(ResponseBody::new(body, checkin))))
     }
 
-    /// [`forward`](Self::forward) for a bodiless request whose head the front door read.
-    async fn forward_bodiless(
+    /// [`forward`](Self::forward) for a request the front door read.
+    async fn forward_front(
         &self,
-        mut head: http::request::Parts,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.admit(
-            Head {
-                method: &head.method,
-                version: head.version,
-                uri: &head.uri,
-                headers: &head.headers,
-            },
-            Some(0),
-        )?;
-        let Some(pool) = &self.inner.pool else {
+        req: &FrontRequest<'_>,
+        up: &mut Vec<u8>,
+        client: &mut ClientHead<'_>,
+    ) -> Result<(StatusCode, RawBody, ClientFraming), ProxyError> {
+        let inner = &*self.inner;
+        self.admit_client(req.values(b"proxy-authorization").next())?;
+        let hosts = req.values(b"host").count();
+        admit_head(hosts, true, req.values(b"via").any(headers::names_us))?;
+        let Some(pool) = &inner.pool else {
             // The front door only serves routes with a pool (`has_front_door`).
             return Err(ProxyError::BadRequest(
                 "this route takes no requests through the front door".into(),
             ));
         };
         let authorization = self.authorization().await?;
-        self.prepare(&mut head, authorization.clone(), true, false, false)?;
-        self.exchange_bodiless(pool, head, &authorization).await
+        self.write_upstream_head(req, &authorization, up);
+        let answer = self.send_for_client(pool, up, req.method, client).await?;
+        if answer.0 == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
+            if let Some(fresh) = self.token_after_401(&authorization).await {
+                debug!("upstream answered 401: replaying once with a new token");
+                inner.metrics.replay_401();
+                drop(answer);
+                client.out.clear();
+                client.trailers.clear();
+                up.clear();
+                self.write_upstream_head(req, &fresh, up);
+                return self.send_for_client(pool, up, req.method, client).await;
+            }
+        }
+        Ok(answer)
+    }
+
+    /// The upstream's head for a request the front door read, as [`prepare`](Self::prepare)
+    /// makes it: the target under the upstream's base path (absolute through a forward
+    /// proxy), hop-by-hop fields (and those `Connection` names) left out, the client's
+    /// `Authorization` and `Host` replaced, `TE: trailers` kept, our `Via` added.
+    fn write_upstream_head(
+        &self,
+        req: &FrontRequest<'_>,
+        authorization: &http::HeaderValue,
+        up: &mut Vec<u8>,
+    ) {
+        let inner = &*self.inner;
+        let upstream = &inner.upstream;
+        up.extend_from_slice(req.method.as_str().as_bytes());
+        up.push(b' ');
+        if inner.proxy.is_some() {
+            up.extend_from_slice(upstream.scheme.as_str().as_bytes());
+            up.extend_from_slice(b"://");
+            up.extend_from_slice(upstream.authority.as_str().as_bytes());
+        }
+        up.extend_from_slice(upstream.base_path.as_bytes());
+        up.extend_from_slice(req.target);
+        up.extend_from_slice(b" HTTP/1.1\r\n");
+        // Fields a `Connection` header names besides its options (rare).
+        let named: Vec<&[u8]> = req
+            .values(b"connection")
+            .flat_map(|v| v.split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| {
+                !(t.is_empty()
+                    || t.eq_ignore_ascii_case(b"keep-alive")
+                    || t.eq_ignore_ascii_case(b"close"))
+            })
+            .collect();
+        for (name, value) in req.fields() {
+            if headers::is_hop_by_hop_or_replaced(name)
+                || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            up.extend_from_slice(name);
+            up.extend_from_slice(b": ");
+            up.extend_from_slice(value);
+            up.extend_from_slice(b"\r\n");
+        }
+        if req.te {
+            up.extend_from_slice(b"te: trailers\r\n");
+        }
+        up.extend_from_slice(b"authorization: ");
+        up.extend_from_slice(authorization.as_bytes());
+        up.extend_from_slice(b"\r\nhost: ");
+        up.extend_from_slice(upstream.host_header.as_bytes());
+        if let Some(auth) = inner.proxy.as_ref().and_then(|p| p.authorization()) {
+            up.extend_from_slice(b"\r\nproxy-authorization: ");
+            up.extend_from_slice(auth.as_bytes());
+        }
+        up.extend_from_slice(b"\r\nvia: ");
+        up.extend_from_slice(headers::via_entry().as_bytes());
+        up.extend_from_slice(b"\r\n\r\n");
+    }
+
+    /// Sends a request head the front door's request became, bounded by the response timeout.
+    async fn send_for_client(
+        &self,
+        pool: &Http1Pool,
+        head: &[u8],
+        method: &Method,
+        client: &mut ClientHead<'_>,
+    ) -> Result<(StatusCode, RawBody, ClientFraming), ProxyError> {
+        let inner = &*self.inner;
+        let sent = pool.send_for_client(head, method, client);
+        match tokio::time::timeout(inner.response_timeout, sent).await {
+            Ok(r) => r.map_err(|e| pool_error(inner, &e)),
+            Err(_) => Err(self.response_timed_out()),
+        }
     }
 
     /// The `Authorization` value to send: the current token, lock-free and without I/O, or,
@@ -827,6 +943,22 @@ fn upstream_error(
         "lost the connection to"
     };
     ProxyError::UpstreamUnavailable(format!("{what} upstream {url}{via}: {cause}"))
+}
+
+/// An HTTP/1.1 request needs exactly one `Host` (`hosts` of them came), and must not have
+/// come through this process before (`looped`).
+fn admit_head(hosts: usize, http11: bool, looped: bool) -> Result<(), ProxyError> {
+    if hosts > 1 || (hosts == 0 && http11) {
+        return Err(ProxyError::BadRequest(format!(
+            "an HTTP/1.1 request needs exactly one Host header, this one has {hosts}"
+        )));
+    }
+    if looped {
+        return Err(ProxyError::LoopDetected(
+            "this request already passed through this token-proxy: the route's upstream leads back to it".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What [`ProxyService::admit`] looks at of a request head.
