@@ -579,6 +579,30 @@ async fn two_hundred_headers_or_a_huge_header_get_431() {
 }
 
 #[tokio::test]
+async fn a_complete_head_over_the_limits_gets_431_even_when_it_arrives_whole() {
+    // One write, so the whole head is there at the first read: still refused.
+    let s = Stack::start_with("max_header_bytes = 8192\nmax_headers = 10", MINUTE, "", "").await;
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(10_000)
+    );
+    let mut many = String::from("GET /many HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..12 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    for raw in [big, many] {
+        let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(2)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 431"),
+            "{}",
+            &answer[..answer.len().min(200)]
+        );
+    }
+    assert!(s.api.state().records().is_empty());
+}
+
+#[tokio::test]
 async fn body_over_the_route_limit_is_413() {
     let s = Stack::start(MINUTE, "", "max_body_bytes = 1000").await;
     let req = Request::post(format!("http://{}/big", s.addr()))

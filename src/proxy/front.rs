@@ -221,6 +221,10 @@ where
     loop {
         if !buf.is_empty() {
             match parse(buf, limits.max_headers, fields) {
+                // hyper answers an oversized head with 431.
+                Parsed::Complete(request) if request.len > limits.max_header_bytes => {
+                    return Next::Handoff
+                }
                 Parsed::Complete(request) => return Next::Head(request),
                 Parsed::Other => return Next::Handoff,
                 // hyper answers an oversized head with 431.
