@@ -3,10 +3,13 @@
 //!
 //! Why: with the upstream side already lean (`raw.rs`), callgrind put about 40 % of a proxied
 //! GET's instructions in hyper's server dispatcher (its buffers, its state machine, the
-//! service future it boxes per request). Here the connection's own task reads the head,
-//! parses it with `httparse` (as hyper does) into an `http` head whose header values are
-//! slices of the read buffer, hands it to the service, and writes the response head and the
-//! first body bytes in one `write`.
+//! service future it boxes per request), and most of the rest in building, editing and
+//! dropping `http` header maps on both sides. Here the connection's own task reads the head
+//! and parses it in place with `httparse` (as hyper does); the service writes the upstream's
+//! request head straight from the client's fields ([`FrontRequest`]), and the upstream's
+//! response head straight into the client's buffer (`raw::ClientHead`); the head and the first
+//! body bytes go out in one `write`. No header map is built on the way: about 10,800
+//! instructions per proxied GET, against 25,500 through hyper's server.
 //!
 //! Anything else goes to hyper, with the bytes read so far put back in front of the socket
 //! ([`Rewind`]), and the connection stays with hyper from then on: a request with a body
@@ -357,8 +360,9 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// Writes `response` to the client: its head, then its body as the upstream delivers it.
-/// `te` says whether the client accepts trailers; `close` adds `connection: close`.
+/// Writes `response` (one of the proxy's own, such as an error) to the client: its head from
+/// its header map, then its body. `te` says whether the client accepts trailers; `close` adds
+/// `connection: close`.
 async fn write_response<T>(
     io: &mut T,
     out: &mut Vec<u8>,
