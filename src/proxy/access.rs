@@ -22,12 +22,13 @@ pub struct Access {
 }
 
 impl Access {
-    /// A record for a request on `route`, started now; `log` writes the access log line.
-    pub fn new(route: Arc<RouteMetrics>, log: bool, method: Method, uri: &Uri) -> Access {
+    /// A record for a request on `route`, started now; with the request's `uri`, the access log
+    /// line is written (without it, only the metrics are kept).
+    pub fn new(route: Arc<RouteMetrics>, method: Method, uri: Option<Uri>) -> Access {
         Access {
             route,
             method,
-            uri: log.then(|| uri.clone()),
+            uri,
             started: Instant::now(),
         }
     }

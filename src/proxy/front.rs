@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ResponseBody;
+use super::headers;
 use super::raw::{ClientFraming, ClientHead};
 use super::service::ProxyService;
 use super::ProxyBody;
@@ -326,9 +327,9 @@ fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
             return Parsed::Other;
         }
         if is(b"connection") {
-            close |= has_token(value, b"close");
+            close |= headers::has_token(value, b"close");
         } else if is(b"te") {
-            te |= has_token(value, b"trailers");
+            te |= headers::has_token(value, b"trailers");
         }
         fields.push(Field {
             name: span(name),
@@ -351,13 +352,6 @@ fn plain_target(target: &[u8]) -> bool {
         && target
             .iter()
             .all(|b| (0x21..=0x7e).contains(b) && !matches!(b, b'#' | b'<' | b'>' | b'`' | b'"'))
-}
-
-/// Whether a comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|b| *b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Writes `response` (one of the proxy's own, such as an error) to the client: its head from

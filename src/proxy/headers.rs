@@ -16,11 +16,24 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether the comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
+pub fn has_token(value: &[u8], token: &[u8]) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The comma-separated tokens of a header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// The field names a `Connection` value lists besides its options `keep-alive` and `close`
+/// (and `upgrade` when `upgrade`): fields that are hop-by-hop for this message.
+pub fn connection_named(value: &[u8], upgrade: bool) -> impl Iterator<Item = &[u8]> {
+    tokens(value).filter(move |t| {
+        !(t.is_empty()
+            || t.eq_ignore_ascii_case(b"keep-alive")
+            || t.eq_ignore_ascii_case(b"close")
+            || (upgrade && t.eq_ignore_ascii_case(b"upgrade")))
+    })
 }
 
 /// The headers that are hop-by-hop by themselves (those named by `Connection` come on top),
@@ -49,16 +62,21 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
         .map_or(0, |i| 1 << i)
 }
 
+/// Whether a field named `name` (as sent) is hop-by-hop by itself ([`HOP_BY_HOP`]).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    // Cheap first: the lengths of most names rule them out.
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19)
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// Whether a request field named `name` (as sent) stays behind: a hop-by-hop field, or one
 /// the proxy sets itself (`Authorization`, `Host`).
 pub fn is_hop_by_hop_or_replaced(name: &[u8]) -> bool {
-    // Cheap first: most fields are neither, and their lengths rule them out.
-    matches!(name.len(), 2 | 4 | 7 | 10 | 13 | 16 | 17 | 18 | 19)
-        && (HOP_BY_HOP
-            .iter()
-            .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
-            || name.eq_ignore_ascii_case(b"authorization")
-            || name.eq_ignore_ascii_case(b"host"))
+    is_hop_by_hop(name)
+        || name.eq_ignore_ascii_case(b"authorization")
+        || name.eq_ignore_ascii_case(b"host")
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -67,7 +85,7 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
         && headers
             .get_all(CONNECTION)
             .iter()
-            .any(|v| has_token(v, "upgrade"))
+            .any(|v| has_token(v.as_bytes(), b"upgrade"))
 }
 
 /// Removes hop-by-hop headers. `upgrade` keeps `Upgrade` and `Connection: upgrade`;
@@ -81,24 +99,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, streamed: bool) 
     if present == 0 && !upgrade {
         return false;
     }
-    let te_trailers =
-        present & HAS_TE != 0 && headers.get_all(TE).iter().any(|v| has_token(v, "trailers"));
+    let te_trailers = present & HAS_TE != 0
+        && headers
+            .get_all(TE)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"trailers"));
     if present & HAS_CONNECTION != 0 {
         // `keep-alive` and `close` are connection options, not fields to look up (a
         // `Keep-Alive` field goes below anyway): the usual `Connection` value costs nothing.
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| {
-                !(t.is_empty()
-                    || t.eq_ignore_ascii_case("keep-alive")
-                    || t.eq_ignore_ascii_case("close")
-                    || (upgrade && t.eq_ignore_ascii_case("upgrade")))
-            })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .flat_map(|v| connection_named(v.as_bytes(), upgrade))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(&name);

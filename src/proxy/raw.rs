@@ -30,6 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::headers;
+
 /// Largest response head (and trailer block) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a response head.
@@ -147,7 +149,7 @@ impl RawConn {
         done: Done,
     ) -> Result<(StatusCode, RawBody, ClientFraming), RawError> {
         let parsed = self.roundtrip(head, method).await?;
-        let framing = client.write(&self.buf[..parsed.len], &parsed, method)?;
+        let framing = client.write(&self.buf[..parsed.len], &parsed, method);
         let status = parsed.status;
         Ok((status, self.into_body(parsed, done), framing))
     }
@@ -319,13 +321,8 @@ fn parse_head(
         let mut kept = true;
         let mut trailer = false;
         if is(b"connection") {
-            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-                    named.push(token);
-                }
-            }
+            close |= headers::has_token(value, b"close");
+            named.extend(headers::connection_named(value, false));
             kept = false;
         } else if is(b"transfer-encoding") {
             let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
@@ -338,13 +335,7 @@ fn parse_head(
             date = true;
         } else if is(b"trailer") {
             trailer = true;
-        } else if is(b"te")
-            || is(b"upgrade")
-            || is(b"keep-alive")
-            || is(b"proxy-connection")
-            || is(b"proxy-authenticate")
-            || is(b"proxy-authorization")
-        {
+        } else if headers::is_hop_by_hop(name) {
             kept = false;
         }
         fields.push(Field {
@@ -428,12 +419,7 @@ impl ClientHead<'_> {
     /// Writes the response head `head` (its bytes in `bytes`) for the client: the status line,
     /// the fields that go on, as they came, then the framing, `date` and `connection` fields
     /// the front door's answer needs.
-    fn write(
-        &mut self,
-        bytes: &[u8],
-        head: &Head,
-        method: &Method,
-    ) -> Result<ClientFraming, RawError> {
+    fn write(&mut self, bytes: &[u8], head: &Head, method: &Method) -> ClientFraming {
         let out = &mut *self.out;
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(head.status.as_str().as_bytes());
@@ -491,7 +477,7 @@ impl ClientHead<'_> {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        Ok(framing)
+        framing
     }
 }
 
@@ -573,7 +559,7 @@ impl std::fmt::Debug for RawBody {
 impl RawBody {
     /// Hands the connection to `done` when the body has been read to its end (at once if it
     /// has no body).
-    pub fn on_done(&mut self, done: Done) {
+    fn on_done(&mut self, done: Done) {
         self.done = Some(done);
         if matches!(self.framing, Framing::Empty) {
             self.finish();

@@ -249,12 +249,7 @@ impl ProxyService {
         let uri = inner
             .access_log
             .then(|| Uri::try_from(req.target).unwrap_or_default());
-        let access = Access::new(
-            inner.metrics.clone(),
-            inner.access_log,
-            req.method.clone(),
-            uri.as_ref().unwrap_or(&Uri::from_static("/")),
-        );
+        let access = Access::new(inner.metrics.clone(), req.method.clone(), uri);
         match self.forward_front(req, up, client).await {
             Ok((status, body, framing)) => {
                 let mut body = ResponseBody::raw(body);
@@ -270,12 +265,8 @@ impl ProxyService {
 
     /// The record finished when the response ends (cheap clones: reference counts).
     fn access(&self, method: &Method, uri: &Uri) -> Access {
-        Access::new(
-            self.inner.metrics.clone(),
-            self.inner.access_log,
-            method.clone(),
-            uri,
-        )
+        let uri = self.inner.access_log.then(|| uri.clone());
+        Access::new(self.inner.metrics.clone(), method.clone(), uri)
     }
 
     /// The response to send: the upstream's, or the JSON for an error (logged once, here).
@@ -523,13 +514,7 @@ impl ProxyService {
         // Fields a `Connection` header names besides its options (rare).
         let named: Vec<&[u8]> = req
             .values(b"connection")
-            .flat_map(|v| v.split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter(|t| {
-                !(t.is_empty()
-                    || t.eq_ignore_ascii_case(b"keep-alive")
-                    || t.eq_ignore_ascii_case(b"close"))
-            })
+            .flat_map(|v| headers::connection_named(v, false))
             .collect();
         for (name, value) in req.fields() {
             if headers::is_hop_by_hop_or_replaced(name)
