@@ -139,6 +139,9 @@ where
         if out.capacity() > GATHER * 4 {
             out = Vec::new();
         }
+        if up.capacity() > GATHER * 4 {
+            up = Vec::new();
+        }
     }
 }
 
