@@ -820,6 +820,12 @@ mod tests {
         (addr, task)
     }
 
+    /// A connection to an [`upstream`] answering `answers`, whose record is not looked at.
+    async fn connected(answers: Vec<&'static [u8]>, close: bool) -> RawConn {
+        let (addr, _seen) = upstream(answers, close).await;
+        RawConn::new(TcpStream::connect(addr).await.unwrap())
+    }
+
     fn parts(method: Method, target: &str) -> request::Parts {
         let (mut parts, ()) = http::Request::builder()
             .method(method)
@@ -896,27 +902,21 @@ mod tests {
 
     #[tokio::test]
     async fn close_delimited_connection_close_and_te_with_cl_are_not_reused() {
-        let (addr, _seen) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"], true).await;
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let conn = connected(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"], true).await;
         let (_, body, _, conn) = fetch(conn, Method::GET).await;
         assert_eq!(&body[..], b"until the end");
         assert!(conn.is_none());
-        let (addr, _seen) = upstream(
+        let conn = connected(
             vec![b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"],
             false,
         )
         .await;
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let (_, body, _, conn) = fetch(conn, Method::GET).await;
         assert_eq!(&body[..], b"ok");
         assert!(conn.is_none());
         // Both framings: chunked wins, the length is not passed on, the connection ends.
-        let (addr, _seen) = upstream(
-            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
-            false,
-        )
-        .await;
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let conn = connected(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+            false).await;
         let (r, body, _, conn) = fetch(conn, Method::GET).await;
         assert_eq!(&body[..], b"ok");
         assert!(!r.headers().contains_key(http::header::CONTENT_LENGTH));
@@ -931,29 +931,26 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
             b"NOT HTTP\r\n\r\n",
         ] {
-            let (addr, _seen) = upstream(vec![bad], true).await;
-            let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+            let conn = connected(vec![bad], true).await;
             let result = conn.exchange(&parts(Method::GET, "/"), back()).await;
             assert!(matches!(result, Err(RawError::Invalid(_))), "{bad:?}");
         }
         // A body cut short is an error, not a short body.
-        let (addr, _seen) = upstream(
+        let conn = connected(
             vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"],
             true,
         )
         .await;
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let response = conn
             .exchange(&parts(Method::GET, "/"), back())
             .await
             .unwrap();
         assert!(response.into_body().collect().await.is_err());
-        let (addr, _seen) = upstream(
+        let conn = connected(
             vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
             true,
         )
         .await;
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let response = conn
             .exchange(&parts(Method::GET, "/"), back())
             .await
@@ -963,7 +960,7 @@ mod tests {
 
     #[tokio::test]
     async fn hop_by_hop_fields_do_not_come_back() {
-        let (addr, _seen) = upstream(
+        let conn = connected(
             vec![
                 b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Named\r\nX-Named: hop\r\n\
                   Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
@@ -975,7 +972,6 @@ mod tests {
             false,
         )
         .await;
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
         let (head, body, _, conn) = fetch(conn, Method::GET).await;
         assert_eq!(&body[..], b"ok");
         let mut names: Vec<_> = head.headers().keys().map(|n| n.as_str()).collect();
