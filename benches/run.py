@@ -69,7 +69,7 @@ class Registry:
         self.cleaned = False
 
     def spawn(self, argv: list[str], *, log_path: Path | None = None, env: dict | None = None,
-              capture: bool = False) -> subprocess.Popen:
+              capture: bool = False, cpus: set[int] | None = None) -> subprocess.Popen:
         if capture:
             out, err = subprocess.PIPE, subprocess.PIPE
         elif log_path is not None:
@@ -77,8 +77,11 @@ class Registry:
             out, err = fh, fh
         else:
             out, err = subprocess.DEVNULL, subprocess.DEVNULL
+        # `cpus`: the child (and everything it forks or spawns) runs on these CPUs only;
+        # without it, it inherits the harness's own CPU set (see Placement).
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                             env=env, start_new_session=True)
+                             env=env, start_new_session=True, preexec_fn=pin)
         if log_path is not None and not capture:
             fh.close()
         self.procs.append(p)
@@ -500,6 +503,54 @@ credential = "bench"
 # ---------------------------------------------------------------------------------------------
 
 
+class Placement:
+    """Which CPUs the server side (the proxy under test and the upstream) runs on, and which the
+    client side (the load generator).
+
+    On a machine with few cores, wrk, the upstream and the proxy compete for CPU, and where the
+    scheduler happens to put them moves a run by up to ±15 % (nginx's own 1-worker figure
+    measured 67k and 53k req/s in two rounds of one run). So the harness places them as if on
+    two machines: with `workers` w on n usable CPUs and w < n, the server side gets the last w
+    CPUs and the client side (wrk, h2load, curl, the harness's own clients) the others. The
+    client side must never be the bottleneck, or every proxy measures the load generator: wrk
+    alone on a CPU keeps up, while wrk and the upstream together on one CPU do not (they cap
+    the run at about the 1-worker rate of the fastest proxies). With w >= n nothing is pinned:
+    everything shares all CPUs. The same rule holds for every case, direct included;
+    `--no-pin` turns it off.
+    """
+
+    def __init__(self, workers: int, pin: bool):
+        self.all = ALL_CPUS
+        if pin and workers < len(self.all):
+            self.server: set[int] | None = set(self.all[-workers:])
+            self.client: set[int] = set(self.all[:-workers])
+        else:
+            self.server, self.client = None, set(self.all)
+
+    def describe(self) -> str:
+        if self.server is None:
+            return f"not pinned (all of CPUs {fmt_cpus(self.all)})"
+        return (f"proxy and upstream on CPU {fmt_cpus(self.server)}, load generator on CPU "
+                f"{fmt_cpus(self.client)}")
+
+    def enter(self, upstream: "Server") -> None:
+        """Moves the harness (so the clients it starts) and the upstream onto their CPUs."""
+        os.sched_setaffinity(0, self.client)
+        for pid in upstream.pids():
+            try:
+                os.sched_setaffinity(pid, self.server or set(self.all))
+            except OSError:  # gone, or not ours to move
+                pass
+
+
+# The CPUs the harness may use, read before it pins itself.
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def fmt_cpus(cpus) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 class Server:
     """One started peer (or the upstream). `pids()` lists the processes to measure."""
 
@@ -562,6 +613,13 @@ class Bench:
         self.confs: dict = {}
         self.raw: list[dict] = []
         self.errors: list[str] = []
+        self.placement: Placement | None = None
+
+    def place(self, w: int) -> Placement:
+        """Pins the harness, its clients and the upstream for the runs with `w` workers."""
+        self.placement = Placement(w, not self.args.no_pin)
+        self.placement.enter(self.upstream)
+        return self.placement
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -611,10 +669,14 @@ class Bench:
     def start_nginx(self, name: str, conf: Path, prefix: Path, h1: int, h2: int | None) -> Server:
         log_path = prefix / "stderr.log"
         proc = REG.spawn(["nginx", "-p", str(prefix), "-c", str(conf), "-e",
-                          str(prefix / "error.log")], log_path=log_path)
+                          str(prefix / "error.log")], log_path=log_path, cpus=self.proxy_cpus())
         server = Server(name, proc, h1, h2, prefix / "error.log")
         wait_ready(server)
         return server
+
+    def proxy_cpus(self) -> set[int] | None:
+        """The CPUs of the proxy under test now (None before placement: the upstream)."""
+        return self.placement.server if self.placement else None
 
     def start(self, case: str, w: int) -> Server:
         """Starts a fresh process for the case (direct: the shared upstream)."""
@@ -639,7 +701,7 @@ class Bench:
         else:  # token-proxy, token-proxy-2s
             env["RUST_LOG"] = "info"
             argv = [str(self.binary), "run", "--config", str(conf)]
-        proc = REG.spawn(argv, log_path=log_path, env=env)
+        proc = REG.spawn(argv, log_path=log_path, env=env, cpus=self.proxy_cpus())
         server = Server(f"{case}-w{w}", proc, h1, h2, log_path)
         wait_ready(server)
         return server
@@ -1331,6 +1393,10 @@ def parse_args(argv=None):
                         " (default all; the upstream nginx always runs)")
     p.add_argument("--out", default="target/bench",
                    help="output directory, relative to the repository (default target/bench)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="let the scheduler place every process (default: with fewer workers "
+                        "than CPUs, the proxy and the upstream run on the last `workers` CPUs "
+                        "and the load generator on the others)")
     p.add_argument("--skip-build", action="store_true",
                    help="use the existing target/release/token-proxy instead of building it")
     args = p.parse_args(argv)
@@ -1429,7 +1495,8 @@ def main(argv=None) -> int:
         log(f"upstream nginx (1 worker) on 127.0.0.1:{bench.upstream.h1} (h2c :{bench.upstream.h2})")
         for rnd in range(1, args.rounds + 1):
             for w in workers:
-                log(f"-- round {rnd}/{args.rounds}, workers {w}")
+                placement = bench.place(w)
+                log(f"-- round {rnd}/{args.rounds}, workers {w}; {placement.describe()}")
                 steps = []
                 for c in cases:
                     steps.append((c, "GET", lambda c=c: bench.run_get(c, w, rnd)))
@@ -1459,6 +1526,7 @@ def main(argv=None) -> int:
     finally:
         if bench.upstream:
             bench.upstream.stop()
+    placements = {str(w): Placement(w, not args.no_pin).describe() for w in workers}
 
     total_secs = time.time() - t_start
     agg = aggregate(bench.raw)
@@ -1491,13 +1559,16 @@ def main(argv=None) -> int:
         "options": {"workers": workers, "duration_s": args.duration, "rounds": args.rounds,
                     "quick": args.quick, "cases": cases, "wrk_connections": WRK_CONNS,
                     "h2_streams_per_conn": H2_STREAMS, "idle_connections": IDLE_CONNS,
-                    "transfer_bytes": BLOB_SIZE},
+                    "transfer_bytes": BLOB_SIZE, "pinned": not args.no_pin},
+        "placement": placements,
         "versions": versions,
         "configs": sorted(str(p.relative_to(out)) for p in (out / "configs").iterdir()),
     }
     header = (f"token-proxy benchmark, {meta['date']}, {os.cpu_count()} cores "
               f"({meta['machine']['cpu']}), workers {workers}, {args.rounds} round(s) of "
-              f"{args.duration:g} s, median over rounds. Total {total_secs / 60:.1f} min.")
+              f"{args.duration:g} s, median over rounds. Total {total_secs / 60:.1f} min. "
+              "Placement: " + "; ".join(f"{w} worker(s): {d}" for w, d in placements.items())
+              + ".")
     log("")
     log(header)
     for t in tables:

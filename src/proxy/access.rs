@@ -25,11 +25,21 @@ impl Access {
     /// A record for a request on `route`, started now; with the request's `uri`, the access log
     /// line is written (without it, only the metrics are kept).
     pub fn new(route: Arc<RouteMetrics>, method: Method, uri: Option<Uri>) -> Access {
+        Access::started_at(route, method, uri, Instant::now())
+    }
+
+    /// A record as [`new`](Self::new), started at `now` (a reading the caller shares).
+    pub fn started_at(
+        route: Arc<RouteMetrics>,
+        method: Method,
+        uri: Option<Uri>,
+        now: Instant,
+    ) -> Access {
         Access {
             route,
             method,
             uri,
-            started: Instant::now(),
+            started: now,
         }
     }
 

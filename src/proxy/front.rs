@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ResponseBody;
+use super::deadline::Deadline;
 use super::headers;
 use super::raw::{ClientFraming, ClientHead};
 use super::service::ProxyService;
@@ -83,7 +84,8 @@ where
     let mut up = Vec::new();
     let mut fields = Vec::new();
     let mut stopped = pin!(stop.cancelled());
-    let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
+    let mut header_timer = Deadline::new(limits.header_read_timeout);
+    let mut response_timer = service.response_deadline();
     loop {
         let request = match read_head(
             &mut io,
@@ -91,7 +93,7 @@ where
             &mut fields,
             limits,
             stopped.as_mut(),
-            timer.as_mut(),
+            &mut header_timer,
         )
         .await
         {
@@ -116,7 +118,9 @@ where
             te: request.te,
             trailers: Vec::new(),
         };
-        let answer = service.handle_front(&view, &mut up, &mut client).await;
+        let answer = service
+            .handle_front(&view, &mut up, &mut client, &mut response_timer)
+            .await;
         let trailers = std::mem::take(&mut client.trailers);
         buf.advance(request.len);
         let head_only = request.method == Method::HEAD;
@@ -218,12 +222,11 @@ async fn read_head<T>(
     fields: &mut Vec<Field>,
     limits: &ClientLimits,
     mut stopped: Pin<&mut impl Future<Output = ()>>,
-    mut timer: Pin<&mut tokio::time::Sleep>,
+    timer: &mut Deadline,
 ) -> Next
 where
     T: AsyncRead + Unpin,
 {
-    let started = Instant::now();
     let mut armed = false;
     loop {
         if !buf.is_empty() {
@@ -244,12 +247,12 @@ where
             if let Poll::Ready(r) = tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
                 return Poll::Ready(Some(r));
             }
-            // Only a connection that has to wait pays for the timer.
+            // Only a connection that has to wait reads the clock.
             if !armed {
-                timer.as_mut().reset(started + limits.header_read_timeout);
+                timer.start(Instant::now());
                 armed = true;
             }
-            if timer.as_mut().poll(cx).is_ready() {
+            if timer.poll_expired(cx).is_ready() {
                 return Poll::Ready(None);
             }
             if buf.is_empty() && stopped.as_mut().poll(cx).is_ready() {

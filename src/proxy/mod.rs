@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod body;
+pub mod deadline;
 pub mod front;
 pub mod headers;
 pub mod pool;

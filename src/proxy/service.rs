@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::access::Access;
 use super::body::{BodyTooLarge, ResponseBody, UpstreamBody};
+use super::deadline::Deadline;
 use super::front::{FrontAnswer, FrontRequest};
 use super::headers;
 use super::pool::{self, Checkin, Http1Pool};
@@ -243,14 +244,17 @@ impl ProxyService {
         req: &FrontRequest<'_>,
         up: &mut Vec<u8>,
         client: &mut ClientHead<'_>,
+        timer: &mut Deadline,
     ) -> FrontAnswer {
         let inner = &*self.inner;
         // The target is only parsed for the access log.
         let uri = inner
             .access_log
             .then(|| Uri::try_from(req.target).unwrap_or_default());
-        let access = Access::new(inner.metrics.clone(), req.method.clone(), uri);
-        match self.forward_front(req, up, client).await {
+        // One reading of the clock for the record, the token's validity and the deadline.
+        let now = Instant::now();
+        let access = Access::started_at(inner.metrics.clone(), req.method.clone(), uri, now);
+        match self.forward_front(req, up, client, timer, now).await {
             Ok((status, body, framing)) => {
                 let mut body = ResponseBody::raw(body);
                 body.finish_with(access, status);
@@ -365,7 +369,7 @@ impl ProxyService {
             },
             size,
         )?;
-        let authorization = self.authorization().await?;
+        let authorization = self.authorization(Instant::now()).await?;
 
         let upgrade =
             req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
@@ -460,6 +464,8 @@ impl ProxyService {
         req: &FrontRequest<'_>,
         up: &mut Vec<u8>,
         client: &mut ClientHead<'_>,
+        timer: &mut Deadline,
+        now: Instant,
     ) -> Result<(StatusCode, RawBody, ClientFraming), ProxyError> {
         let inner = &*self.inner;
         self.admit_client(req.values(b"proxy-authorization").next())?;
@@ -471,9 +477,11 @@ impl ProxyService {
                 "this route takes no requests through the front door".into(),
             ));
         };
-        let authorization = self.authorization().await?;
+        let authorization = self.authorization(now).await?;
         self.write_upstream_head(req, &authorization, up);
-        let answer = self.send_for_client(pool, up, req.method, client).await?;
+        let answer = self
+            .send_for_client(pool, up, req.method, client, timer, now)
+            .await?;
         if answer.0 == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
             if let Some(fresh) = self.token_after_401(&authorization).await {
                 debug!("upstream answered 401: replaying once with a new token");
@@ -483,7 +491,9 @@ impl ProxyService {
                 client.trailers.clear();
                 up.clear();
                 self.write_upstream_head(req, &fresh, up);
-                return self.send_for_client(pool, up, req.method, client).await;
+                return self
+                    .send_for_client(pool, up, req.method, client, timer, Instant::now())
+                    .await;
             }
         }
         Ok(answer)
@@ -543,27 +553,35 @@ impl ProxyService {
         up.extend_from_slice(b"\r\n\r\n");
     }
 
-    /// Sends a request head the front door's request became, bounded by the response timeout.
+    /// Sends a request head the front door's request became, bounded by the response timeout
+    /// from `now` (the connection's `timer`, see [`Deadline`]).
     async fn send_for_client(
         &self,
         pool: &Http1Pool,
         head: &[u8],
         method: &Method,
         client: &mut ClientHead<'_>,
+        timer: &mut Deadline,
+        now: Instant,
     ) -> Result<(StatusCode, RawBody, ClientFraming), ProxyError> {
         let inner = &*self.inner;
-        let sent = pool.send_for_client(head, method, client);
-        match tokio::time::timeout(inner.response_timeout, sent).await {
-            Ok(r) => r.map_err(|e| pool_error(inner, &e)),
-            Err(_) => Err(self.response_timed_out()),
+        let sent = pin!(pool.send_for_client(head, method, client));
+        match timer.bound(now, sent).await {
+            Some(r) => r.map_err(|e| pool_error(inner, &e)),
+            None => Err(self.response_timed_out()),
         }
     }
 
-    /// The `Authorization` value to send: the current token, lock-free and without I/O, or,
-    /// only when none is valid, the next one within the route's `token_wait`.
-    async fn authorization(&self) -> Result<http::HeaderValue, ProxyError> {
+    /// The timer for the responses of one front-door connection.
+    pub fn response_deadline(&self) -> Deadline {
+        Deadline::new(self.inner.response_timeout)
+    }
+
+    /// The `Authorization` value to send: the token valid at `now`, lock-free and without
+    /// I/O, or, only when none is, the next one within the route's `token_wait`.
+    async fn authorization(&self, now: Instant) -> Result<http::HeaderValue, ProxyError> {
         let slot = &self.inner.slot;
-        match slot.header_at(Instant::now()) {
+        match slot.header_at(now) {
             Some(h) => Ok(h),
             None => slot
                 .wait_for_header(self.inner.token_wait)
