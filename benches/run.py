@@ -1237,6 +1237,21 @@ def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int
     return tables
 
 
+def paired_row(label: str, raw: list[dict], load: str, w: int, key: str) -> list[dict]:
+    """token-proxy / nginx within each round, where the two ran back to back (so drift over the
+    run cancels): the ratios, and their median in the ratio column. No row for one round."""
+    by_round: dict[int, dict[str, float]] = {}
+    for e in raw:
+        if e["load"] == load and e["workers"] == w and e.get(key) is not None:
+            by_round.setdefault(e["round"], {})[e["case"]] = e[key]
+    ratios = [r["token-proxy"] / r["nginx"] for _, r in sorted(by_round.items())
+              if r.get("token-proxy") and r.get("nginx")]
+    if len(ratios) < 2:
+        return []
+    return [{"target": label, "workers": w, "tp": " ".join(f"{x:.2f}" for x in ratios),
+             "ng": "-", "ratio": statistics.median(ratios)}]
+
+
 def targets_table(agg: dict, raw: list[dict], workers: list[int]) -> Table:
     t = Table("Targets: token-proxy against nginx and direct",
               [("target", "target", "str"), ("workers", "workers", "d"), ("token-proxy", "tp", "str"),
@@ -1251,6 +1266,7 @@ def targets_table(agg: dict, raw: list[dict], workers: list[int]) -> Table:
             t.rows += [
                 {"target": "small GETs req/s (64 conns)", "workers": w, "tp": s(tp.get("rps"), ".0f"),
                  "ng": s(ng.get("rps"), ".0f"), "ratio": ratio(tp.get("rps"), ng.get("rps"))},
+                *paired_row("small GETs req/s, round by round", raw, "h1", w, "rps"),
                 {"target": "small GETs p99 ms (64 conns)", "workers": w, "tp": s(tp.get("p99_ms"), ".2f"),
                  "ng": s(ng.get("p99_ms"), ".2f"), "ratio": ratio(tp.get("p99_ms"), ng.get("p99_ms"))},
                 {"target": "CPU s per 10,000 requests", "workers": w,
