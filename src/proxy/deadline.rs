@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+/// Where a new timer's deadline stands: later than any wait's (as tokio's own "far future").
+const NOT_SET: Duration = Duration::from_secs(86400 * 365 * 30);
+
 /// A recurring deadline of a fixed length, owned by one connection.
 #[derive(Debug)]
 pub struct Deadline {
@@ -23,8 +26,6 @@ pub struct Deadline {
     sleep: Pin<Box<Sleep>>,
     /// When the current wait ends.
     due: Instant,
-    /// The timer has been set since it was made.
-    armed: bool,
     /// The waker the timer was last polled with, while it is set and has not fired: the timer
     /// wakes it when it fires, so until then polling it again (a coop budget check and a
     /// waker swap, per request) tells nothing new.
@@ -37,21 +38,20 @@ impl Deadline {
         let now = Instant::now();
         Deadline {
             length,
-            sleep: Box::pin(tokio::time::sleep_until(now)),
+            // Never polled as it is: the first wait sets it (its deadline is earlier).
+            sleep: Box::pin(tokio::time::sleep_until(now + NOT_SET)),
             due: now,
-            armed: false,
             registered: None,
         }
     }
 
     /// Starts a wait that ends `length` after `now`. The timer is set again only when it
-    /// would fire later than that (or was never set); when it fires earlier,
+    /// would fire later than that (as before the first wait); when it fires earlier,
     /// [`poll_expired`](Self::poll_expired) sets it again.
     pub fn start(&mut self, now: Instant) {
         self.due = now + self.length;
-        if !self.armed || self.sleep.deadline() > self.due {
+        if self.sleep.deadline() > self.due {
             self.sleep.as_mut().reset(self.due);
-            self.armed = true;
             self.registered = None;
         }
     }
