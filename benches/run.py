@@ -669,13 +669,14 @@ class Bench:
     def start_nginx(self, name: str, conf: Path, prefix: Path, h1: int, h2: int | None) -> Server:
         log_path = prefix / "stderr.log"
         proc = REG.spawn(["nginx", "-p", str(prefix), "-c", str(conf), "-e",
-                          str(prefix / "error.log")], log_path=log_path, cpus=self.proxy_cpus())
+                          str(prefix / "error.log")], log_path=log_path, cpus=self.server_cpus())
         server = Server(name, proc, h1, h2, prefix / "error.log")
         wait_ready(server)
         return server
 
-    def proxy_cpus(self) -> set[int] | None:
-        """The CPUs of the proxy under test now (None before placement: the upstream)."""
+    def server_cpus(self) -> set[int] | None:
+        """The server side's CPUs now; None before the first placement, when the upstream
+        starts (`Placement.enter` moves it)."""
         return self.placement.server if self.placement else None
 
     def start(self, case: str, w: int) -> Server:
@@ -701,7 +702,7 @@ class Bench:
         else:  # token-proxy, token-proxy-2s
             env["RUST_LOG"] = "info"
             argv = [str(self.binary), "run", "--config", str(conf)]
-        proc = REG.spawn(argv, log_path=log_path, env=env, cpus=self.proxy_cpus())
+        proc = REG.spawn(argv, log_path=log_path, env=env, cpus=self.server_cpus())
         server = Server(f"{case}-w{w}", proc, h1, h2, log_path)
         wait_ready(server)
         return server
