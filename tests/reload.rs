@@ -4,7 +4,7 @@
 
 mod support;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -93,12 +93,10 @@ async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
 
     // Remove the first route: its listener closes, and so do its idle kept-alive connections.
     let mut idle = tokio::net::TcpStream::connect(addr(p1)).await.unwrap();
-    idle.write_all(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert!(answer_on(&mut idle, "/idle")
         .await
-        .unwrap();
+        .starts_with("HTTP/1.1 200"));
     let mut buf = vec![0u8; 8192];
-    let n = idle.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     let summary = running
         .apply(&parse(&config_text(
             &url,
@@ -240,12 +238,8 @@ async fn a_changed_route_closes_its_open_keep_alive_connections_after_their_requ
     .await
     .unwrap();
     let mut conn = tokio::net::TcpStream::connect(addr(p1)).await.unwrap();
-    conn.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    assert!(answer_on(&mut conn, "/a").await.contains("/old/a"));
     let mut buf = vec![0u8; 8192];
-    let n = conn.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("/old/a"));
     running
         .apply(&parse(&config_text(
             &url,

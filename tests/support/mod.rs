@@ -166,6 +166,32 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> S
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `GET path` on a kept-alive connection and reads one whole answer (a sized body):
+/// head and body, as text.
+pub async fn answer_on(conn: &mut tokio::net::TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut wire = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&wire));
+        wire.extend_from_slice(&buf[..n]);
+        if let Some(end) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
+            let lower = String::from_utf8_lossy(&wire[..end + 4]).to_ascii_lowercase();
+            let at = lower.find("content-length: ").expect("a sized answer") + 16;
+            let len: usize = lower[at..].split("\r\n").next().unwrap().parse().unwrap();
+            if wire.len() >= end + 4 + len {
+                assert_eq!(wire.len(), end + 4 + len, "one answer, nothing more");
+                return String::from_utf8_lossy(&wire).into_owned();
+            }
+        }
+    }
+}
+
 /// Polls `check` every 20 ms until it holds or `limit` passes.
 pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
