@@ -169,21 +169,8 @@ async fn upstream_down_is_502_json_and_slow_upstream_is_504_json() {
 /// from its own start, no less and no more.
 #[tokio::test]
 async fn each_request_on_a_kept_alive_connection_gets_its_whole_response_timeout() {
-    let idp = start_token_endpoint(LIFETIME).await;
-    let api = start_upstream(&idp).await;
-    let text = format!(
-        "{}{}",
-        credential("api", &demo::token_url(&idp), ""),
-        route(
-            &format!("http://{}", api.addr()),
-            "api",
-            "response_timeout_secs = 0.5"
-        )
-    );
-    let proxy = start_proxy(&text).await;
-    let mut conn = tokio::net::TcpStream::connect(proxy.route_addrs()[0])
-        .await
-        .unwrap();
+    let s = Stack::start(LIFETIME, "", "response_timeout_secs = 0.5").await;
+    let mut conn = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
     // The first request sets the timer for its deadline, 0.5 s from now.
     assert!(answer_on(&mut conn, "/first")
         .await
