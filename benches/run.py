@@ -1507,13 +1507,14 @@ def main(argv=None) -> int:
     big = not args.quick
     log(f"cases: {', '.join(cases)}; workers: {workers}; {args.rounds} round(s) of "
         f"{args.duration:g} s runs; out: {out}")
+    placements: dict[str, str] = {}
     try:
         bench.setup(workers, cases)
         log(f"upstream nginx (1 worker) on 127.0.0.1:{bench.upstream.h1} (h2c :{bench.upstream.h2})")
         for rnd in range(1, args.rounds + 1):
             for w in workers:
-                placement = bench.place(w)
-                log(f"-- round {rnd}/{args.rounds}, workers {w}; {placement.describe()}")
+                placements[str(w)] = bench.place(w).describe()
+                log(f"-- round {rnd}/{args.rounds}, workers {w}; {placements[str(w)]}")
                 steps = []
                 for c in cases:
                     steps.append((c, "GET", lambda c=c: bench.run_get(c, w, rnd)))
@@ -1543,7 +1544,6 @@ def main(argv=None) -> int:
     finally:
         if bench.upstream:
             bench.upstream.stop()
-    placements = {str(w): Placement(w, not args.no_pin).describe() for w in workers}
 
     total_secs = time.time() - t_start
     agg = aggregate(bench.raw)
