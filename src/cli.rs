@@ -220,7 +220,10 @@ pub fn main(cli: Cli) -> ExitCode {
             let stop = stop_workers.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("token-proxy-worker-{i}"))
-                .spawn(move || rt.block_on(stop.cancelled()));
+                .spawn(move || {
+                    crate::metrics::set_worker(i);
+                    rt.block_on(stop.cancelled())
+                });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {

@@ -366,6 +366,30 @@ async fn upstream_401_once_refreshes_and_replays_the_request() {
     assert_eq!(s.api.state().rejected(), 1, "exactly one 401 upstream");
 }
 
+/// A bodiless GET takes the front door, which writes the token straight from the slot and
+/// tells which one the upstream refused from the bytes it sent.
+#[tokio::test]
+async fn upstream_401_to_a_get_refreshes_and_replays_it() {
+    let s = Stack::start(MINUTE, "", "").await;
+    assert_eq!(get(s.addr(), "/warm").await.status, StatusCode::OK);
+    let revoked = s.api.state().records()[0].headers["authorization"].clone();
+    s.idp.state().tokens.revoke_all();
+    let reply = get(s.addr(), "/replay").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(s.idp.state().request_count(), 2, "one new token");
+    assert_eq!(s.api.state().rejected(), 1, "exactly one 401 upstream");
+    let records = s.api.state().records();
+    let last = records.last().unwrap();
+    assert_eq!(last.target, "/api/replay");
+    assert!(last.token_was_current, "replayed with the new token");
+    assert_ne!(last.headers["authorization"], revoked);
+}
+
 #[tokio::test]
 async fn upstream_401_twice_passes_the_second_one_through() {
     let s = Stack::start(MINUTE, "", "").await;

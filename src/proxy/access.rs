@@ -3,8 +3,6 @@
 //! status, duration and response body bytes. Written when the response has been sent (or
 //! abandoned), so the duration covers the whole exchange.
 
-use std::sync::Arc;
-
 use http::{Method, StatusCode, Uri};
 use tokio::time::Instant;
 use tracing::info;
@@ -14,7 +12,7 @@ use crate::metrics::RouteMetrics;
 /// One request's record, finished when its response ends.
 #[derive(Debug)]
 pub struct Access {
-    route: Arc<RouteMetrics>,
+    route: &'static RouteMetrics,
     method: Method,
     /// The target, kept only when the access log is written.
     uri: Option<Uri>,
@@ -24,13 +22,13 @@ pub struct Access {
 impl Access {
     /// A record for a request on `route`, started now; with the request's `uri`, the access log
     /// line is written (without it, only the metrics are kept).
-    pub fn new(route: Arc<RouteMetrics>, method: Method, uri: Option<Uri>) -> Access {
+    pub fn new(route: &'static RouteMetrics, method: Method, uri: Option<Uri>) -> Access {
         Access::started_at(route, method, uri, Instant::now())
     }
 
     /// A record as [`new`](Self::new), started at `now` (a reading the caller shares).
     pub fn started_at(
-        route: Arc<RouteMetrics>,
+        route: &'static RouteMetrics,
         method: Method,
         uri: Option<Uri>,
         now: Instant,

@@ -62,7 +62,7 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
         .map_or(0, |i| 1 << i)
 }
 
-/// Whether a field named `name` (as sent) is hop-by-hop by itself ([`HOP_BY_HOP`]).
+/// Whether a field named `name` (as sent) is hop-by-hop by itself (one of `HOP_BY_HOP`).
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
     // Cheap first: the lengths of most names rule them out.
     matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18 | 19)

@@ -69,7 +69,7 @@ impl Clients {
 }
 
 struct Inner {
-    metrics: Arc<RouteMetrics>,
+    metrics: &'static RouteMetrics,
     access_log: bool,
     upstream: Upstream,
     response_timeout: Duration,
@@ -139,7 +139,7 @@ impl ProxyService {
     pub fn new(
         route: &RouteConfig,
         slot: Arc<TokenSlot>,
-        metrics: Arc<RouteMetrics>,
+        metrics: &'static RouteMetrics,
         tunnels: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<ProxyService, tls::TlsError> {
@@ -253,7 +253,7 @@ impl ProxyService {
             .then(|| Uri::try_from(req.target).unwrap_or_default());
         // One reading of the clock for the record, the token's validity and the deadline.
         let now = Instant::now();
-        let access = Access::started_at(inner.metrics.clone(), req.method.clone(), uri, now);
+        let access = Access::started_at(inner.metrics, req.method.clone(), uri, now);
         match self.forward_front(req, up, client, timer, now).await {
             Ok((status, body, framing)) => {
                 let mut body = ResponseBody::raw(body);
@@ -267,10 +267,11 @@ impl ProxyService {
         }
     }
 
-    /// The record finished when the response ends (cheap clones: reference counts).
+    /// The record finished when the response ends (the uri clone bumps a reference count, and
+    /// only when the access log is on).
     fn access(&self, method: &Method, uri: &Uri) -> Access {
         let uri = self.inner.access_log.then(|| uri.clone());
-        Access::new(self.inner.metrics.clone(), method.clone(), uri)
+        Access::new(self.inner.metrics, method.clone(), uri)
     }
 
     /// The response to send: the upstream's, or the JSON for an error (logged once, here).
@@ -433,7 +434,7 @@ impl ProxyService {
 
         if response.status() == StatusCode::UNAUTHORIZED {
             if let Some(replay) = replay {
-                if let Some(fresh) = self.token_after_401(&authorization).await {
+                if let Some(fresh) = self.token_after_401(authorization.as_bytes()).await {
                     debug!("upstream answered 401: replaying once with a new token");
                     inner.metrics.replay_401();
                     (response, checkin) = self
@@ -477,20 +478,30 @@ impl ProxyService {
                 "this route takes no requests through the front door".into(),
             ));
         };
-        let authorization = self.authorization(now).await?;
-        self.write_upstream_head(req, &authorization, up);
+        // The token is written from the slot without a clone; only when none is valid does
+        // the request wait for one (and own it).
+        let sent_token = match inner
+            .slot
+            .with_header_at(now, |token| self.write_upstream_head(req, token, up))
+        {
+            Some(range) => range,
+            None => {
+                let token = self.authorization(now).await?;
+                self.write_upstream_head(req, token.as_bytes(), up)
+            }
+        };
         let answer = self
             .send_for_client(pool, up, req.method, client, timer, now)
             .await?;
         if answer.0 == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
-            if let Some(fresh) = self.token_after_401(&authorization).await {
+            if let Some(fresh) = self.token_after_401(&up[sent_token]).await {
                 debug!("upstream answered 401: replaying once with a new token");
                 inner.metrics.replay_401();
                 drop(answer);
                 client.out.clear();
                 client.trailers.clear();
                 up.clear();
-                self.write_upstream_head(req, &fresh, up);
+                self.write_upstream_head(req, fresh.as_bytes(), up);
                 return self
                     .send_for_client(pool, up, req.method, client, timer, Instant::now())
                     .await;
@@ -502,13 +513,14 @@ impl ProxyService {
     /// The upstream's head for a request the front door read, as [`prepare`](Self::prepare)
     /// makes it: the target under the upstream's base path (absolute through a forward
     /// proxy), hop-by-hop fields (and those `Connection` names) left out, the client's
-    /// `Authorization` and `Host` replaced, `TE: trailers` kept, our `Via` added.
+    /// `Authorization` and `Host` replaced, `TE: trailers` kept, our `Via` added. Returns
+    /// where in `up` the token went, to tell after a `401` which token the upstream refused.
     fn write_upstream_head(
         &self,
         req: &FrontRequest<'_>,
-        authorization: &http::HeaderValue,
+        token: &[u8],
         up: &mut Vec<u8>,
-    ) {
+    ) -> std::ops::Range<usize> {
         let inner = &*self.inner;
         let upstream = &inner.upstream;
         up.extend_from_slice(req.method.as_str().as_bytes());
@@ -541,7 +553,9 @@ impl ProxyService {
             up.extend_from_slice(b"te: trailers\r\n");
         }
         up.extend_from_slice(b"authorization: ");
-        up.extend_from_slice(authorization.as_bytes());
+        let start = up.len();
+        up.extend_from_slice(token);
+        let sent_token = start..up.len();
         up.extend_from_slice(b"\r\nhost: ");
         up.extend_from_slice(upstream.host_header.as_bytes());
         if let Some(auth) = inner.proxy.as_ref().and_then(|p| p.authorization()) {
@@ -551,6 +565,7 @@ impl ProxyService {
         up.extend_from_slice(b"\r\nvia: ");
         up.extend_from_slice(headers::via_entry().as_bytes());
         up.extend_from_slice(b"\r\n\r\n");
+        sent_token
     }
 
     /// Sends a request head the front door's request became, bounded by the response timeout
@@ -636,7 +651,7 @@ impl ProxyService {
         let inner = &*self.inner;
         let mut response = self.send_bodiless(pool, &parts).await?;
         if response.status() == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
-            if let Some(fresh) = self.token_after_401(authorization).await {
+            if let Some(fresh) = self.token_after_401(authorization.as_bytes()).await {
                 debug!("upstream answered 401: replaying once with a new token");
                 inner.metrics.replay_401();
                 parts.headers.insert(http::header::AUTHORIZATION, fresh);
@@ -648,14 +663,14 @@ impl ProxyService {
     }
 
     /// After a 401 to `used`: retire that token (rate limited) and wait for the next one.
-    async fn token_after_401(&self, used: &http::HeaderValue) -> Option<http::HeaderValue> {
+    async fn token_after_401(&self, used: &[u8]) -> Option<http::HeaderValue> {
         let slot = &self.inner.slot;
         if !slot.invalidate(used) {
             debug!("upstream answered 401 again within the invalidation interval: passing it on");
             return None;
         }
         match slot.wait_for_header(self.inner.token_wait).await {
-            Ok(fresh) if fresh != *used => Some(fresh),
+            Ok(fresh) if fresh.as_bytes() != used => Some(fresh),
             Ok(_) => None,
             Err(e) => {
                 debug!(error = %e, "no new token after a 401: passing it on");

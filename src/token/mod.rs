@@ -19,7 +19,9 @@ use crate::secret::Secret;
 /// A usable token: the ready-made `Authorization` header and when to stop using it.
 ///
 /// The header is built once per token and marked sensitive (so HTTP/2 never indexes it and
-/// `http`'s `Debug` hides it); the request path clones it, which only bumps a reference count.
+/// `http`'s `Debug` hides it). The hyper path clones it, which only bumps a reference count;
+/// the front door copies its bytes from the slot into the upstream's request head
+/// ([`TokenSlot::with_header_at`](slot::TokenSlot::with_header_at)).
 #[derive(Clone)]
 pub struct Token {
     header: HeaderValue,

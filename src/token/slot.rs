@@ -104,6 +104,18 @@ impl TokenSlot {
         }
     }
 
+    /// Runs `f` on the `Authorization` value of the token valid at `now`, if there is one,
+    /// without cloning it: a clone bumps a reference count that every worker shares, so the
+    /// front door writes the value straight from the slot into the upstream's request head.
+    #[inline]
+    pub fn with_header_at<R>(&self, now: Instant, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let guard = self.current.load();
+        match guard.as_deref() {
+            Some(t) if t.is_valid_at(now) => Some(f(t.header().as_bytes())),
+            _ => None,
+        }
+    }
+
     /// The current token, valid or not (for status reports and the refresher).
     pub fn current(&self) -> Option<Arc<Token>> {
         self.current.load_full()
@@ -173,13 +185,13 @@ impl TokenSlot {
     /// current token, it is retired and the refresher asked for a new one, at most once per
     /// [`INVALIDATE_INTERVAL`]. Returns whether waiting for a token can help: false when the
     /// same token was already retired recently and came back (the rate limit holds).
-    pub fn invalidate(&self, used: &HeaderValue) -> bool {
+    pub fn invalidate(&self, used: &[u8]) -> bool {
         let now = Instant::now();
         let current = self.current.load_full();
         let Some(token) = current.as_deref() else {
             return true;
         };
-        if token.header() != used || !token.is_valid_at(now) {
+        if token.header().as_bytes() != used || !token.is_valid_at(now) {
             // A newer token is already here, or this one is already retired and being replaced.
             return true;
         }
@@ -275,11 +287,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expired_token_is_never_handed_out() {
         let slot = TokenSlot::new("c");
+        let copied = |now| slot.with_header_at(now, <[u8]>::to_vec);
         assert!(slot.header_at(Instant::now()).is_none());
+        assert!(copied(Instant::now()).is_none());
         slot.store(token(Duration::from_secs(10)));
         assert!(slot.header_at(Instant::now()).is_some());
+        assert_eq!(copied(Instant::now()).as_deref(), Some(&b"Bearer t"[..]));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(slot.header_at(Instant::now()).is_none());
+        assert!(copied(Instant::now()).is_none());
         assert_eq!(slot.status(Instant::now()).0, SlotState::Expired);
     }
 
@@ -344,9 +360,12 @@ mod tests {
         let slot = TokenSlot::new("c");
         slot.store(token(Duration::from_secs(60)));
         let used = slot.header_at(Instant::now()).unwrap();
-        assert!(slot.invalidate(&used));
+        assert!(slot.invalidate(used.as_bytes()));
         assert!(slot.header_at(Instant::now()).is_none(), "retired");
-        assert!(slot.invalidate(&used), "already retired: waiting helps");
+        assert!(
+            slot.invalidate(used.as_bytes()),
+            "already retired: waiting helps"
+        );
         slot.store(
             Token::new(
                 &Secret::new("t2"),
@@ -355,13 +374,19 @@ mod tests {
             )
             .unwrap(),
         );
-        assert!(slot.invalidate(&used), "a newer token is not touched");
+        assert!(
+            slot.invalidate(used.as_bytes()),
+            "a newer token is not touched"
+        );
         assert!(slot.header_at(Instant::now()).is_some());
         let newer = slot.header_at(Instant::now()).unwrap();
-        assert!(!slot.invalidate(&newer), "rate limited within the interval");
+        assert!(
+            !slot.invalidate(newer.as_bytes()),
+            "rate limited within the interval"
+        );
         assert!(slot.header_at(Instant::now()).is_some());
         tokio::time::advance(INVALIDATE_INTERVAL).await;
-        assert!(slot.invalidate(&newer));
+        assert!(slot.invalidate(newer.as_bytes()));
         assert!(slot.header_at(Instant::now()).is_none());
     }
 
