@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::body::UpstreamBody;
-use super::raw::{ClientFraming, ClientHead, RawBody, RawConn, RawError, Reuse};
+use super::raw::{ClientFraming, ClientHead, Done, RawBody, RawConn, RawError, Reuse};
 
 /// Idle connections kept per thread and route; more are closed when they come back.
 const MAX_IDLE_PER_THREAD: usize = 1024;
@@ -107,10 +107,23 @@ struct Local {
     raw: Vec<RawConn>,
     /// Whether a sweeper closes this thread's idle raw connections.
     swept: bool,
+    /// Where this thread's raw response bodies return their connections. Each thread has its
+    /// own, so the clone each request takes bumps a reference count on this core's cache
+    /// line only; a clone of the pool's one `Arc` would pull that line between the workers.
+    done: Done,
+}
+
+/// Returns raw connections to the idle stack of the thread their body ends on.
+struct Returner(Arc<Shared>);
+
+impl Reuse for Returner {
+    fn reuse(&self, conn: RawConn) {
+        self.0.reuse_raw(conn);
+    }
 }
 
 /// This thread's stack of the pool `id`, created if needed.
-fn local<'a>(locals: &'a mut Vec<Local>, shared: &Shared) -> &'a mut Local {
+fn local<'a>(locals: &'a mut Vec<Local>, shared: &Arc<Shared>) -> &'a mut Local {
     match locals.iter().position(|l| l.id == shared.id) {
         Some(i) => &mut locals[i],
         None => {
@@ -122,14 +135,15 @@ fn local<'a>(locals: &'a mut Vec<Local>, shared: &Shared) -> &'a mut Local {
                 idle: Vec::new(),
                 raw: Vec::new(),
                 swept: false,
+                done: Arc::new(Returner(shared.clone())),
             });
             locals.last_mut().expect("just pushed")
         }
     }
 }
 
-impl Reuse for Shared {
-    fn reuse(&self, mut conn: RawConn) {
+impl Shared {
+    fn reuse_raw(self: &Arc<Self>, mut conn: RawConn) {
         if self.closed.is_cancelled() {
             return;
         }
@@ -162,13 +176,13 @@ async fn sweep_raw(id: u64, closed: CancellationToken, idle_timeout: Duration) {
         };
         let now = Instant::now();
         IDLE.with_borrow_mut(|locals| {
-            if let Some(local) = locals.iter_mut().find(|l| l.id == id) {
-                local.raw.retain(|c| {
-                    !stopping && now.saturating_duration_since(c.idle_since) < idle_timeout
-                });
-                if stopping {
-                    local.swept = false;
-                }
+            if stopping {
+                // The pool is gone: its stack here goes, and with it the pool's last handle.
+                locals.retain(|l| l.id != id);
+            } else if let Some(local) = locals.iter_mut().find(|l| l.id == id) {
+                local
+                    .raw
+                    .retain(|c| now.saturating_duration_since(c.idle_since) < idle_timeout);
             }
         });
         if stopping {
@@ -303,8 +317,8 @@ impl Http1Pool {
         parts: &http::request::Parts,
     ) -> Result<Response<RawBody>, SendError> {
         loop {
-            let (conn, pooled) = self.raw_conn().await?;
-            match conn.exchange(parts, self.shared.clone()).await {
+            let (conn, pooled, done) = self.raw_conn().await?;
+            match conn.exchange(parts, done).await {
                 Err(RawError::Stale) if pooled => stale(),
                 answer => return answer.map_err(SendError::Raw),
             }
@@ -321,8 +335,7 @@ impl Http1Pool {
         client: &mut ClientHead<'_>,
     ) -> Result<(http::StatusCode, RawBody, ClientFraming), SendError> {
         loop {
-            let (conn, pooled) = self.raw_conn().await?;
-            let done = self.shared.clone();
+            let (conn, pooled, done) = self.raw_conn().await?;
             match conn.exchange_for_client(head, method, client, done).await {
                 Err(RawError::Stale) if pooled => stale(),
                 answer => return answer.map_err(SendError::Raw),
@@ -330,26 +343,29 @@ impl Http1Pool {
         }
     }
 
-    /// An idle raw connection of this thread, or a new one; and whether it was idle.
-    async fn raw_conn(&self) -> Result<(RawConn, bool), SendError> {
+    /// An idle raw connection of this thread, or a new one; whether it was idle; and where
+    /// its body returns it.
+    async fn raw_conn(&self) -> Result<(RawConn, bool, Done), SendError> {
         Ok(match self.checkout_raw() {
-            Some(conn) => (conn, true),
-            None => (RawConn::new(self.connect_stream().await?), false),
+            (Some(conn), done) => (conn, true, done),
+            (None, done) => (RawConn::new(self.connect_stream().await?), false, done),
         })
     }
 
-    /// An idle raw connection of this thread, not idle for too long.
-    fn checkout_raw(&self) -> Option<RawConn> {
-        let id = self.shared.id;
+    /// An idle raw connection of this thread, not idle for too long, if there is one; and
+    /// this thread's return handle.
+    fn checkout_raw(&self) -> (Option<RawConn>, Done) {
         let now = Instant::now();
         IDLE.with_borrow_mut(|locals| {
-            let local = locals.iter_mut().find(|l| l.id == id)?;
+            let local = local(locals, &self.shared);
+            let mut found = None;
             while let Some(conn) = local.raw.pop() {
                 if now.saturating_duration_since(conn.idle_since) < self.shared.idle_timeout {
-                    return Some(conn);
+                    found = Some(conn);
+                    break;
                 }
             }
-            None
+            (found, local.done.clone())
         })
     }
 
@@ -521,5 +537,36 @@ mod tests {
             .unwrap();
         assert_eq!(n, 0);
         assert!(idle < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_raw_connection_returns_to_this_threads_stack_and_closes_with_the_pool() {
+        let (port, upstream) = one_answer().await;
+        let pool = pool(port);
+        let (parts, ()) = Request::get("/")
+            .header("host", "upstream")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let response = pool.send_bodiless(&parts).await.unwrap();
+        let body = ResponseBody::raw(response.into_body());
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
+        assert_eq!(
+            IDLE.with_borrow(|l| l.iter().map(|l| l.raw.len()).sum::<usize>()),
+            1,
+            "the read body put its connection back"
+        );
+        let shared = Arc::downgrade(&pool.shared);
+        drop(pool);
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), upstream)
+            .await
+            .expect("closed at once")
+            .unwrap();
+        assert_eq!(n, 0, "the proxy closed the connection");
+        assert_eq!(
+            shared.strong_count(),
+            0,
+            "the thread's stack went with its handle to the pool"
+        );
     }
 }
