@@ -36,8 +36,8 @@ TOKEN = "bench-token"
 BLOB_SIZE = 256 * 1024 * 1024
 IDLE_CONNS = 1000
 WRK_CONNS = 64
-# The refresh comparison alternates its load between the two variants in slices this long.
-REFRESH_SLICE_S = 1
+# The interleaved comparisons alternate their load between two processes in slices this long.
+SLICE_S = 1
 H2_STREAMS = 10
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APT_LINE = ["wrk", "nghttp2-client", "nginx-light", "haproxy", "caddy", "gnuplot-nox"]
@@ -859,17 +859,59 @@ class Bench:
                 s.close()
             server.stop()
 
-    def run_refresh(self, w: int, rnd: int) -> None:
-        """token-proxy with 3600 s tokens and with 2 s tokens, running side by side; the GET
-        load alternates between them in 1 s slices, A B B A, for `duration` groups (as many
-        seconds of load for each as two GET runs).
+    def interleave(self, servers: dict) -> dict:
+        """Alternates the small-GET load between two running servers (name -> Server) in
+        SLICE_S slices, A B B A, for `duration` groups: as many seconds of load for each as two
+        GET runs. Returns, per name, the summed requests, time, errors and CPU, and the median
+        of the slices' p99.
 
-        Why slices and not one 5 s run each: on this kind of host, single 5 s runs drift by up to
-        ±10 % from one to the next, so back-to-back 5 s pairs spread from 0.88 to 1.11 and could
-        not resolve a 2 % target. Drift slower than a slice now falls on both alike; two
-        3600 s-token processes measured this way against each other came out within ±2 % over
-        12 s each. The idle variant's own refreshes (about 90,000 instructions each, one per
-        second) land in the other's slices, an effect far below that resolution.
+        Why slices: on a shared host, single 5 s runs drift by up to ±10 % from one to the
+        next, so two runs made one after the other differ by that much whatever they measure.
+        Drift slower than a slice falls on both alike: two identical token-proxy processes
+        measured this way against each other agree within ±2 % over 12 s each.
+        """
+        a, b = servers
+        total = {name: {"requests": 0, "elapsed_s": 0.0, "errors": 0, "cpu": 0.0,
+                        "up_cpu": 0.0, "p99": []} for name in servers}
+        for name in (a, b, b, a) * max(1, self.args.duration // SLICE_S):
+            server = servers[name]
+            r, cpu, up_cpu = self.measured(server, lambda: self.wrk(server.h1, SLICE_S, WRK_CONNS))
+            t = total[name]
+            t["requests"] += r.get("requests") or 0
+            t["elapsed_s"] += r.get("elapsed_s") or 0.0
+            t["errors"] += r.get("errors", 0)
+            t["cpu"] += cpu or 0.0
+            t["up_cpu"] += up_cpu or 0.0
+            if r.get("p99_ms") is not None:
+                t["p99"].append(r["p99_ms"])
+        return {name: {"requests": t["requests"], "elapsed_s": t["elapsed_s"],
+                       "rps": t["requests"] / t["elapsed_s"] if t["elapsed_s"] else None,
+                       "p99_ms": statistics.median(t["p99"]) if t["p99"] else None,
+                       "errors": t["errors"], "cpu": t["cpu"], "up_cpu": t["up_cpu"]}
+                for name, t in total.items()}
+
+    def run_interleaved_get(self, w: int, rnd: int) -> None:
+        """token-proxy and nginx side by side, the small-GET load alternating between them in
+        1 s slices (`interleave`): the sharpest measure of their req/s and p99 ratios."""
+        servers: dict = {}
+        try:
+            for case in ("token-proxy", "nginx"):
+                servers[case] = self.start(case, w)
+            for server in servers.values():
+                self.wrk(server.h1, 1, WRK_CONNS)  # warm-up
+            for case, r in self.interleave(servers).items():
+                cpu, up_cpu = r.pop("cpu"), r.pop("up_cpu")
+                self.record("h1x", case, w, rnd, r, cpu=cpu, upstream_cpu=up_cpu)
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    def run_refresh(self, w: int, rnd: int) -> None:
+        """token-proxy with 3600 s tokens and with 2 s tokens, running side by side, the GET
+        load alternating between them in 1 s slices (`interleave`). Back-to-back 5 s pairs,
+        which this used to run, spread from 0.88 to 1.11 here and could not resolve a 2 %
+        target. The idle variant's own refreshes (about 90,000 instructions each, one per
+        second) land in the other's slices, an effect far below the slices' resolution.
         """
         variants = ("3600s", "2s")
         servers: dict = {}
@@ -882,35 +924,19 @@ class Bench:
             t0 = count_lines(tokens_log)
             logs0 = {v: servers[v].log_path.stat().st_size if servers[v].log_path.exists() else 0
                      for v in variants}
-            total = {v: {"requests": 0, "elapsed_s": 0.0, "errors": 0, "cpu": 0.0, "up_cpu": 0.0,
-                         "p99": []} for v in variants}
-            for v in ("3600s", "2s", "2s", "3600s") * max(1, self.args.duration // REFRESH_SLICE_S):
-                server = servers[v]
-                r, cpu, up_cpu = self.measured(
-                    server, lambda: self.wrk(server.h1, REFRESH_SLICE_S, WRK_CONNS))
-                t = total[v]
-                t["requests"] += r.get("requests") or 0
-                t["elapsed_s"] += r.get("elapsed_s") or 0.0
-                t["errors"] += r.get("errors", 0)
-                t["cpu"] += cpu or 0.0
-                t["up_cpu"] += up_cpu or 0.0
-                if r.get("p99_ms") is not None:
-                    t["p99"].append(r["p99_ms"])
+            results = self.interleave(servers)
             time.sleep(0.1)
             tokens = count_lines(tokens_log) - t0  # only the 2 s variant asks during the slices
-            for v in variants:
-                t = total[v]
+            for v, r in results.items():
                 with open(servers[v].log_path, "rb") as f:
                     f.seek(logs0[v])
                     new = f.read().decode(errors="replace")
-                r = {"requests": t["requests"], "elapsed_s": t["elapsed_s"],
-                     "rps": t["requests"] / t["elapsed_s"] if t["elapsed_s"] else None,
-                     "p99_ms": statistics.median(t["p99"]) if t["p99"] else None,
-                     "errors": t["errors"], "token_requests": tokens if v == "2s" else 0,
-                     "log_warnings": sum(1 for l in new.splitlines()
-                                         if " WARN " in l or " ERROR " in l)}
-                self.record("refresh", f"token-proxy ({v} tokens)", w, rnd, r, cpu=t["cpu"],
-                            upstream_cpu=t["up_cpu"], variant=v, pair=1)
+                r["token_requests"] = tokens if v == "2s" else 0
+                r["log_warnings"] = sum(1 for l in new.splitlines()
+                                        if " WARN " in l or " ERROR " in l)
+                cpu, up_cpu = r.pop("cpu"), r.pop("up_cpu")
+                self.record("refresh", f"token-proxy ({v} tokens)", w, rnd, r, cpu=cpu,
+                            upstream_cpu=up_cpu, variant=v, pair=1)
         finally:
             for server in servers.values():
                 server.stop()
@@ -1265,7 +1291,7 @@ def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int
              ("log warnings", "warnings", "d"), ("target met", "ok", "str")]
     t = Table("Token refresh under load: the small-GET load with 2-second tokens", colsr,
               "Both variants run side by side and the load alternates between them in "
-              f"{REFRESH_SLICE_S} s slices, A B B A. ratio = median over rounds of req/s with 2 s "
+              f"{SLICE_S} s slices, A B B A. ratio = median over rounds of req/s with 2 s "
               "tokens / req/s with 3600 s tokens, each round's from its interleaved slices. "
               "Target: loss <= 2 % and no error. token requests = requests to the token "
               "endpoint while the slices ran (the 2 s variant refreshes, loaded or not).")
@@ -1278,16 +1304,18 @@ def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int
     return tables
 
 
-def paired_row(label: str, raw: list[dict], load: str, w: int, key: str) -> list[dict]:
+def paired_row(label: str, raw: list[dict], load: str, w: int, key: str,
+               min_rounds: int = 2) -> list[dict]:
     """token-proxy / nginx within each round, where the two ran back to back (so drift over the
-    run cancels): the ratios, and their median in the ratio column. No row for one round."""
+    run cancels): the ratios, and their median in the ratio column. No row for fewer than
+    `min_rounds` rounds (one round of back-to-back runs says no more than the medians do)."""
     by_round: dict[int, dict[str, float]] = {}
     for e in raw:
         if e["load"] == load and e["workers"] == w and e.get(key) is not None:
             by_round.setdefault(e["round"], {})[e["case"]] = e[key]
     ratios = [r["token-proxy"] / r["nginx"] for _, r in sorted(by_round.items())
               if r.get("token-proxy") and r.get("nginx")]
-    if len(ratios) < 2:
+    if len(ratios) < min_rounds:
         return []
     return [{"target": label, "workers": w, "tp": " ".join(f"{x:.2f}" for x in ratios),
              "ng": "-", "ratio": statistics.median(ratios)}]
@@ -1308,11 +1336,17 @@ def targets_table(agg: dict, raw: list[dict], workers: list[int]) -> Table:
                 {"target": "small GETs req/s (64 conns)", "workers": w, "tp": s(tp.get("rps"), ".0f"),
                  "ng": s(ng.get("rps"), ".0f"), "ratio": ratio(tp.get("rps"), ng.get("rps"))},
                 *paired_row("small GETs req/s, round by round", raw, "h1", w, "rps"),
+                *paired_row("small GETs req/s, interleaved 1 s slices, round by round", raw,
+                            "h1x", w, "rps", 1),
                 {"target": "small GETs p99 ms (64 conns)", "workers": w, "tp": s(tp.get("p99_ms"), ".2f"),
                  "ng": s(ng.get("p99_ms"), ".2f"), "ratio": ratio(tp.get("p99_ms"), ng.get("p99_ms"))},
+                *paired_row("small GETs p99, interleaved 1 s slices, round by round", raw, "h1x",
+                            w, "p99_ms", 1),
                 {"target": "CPU s per 10,000 requests", "workers": w,
                  "tp": s(tp.get("cpu_s_per_10k"), ".3f"), "ng": s(ng.get("cpu_s_per_10k"), ".3f"),
                  "ratio": ratio(tp.get("cpu_s_per_10k"), ng.get("cpu_s_per_10k"))},
+                *paired_row("CPU per request, interleaved 1 s slices, round by round", raw, "h1x",
+                            w, "cpu_s_per_10k", 1),
             ]
             if tp1 and dr1:
                 a_tp = sub(tp1.get("p50_ms"), dr1.get("p50_ms"))
@@ -1569,6 +1603,13 @@ def main(argv=None) -> int:
                         fn()
                     except (RuntimeError, OSError) as e:
                         msg = f"{what} {c} w{w} round {rnd}: {e}"
+                        bench.errors.append(msg)
+                        log(f"    ! {msg}")
+                if "token-proxy" in cases and "nginx" in cases:
+                    try:
+                        bench.run_interleaved_get(w, rnd)
+                    except (RuntimeError, OSError) as e:
+                        msg = f"interleaved GET w{w} round {rnd}: {e}"
                         bench.errors.append(msg)
                         log(f"    ! {msg}")
                 if "token-proxy" in cases:
