@@ -1598,25 +1598,16 @@ def main(argv=None) -> int:
                             steps.append((c, "idle", lambda c=c: bench.run_idle(c, w, rnd)))
                         steps.append((c, "upload", lambda c=c: bench.run_transfer("upload", c, w, rnd)))
                         steps.append((c, "download", lambda c=c: bench.run_transfer("download", c, w, rnd)))
+                if "token-proxy" in cases and "nginx" in cases:
+                    steps.append(("token-proxy and nginx", "interleaved GET",
+                                  lambda: bench.run_interleaved_get(w, rnd)))
+                if "token-proxy" in cases:
+                    steps.append(("token-proxy", "refresh", lambda: bench.run_refresh(w, rnd)))
                 for c, what, fn in steps:
                     try:
                         fn()
                     except (RuntimeError, OSError) as e:
                         msg = f"{what} {c} w{w} round {rnd}: {e}"
-                        bench.errors.append(msg)
-                        log(f"    ! {msg}")
-                if "token-proxy" in cases and "nginx" in cases:
-                    try:
-                        bench.run_interleaved_get(w, rnd)
-                    except (RuntimeError, OSError) as e:
-                        msg = f"interleaved GET w{w} round {rnd}: {e}"
-                        bench.errors.append(msg)
-                        log(f"    ! {msg}")
-                if "token-proxy" in cases:
-                    try:
-                        bench.run_refresh(w, rnd)
-                    except (RuntimeError, OSError) as e:
-                        msg = f"refresh w{w} round {rnd}: {e}"
                         bench.errors.append(msg)
                         log(f"    ! {msg}")
     finally:
