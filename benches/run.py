@@ -936,7 +936,7 @@ class Bench:
                                         if " WARN " in l or " ERROR " in l)
                 cpu, up_cpu = r.pop("cpu"), r.pop("up_cpu")
                 self.record("refresh", f"token-proxy ({v} tokens)", w, rnd, r, cpu=cpu,
-                            upstream_cpu=up_cpu, variant=v, pair=1)
+                            upstream_cpu=up_cpu, variant=v)
         finally:
             for server in servers.values():
                 server.stop()
@@ -1103,7 +1103,7 @@ def median_of(entries: list[dict]) -> dict:
             out[k] = sum(vals)  # totals over rounds, not medians
         elif vals:
             out[k] = statistics.median(vals)
-        elif k in ("load", "case", "workers", "variant", "pair"):
+        elif k in ("load", "case", "workers", "variant"):
             out[k] = entries[0][k]
     texts = [e["error_text"] for e in entries if e.get("error_text")]
     if texts:
@@ -1178,12 +1178,12 @@ def rss_ratio(a, b):
     return None if b is None or b < 100 else ratio(a, b)
 
 
-def refresh_pairs(raw: list[dict], w: int) -> list[float]:
+def refresh_round_ratios(raw: list[dict], w: int) -> list[float]:
     """req/s with 2 s tokens / req/s with 3600 s tokens, for each round's interleaved slices."""
     runs: dict = {}
     for e in raw:
         if e["load"] == "refresh" and e["workers"] == w and e.get("rps"):
-            runs.setdefault((e["round"], e["pair"]), {})[e["variant"]] = e["rps"]
+            runs.setdefault(e["round"], {})[e["variant"]] = e["rps"]
     return [v["2s"] / v["3600s"] for _, v in sorted(runs.items()) if "2s" in v and "3600s" in v]
 
 
@@ -1192,13 +1192,13 @@ def refresh_summary(agg: dict, raw: list[dict], w: int) -> dict | None:
     b = agg.get(("refresh", "token-proxy (2s tokens)", w))
     if not a or not b:
         return None
-    pairs = refresh_pairs(raw, w)
-    rr = statistics.median(pairs) if pairs else None
+    rounds = refresh_round_ratios(raw, w)
+    rr = statistics.median(rounds) if rounds else None
     errs = a.get("errors", 0) + b.get("errors", 0)
     loss = (1 - rr) * 100 if rr is not None else None
     return {"workers": w, "rps_a": a.get("rps"), "rps_b": b.get("rps"), "ratio": rr,
-            "rounds": len(pairs),
-            "spread": f"{min(pairs):.3f}..{max(pairs):.3f}" if pairs else "-",
+            "rounds": len(rounds),
+            "spread": f"{min(rounds):.3f}..{max(rounds):.3f}" if rounds else "-",
             "loss": loss, "tokens": b.get("token_requests"), "errors": errs,
             "warnings": a.get("log_warnings", 0) + b.get("log_warnings", 0),
             "ok": "yes" if loss is not None and loss <= 2 and errs == 0 else "no"}
