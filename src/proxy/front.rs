@@ -79,6 +79,11 @@ pub async fn serve<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    // The connection watches a child of its own: `stop` is shared by every connection of the
+    // route on every worker, and each look at a token (`is_cancelled`, and polling its
+    // `cancelled()`) locks a mutex in it. On a shared token, each request would pull those
+    // cache lines from core to core; on a child, they stay on this connection's core.
+    let stop = &stop.child_token();
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut up = Vec::new();

@@ -19,7 +19,7 @@
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +80,10 @@ struct Shared {
     epoch: Instant,
     /// Fired when the pool is dropped: idle connections close.
     closed: CancellationToken,
+    /// Set just before `closed` fires. Every returned connection checks it: a load of a line
+    /// nobody writes, where `closed.is_cancelled()` would lock a mutex that all the workers
+    /// share and pull its cache line from core to core on every request.
+    dropped: AtomicBool,
 }
 
 /// Where to connect: an address as configured, or a host name resolved at each connect.
@@ -144,7 +148,7 @@ fn local<'a>(locals: &'a mut Vec<Local>, shared: &Arc<Shared>) -> &'a mut Local 
 
 impl Shared {
     fn reuse_raw(self: &Arc<Self>, mut conn: RawConn) {
-        if self.closed.is_cancelled() {
+        if self.is_dropped() {
             return;
         }
         conn.idle_since = Instant::now();
@@ -211,7 +215,7 @@ impl Checkin {
     /// Puts the connection back into this thread's idle stack.
     pub fn finish(self) {
         let Checkin { conn, shared } = self;
-        if shared.closed.is_cancelled() || conn.sender.is_closed() {
+        if shared.is_dropped() || conn.sender.is_closed() {
             return;
         }
         conn.state
@@ -227,6 +231,10 @@ impl Checkin {
 }
 
 impl Shared {
+    fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Acquire)
+    }
+
     fn millis(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
     }
@@ -234,6 +242,7 @@ impl Shared {
 
 impl Drop for Http1Pool {
     fn drop(&mut self) {
+        self.shared.dropped.store(true, Ordering::Release);
         self.shared.closed.cancel();
     }
 }
@@ -260,6 +269,7 @@ impl Http1Pool {
                 idle_timeout,
                 epoch: Instant::now(),
                 closed: CancellationToken::new(),
+                dropped: AtomicBool::new(false),
             }),
         }
     }
@@ -568,5 +578,44 @@ mod tests {
             0,
             "the thread's stack went with its handle to the pool"
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_ends_after_the_pool_is_dropped_closes_its_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+                .await
+                .unwrap();
+            wait.await.unwrap();
+            s.write_all(b"ok").await.unwrap();
+            s.read(&mut buf).await.unwrap()
+        });
+        let pool = pool(port);
+        let (parts, ()) = Request::get("/")
+            .header("host", "upstream")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let response = pool.send_bodiless(&parts).await.unwrap();
+        drop(pool);
+        go.send(()).unwrap();
+        let body = ResponseBody::raw(response.into_body());
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
+        assert_eq!(
+            IDLE.with_borrow(|l| l.iter().map(|l| l.raw.len()).sum::<usize>()),
+            0,
+            "a dropped pool takes no connection back"
+        );
+        let n = tokio::time::timeout(Duration::from_secs(5), upstream)
+            .await
+            .expect("closed at once")
+            .unwrap();
+        assert_eq!(n, 0, "the proxy closed the connection");
     }
 }
