@@ -512,6 +512,21 @@ mod tests {
         );
     }
 
+    /// A GET without a body, as the front door sends it.
+    fn bodiless_get() -> http::request::Parts {
+        let (parts, ()) = Request::get("/")
+            .header("host", "upstream")
+            .body(())
+            .unwrap()
+            .into_parts();
+        parts
+    }
+
+    /// Raw connections idle on this thread, over every pool.
+    fn idle_raw() -> usize {
+        IDLE.with_borrow(|l| l.iter().map(|l| l.raw.len()).sum())
+    }
+
     /// A pool for the loopback `port`: 5 s connect timeout, 90 s idle timeout.
     fn pool(port: u16) -> Http1Pool {
         Http1Pool::new(
@@ -553,19 +568,10 @@ mod tests {
     async fn a_raw_connection_returns_to_this_threads_stack_and_closes_with_the_pool() {
         let (port, upstream) = one_answer().await;
         let pool = pool(port);
-        let (parts, ()) = Request::get("/")
-            .header("host", "upstream")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let response = pool.send_bodiless(&parts).await.unwrap();
+        let response = pool.send_bodiless(&bodiless_get()).await.unwrap();
         let body = ResponseBody::raw(response.into_body());
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
-        assert_eq!(
-            IDLE.with_borrow(|l| l.iter().map(|l| l.raw.len()).sum::<usize>()),
-            1,
-            "the read body put its connection back"
-        );
+        assert_eq!(idle_raw(), 1, "the read body put its connection back");
         let shared = Arc::downgrade(&pool.shared);
         drop(pool);
         let (n, _) = tokio::time::timeout(Duration::from_secs(5), upstream)
@@ -597,21 +603,12 @@ mod tests {
             s.read(&mut buf).await.unwrap()
         });
         let pool = pool(port);
-        let (parts, ()) = Request::get("/")
-            .header("host", "upstream")
-            .body(())
-            .unwrap()
-            .into_parts();
-        let response = pool.send_bodiless(&parts).await.unwrap();
+        let response = pool.send_bodiless(&bodiless_get()).await.unwrap();
         drop(pool);
         go.send(()).unwrap();
         let body = ResponseBody::raw(response.into_body());
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
-        assert_eq!(
-            IDLE.with_borrow(|l| l.iter().map(|l| l.raw.len()).sum::<usize>()),
-            0,
-            "a dropped pool takes no connection back"
-        );
+        assert_eq!(idle_raw(), 0, "a dropped pool takes no connection back");
         let n = tokio::time::timeout(Duration::from_secs(5), upstream)
             .await
             .expect("closed at once")
