@@ -477,15 +477,29 @@ mod tests {
     /// An upstream that answers one request, then reports how long the connection stayed
     /// open after that and whether it ended by the proxy closing it.
     async fn one_answer() -> (u16, tokio::task::JoinHandle<(usize, Duration)>) {
+        answer_once(None).await
+    }
+
+    /// As [`one_answer`]; with `body_after`, the head goes at once and the body only when
+    /// that signal comes.
+    async fn answer_once(
+        body_after: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> (u16, tokio::task::JoinHandle<(usize, Duration)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await.unwrap();
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .unwrap();
+            let head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n";
+            match body_after {
+                None => s.write_all(&[&head[..], b"ok"].concat()).await.unwrap(),
+                Some(signal) => {
+                    s.write_all(head).await.unwrap();
+                    signal.await.unwrap();
+                    s.write_all(b"ok").await.unwrap();
+                }
+            }
             let answered = Instant::now();
             let n = s.read(&mut buf).await.unwrap();
             (n, answered.elapsed())
@@ -588,20 +602,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_ends_after_the_pool_is_dropped_closes_its_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let upstream = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await.unwrap();
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-                .await
-                .unwrap();
-            wait.await.unwrap();
-            s.write_all(b"ok").await.unwrap();
-            s.read(&mut buf).await.unwrap()
-        });
+        let (go, body_after) = tokio::sync::oneshot::channel();
+        let (port, upstream) = answer_once(Some(body_after)).await;
         let pool = pool(port);
         let response = pool.send_bodiless(&bodiless_get()).await.unwrap();
         drop(pool);
@@ -609,7 +611,7 @@ mod tests {
         let body = ResponseBody::raw(response.into_body());
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
         assert_eq!(idle_raw(), 0, "a dropped pool takes no connection back");
-        let n = tokio::time::timeout(Duration::from_secs(5), upstream)
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), upstream)
             .await
             .expect("closed at once")
             .unwrap();
