@@ -14,6 +14,13 @@
 //! closed under it before anything was sent is sent again on another one, as hyper hands
 //! such a request back.
 //!
+//! A connection is only reused when nothing arrived on it after its response ended: the
+//! body reader refuses one with bytes past the response's framed end, and every checkout
+//! looks again (`RawConn::is_quiet`). Otherwise an upstream that wrote more than it framed
+//! (a body after a `HEAD` head, a `408` on an idle connection) would have those bytes read as
+//! the next client's answer, and each later client would get the answer of the one before.
+//! (hyper's client connections watch for this themselves: their task reads while idle.)
+//!
 //! HTTPS upstreams, where TLS dominates the cost and ALPN may choose HTTP/2, and upgrades
 //! (WebSocket) keep hyper-util's client.
 
@@ -167,10 +174,11 @@ impl Shared {
     }
 }
 
-/// Closes this thread's raw connections of the pool `id` once idle for `idle_timeout`, and
-/// all of them when the pool is dropped. Idle raw connections are polled by nobody, so a
-/// connection the upstream closed lingers until then (or until a request finds it closed
-/// and sends again on another).
+/// Closes this thread's raw connections of the pool `id` once idle for `idle_timeout`, or
+/// once the upstream closed them or sent on them unasked ([`RawConn::is_quiet`]), and all of
+/// them when the pool is dropped. Idle raw connections are polled by nobody, so such a
+/// connection lingers until the next sweep; a checkout makes the same check first, so it is
+/// never used.
 async fn sweep_raw(id: u64, closed: CancellationToken, idle_timeout: Duration) {
     let every = (idle_timeout / 4).max(Duration::from_millis(250));
     loop {
@@ -184,9 +192,9 @@ async fn sweep_raw(id: u64, closed: CancellationToken, idle_timeout: Duration) {
                 // The pool is gone: its stack here goes, and with it the pool's last handle.
                 locals.retain(|l| l.id != id);
             } else if let Some(local) = locals.iter_mut().find(|l| l.id == id) {
-                local
-                    .raw
-                    .retain(|c| now.saturating_duration_since(c.idle_since) < idle_timeout);
+                local.raw.retain_mut(|c| {
+                    now.saturating_duration_since(c.idle_since) < idle_timeout && c.is_quiet()
+                });
             }
         });
         if stopping {
@@ -369,8 +377,10 @@ impl Http1Pool {
         IDLE.with_borrow_mut(|locals| {
             let local = local(locals, &self.shared);
             let mut found = None;
-            while let Some(conn) = local.raw.pop() {
-                if now.saturating_duration_since(conn.idle_since) < self.shared.idle_timeout {
+            while let Some(mut conn) = local.raw.pop() {
+                if now.saturating_duration_since(conn.idle_since) < self.shared.idle_timeout
+                    && conn.is_quiet()
+                {
                     found = Some(conn);
                     break;
                 }
@@ -598,6 +608,43 @@ mod tests {
             0,
             "the thread's stack went with its handle to the pool"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_raw_connection_that_gets_stray_bytes_is_closed_by_the_sweeper() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (go, stray) = tokio::sync::oneshot::channel::<()>();
+        let upstream = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            stray.await.unwrap();
+            s.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+                .await
+                .unwrap();
+            let written = Instant::now();
+            // Closed with the stray bytes unread: a reset, or an end of stream.
+            let closed = matches!(s.read(&mut buf).await, Ok(0) | Err(_));
+            (closed, written.elapsed())
+        });
+        let pool = pool(port);
+        let response = pool.send_bodiless(&bodiless_get()).await.unwrap();
+        let body = ResponseBody::raw(response.into_body());
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"ok");
+        assert_eq!(idle_raw(), 1, "the read body put its connection back");
+        go.send(()).unwrap();
+        let (closed, after) = upstream.await.unwrap();
+        assert!(closed, "the proxy closed the connection");
+        // The sweep runs every quarter of the 90 s idle timeout.
+        assert!(
+            after < Duration::from_secs(23),
+            "closed {after:?} after the stray bytes, not at the first sweep"
+        );
+        assert_eq!(idle_raw(), 0);
     }
 
     #[tokio::test]

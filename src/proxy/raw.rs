@@ -105,6 +105,35 @@ impl RawConn {
         }))
     }
 
+    /// Whether this idle connection may carry another request: nothing has arrived on it since
+    /// its last response ended. A stray byte (a body after a `HEAD` or `204` head, more than
+    /// its `Content-Length`, a `408` sent before closing) means the upstream's framing and
+    /// ours disagree, and reading on would hand those bytes to the next client as its
+    /// answer; an end of stream means the upstream closed it. Either way it must go.
+    ///
+    /// Nearly free: tokio keeps the socket's readiness, so while no event came since the last
+    /// read drained it, this makes no system call.
+    pub fn is_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.0.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            Ok(0) => {
+                tracing::debug!("idle upstream connection was closed by the upstream");
+                false
+            }
+            Ok(_) => {
+                tracing::debug!(
+                    "idle upstream connection got bytes no request asked for: closing it"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "idle upstream connection failed");
+                false
+            }
+        }
+    }
+
     /// Sends the bodiless request `parts` (target as in `parts.uri`, headers ready) and reads
     /// the response head into a [`Response`]. The body reads the rest and hands the connection
     /// to `done` when it may serve another request.

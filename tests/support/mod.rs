@@ -393,3 +393,220 @@ impl Drop for ForwardProxy {
         let _ = self.child.wait();
     }
 }
+
+/// What a [`ScriptedUpstream`] does in answer to one request, step by step.
+#[derive(Clone)]
+pub enum Step {
+    /// Writes these bytes (each step is its own `write`).
+    Write(Vec<u8>),
+    /// Waits until the test notifies this.
+    Wait(Arc<tokio::sync::Notify>),
+    /// Tells the test this point was reached.
+    Signal(Arc<tokio::sync::Notify>),
+    /// Closes the connection.
+    Close,
+}
+
+/// A request as a [`ScriptedUpstream`] read it off the wire.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Which accepted connection it came on (0, 1, ...).
+    pub conn: usize,
+    pub method: String,
+    pub target: String,
+    /// The head as sent, lines and all.
+    pub head: String,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    /// The values of the header `name` (case-insensitive), in order.
+    pub fn header(&self, name: &str) -> Vec<String> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+            .collect()
+    }
+}
+
+/// `HTTP/1.1 200 OK` with a body naming the request's target (`path=/x`).
+pub fn names_the_target(seen: &Seen) -> Vec<Step> {
+    let body = format!("path={}", seen.target);
+    vec![Step::Write(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes(),
+    )]
+}
+
+/// A raw HTTP/1.1 upstream on `127.0.0.1:0` for wire tests: it reads each request (the head,
+/// then a body framed by `Content-Length` or chunked), records it, and answers with the steps
+/// its script gives for it. It runs until dropped.
+pub struct ScriptedUpstream {
+    pub addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type Script = dyn Fn(&Seen) -> Vec<Step> + Send + Sync;
+
+impl ScriptedUpstream {
+    pub async fn start(script: impl Fn(&Seen) -> Vec<Step> + Send + Sync + 'static) -> Self {
+        let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let script: Arc<Script> = Arc::new(script);
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            for n in 0.. {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let _ = stream.set_nodelay(true);
+                conns.spawn(serve_scripted(stream, n, script.clone(), record.clone()));
+            }
+        });
+        ScriptedUpstream { addr, seen, task }
+    }
+
+    /// The requests received so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_scripted(
+    mut stream: TcpStream,
+    conn: usize,
+    script: Arc<Script>,
+    record: Arc<std::sync::Mutex<Vec<Seen>>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(seen) = read_request(&mut stream, &mut buf, conn).await else {
+            return;
+        };
+        record.lock().unwrap().push(seen.clone());
+        for step in script(&seen) {
+            match step {
+                Step::Write(bytes) => {
+                    if stream.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Wait(n) => n.notified().await,
+                Step::Signal(n) => n.notify_one(),
+                Step::Close => return,
+            }
+        }
+    }
+}
+
+/// Reads one request from `stream` (`buf` holds bytes read ahead); `None` at the end.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) -> Option<Seen> {
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        fill(stream, buf).await?;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    let mut line = head.split(' ');
+    let method = line.next().unwrap_or_default().to_string();
+    let target = line.next().unwrap_or_default().to_string();
+    let mut seen = Seen {
+        conn,
+        method,
+        target,
+        head,
+        body: Vec::new(),
+    };
+    let chunked = seen
+        .header("transfer-encoding")
+        .iter()
+        .any(|v| v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        loop {
+            let line_end = loop {
+                if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break i;
+                }
+                fill(stream, buf).await?;
+            };
+            let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            buf.drain(..line_end + 2);
+            if size == 0 {
+                // Trailers (ignored) up to the empty line.
+                loop {
+                    if buf.starts_with(b"\r\n") {
+                        buf.drain(..2);
+                        return Some(seen);
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..i + 4);
+                        return Some(seen);
+                    }
+                    fill(stream, buf).await?;
+                }
+            }
+            while buf.len() < size + 2 {
+                fill(stream, buf).await?;
+            }
+            seen.body.extend_from_slice(&buf[..size]);
+            buf.drain(..size + 2);
+        }
+    }
+    let length: usize = seen
+        .header("content-length")
+        .first()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < length {
+        fill(stream, buf).await?;
+    }
+    seen.body = buf.drain(..length).collect();
+    Some(seen)
+}
+
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 8192];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+/// A proxy with one route to `upstream` (under `/base`), on a fake token endpoint issuing
+/// tokens of `lifetime`; `route_extra` adds route keys.
+pub async fn proxy_to_scripted(
+    upstream: SocketAddr,
+    lifetime: Duration,
+    route_extra: &str,
+) -> (DemoServer<IdpState>, Running) {
+    let idp = start_token_endpoint(lifetime).await;
+    let text = format!(
+        "{}{}",
+        credential("api", &demo::token_url(&idp), ""),
+        route(&format!("http://{upstream}/base"), "api", route_extra)
+    );
+    let proxy = start_proxy(&text).await;
+    (idp, proxy)
+}
