@@ -391,7 +391,7 @@ impl Running {
                         move |peer| {
                             let service = current.load().for_peer(peer);
                             server::Served {
-                                front: service.has_front_door().then(|| service.clone()),
+                                front: Some(service.clone()),
                                 retire: service.retired(),
                                 service,
                             }

@@ -303,6 +303,14 @@ pub struct RouteConfig {
     pub client_identity: Option<crate::tls::ClientIdentity>,
     /// Whether each request gets an access log line (top-level `access_log`).
     pub access_log: bool,
+    /// The upgrade protocols tunnelled (lowercase names, as in `Upgrade`); an `Upgrade` to any
+    /// other is dropped and the request forwarded as a plain one.
+    pub upgrades: Vec<String>,
+    /// Rewrite a `Location` or `Content-Location` naming the upstream's own origin and base
+    /// path to the address the client used.
+    pub rewrite_location: bool,
+    /// Add this process's `Via` entry to forwarded requests.
+    pub via: bool,
 }
 
 // ---- raw, as in the file ----
@@ -405,6 +413,9 @@ struct RawRoute {
     inbound_token_file: Option<String>,
     #[serde(default)]
     allowed_clients: Vec<String>,
+    upgrades: Option<Vec<String>>,
+    rewrite_location: Option<bool>,
+    via: Option<bool>,
 }
 
 impl Config {
@@ -1256,7 +1267,44 @@ impl Validator<'_> {
             name: raw.name.unwrap_or(listen_text),
             access_log: true,
             proxy,
+            upgrades: self.upgrades(&k("upgrades"), raw.upgrades)?,
+            rewrite_location: raw.rewrite_location.unwrap_or(true),
+            via: raw.via.unwrap_or(true),
         })
+    }
+
+    /// The route's `upgrades`: protocol names as `Upgrade` carries them (`websocket`, or a
+    /// name with a version, `name/1.0`); `["websocket"]` when not set. `h2c` is refused: after
+    /// an h2c upgrade the client's requests would reach the upstream without the token.
+    fn upgrades(&self, key: &str, raw: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+        let Some(list) = raw else {
+            return Ok(vec!["websocket".into()]);
+        };
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for entry in list {
+            let (name, version) = entry.split_once('/').unwrap_or((&entry, "x"));
+            if !token(name) || !token(version) {
+                return Err(self.err(
+                    key,
+                    format!("{entry:?} is not an upgrade protocol name"),
+                    "list protocol names as clients send them in `Upgrade`, such as [\"websocket\"]",
+                ));
+            }
+            if name.eq_ignore_ascii_case("h2c") {
+                return Err(self.err(
+                    key,
+                    "\"h2c\" cannot be tunnelled: after the upgrade, the client's requests would reach the upstream without the token",
+                    "remove \"h2c\"; HTTP/2 clients reach token-proxy with prior knowledge (h2c without an upgrade), and each of their requests gets the token",
+                ));
+            }
+            out.push(entry.to_ascii_lowercase());
+        }
+        Ok(out)
     }
 
     fn upstream(&self, key: &str, text: &str) -> Result<Upstream, ConfigError> {
@@ -1353,6 +1401,33 @@ credential = "api"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "test.toml", &env)
+    }
+
+    #[test]
+    fn upgrades_rewrite_location_and_via_have_defaults_and_h2c_is_refused() {
+        let route = &parse(GOOD).unwrap().routes[0];
+        assert_eq!(route.upgrades, ["websocket"]);
+        assert!(route.rewrite_location && route.via);
+        let set = parse(&format!(
+            "{GOOD}upgrades = [\"WebSocket\", \"example/1.0\"]\nrewrite_location = false\nvia = false\n"
+        ))
+        .unwrap();
+        let route = &set.routes[0];
+        assert_eq!(route.upgrades, ["websocket", "example/1.0"]);
+        assert!(!route.rewrite_location && !route.via);
+        assert!(parse(&format!("{GOOD}upgrades = []\n")).unwrap().routes[0]
+            .upgrades
+            .is_empty());
+        for (bad, says) in [
+            ("[\"h2c\"]", "without the token"),
+            ("[\"H2C/1\"]", "without the token"),
+            ("[\"web socket\"]", "not an upgrade protocol name"),
+            ("[\"\"]", "not an upgrade protocol name"),
+        ] {
+            let e = parse(&format!("{GOOD}upgrades = {bad}\n")).unwrap_err();
+            assert_eq!(e.key, "routes[0].upgrades", "{bad}");
+            assert!(e.problem.contains(says), "{bad}: {}", e.problem);
+        }
     }
 
     #[test]

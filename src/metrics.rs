@@ -40,7 +40,7 @@ const DURATION_BUCKETS: [f64; 14] = [
 ];
 
 /// The proxy's own error codes (`ProxyError::code`), in the order of `RouteMetrics::errors`.
-const ERROR_CODES: [&str; 8] = [
+const ERROR_CODES: [&str; 10] = [
     "token_unavailable",
     "upstream_unavailable",
     "upstream_timeout",
@@ -49,6 +49,8 @@ const ERROR_CODES: [&str; 8] = [
     "proxy_authentication_required",
     "payload_too_large",
     "loop_detected",
+    "headers_too_large",
+    "not_implemented",
 ];
 
 fn method_index(m: &Method) -> usize {

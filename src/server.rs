@@ -1,10 +1,10 @@
 //! Listeners: the accept loop, one span per connection, and graceful drain.
 //!
-//! Each accepted connection is served in a task owned by a [`TaskTracker`]: on a route with a
-//! plain-`http` upstream, first by the front door (`proxy::front`), which answers bodiless
-//! HTTP/1.1 requests itself; then, or from the start, by hyper-util's auto builder (HTTP/1.1
-//! and h2c on the same port, upgrades allowed), which gets the bytes the front door had
-//! already read. When `cancel` fires the loop
+//! Each accepted connection is served in a task owned by a [`TaskTracker`]: on a proxy route,
+//! first by the front door (`proxy::front`), which judges each HTTP/1.1 head by the codec's
+//! rules and, on a route with a plain-`http` upstream, answers bodiless requests itself; then
+//! by hyper-util's auto builder (HTTP/1.1 and h2c on the same port, upgrades allowed), which
+//! gets the bytes the front door had already read. When `cancel` fires the loop
 //! stops accepting and every connection is told to finish its requests in flight and close;
 //! the caller waits on the tracker, bounded by the grace period.
 //!
@@ -256,8 +256,9 @@ pub struct Served<S> {
     /// its requests and closes. Where there is a front door, this token must also fire when
     /// the listener's `cancel` does (a child of it): the front door watches only this one.
     pub retire: CancellationToken,
-    /// The front door for its bodiless HTTP/1.1 requests, if the route has one
-    /// ([`ProxyService::has_front_door`]); hyper serves the rest.
+    /// The front door, for a proxy route: it reads HTTP/1.1 heads first, refuses those the
+    /// codec refuses, and answers bodiless ones itself where the route has the lean path
+    /// ([`ProxyService::has_lean_path`]); hyper serves the rest.
     pub front: Option<ProxyService>,
 }
 

@@ -502,27 +502,25 @@ async fn idle_keep_alive_connections_are_closed() {
 }
 
 #[tokio::test]
-async fn content_length_with_transfer_encoding_is_never_forwarded_ambiguously() {
+async fn content_length_with_transfer_encoding_is_400_and_closes() {
     let s = Stack::start(MINUTE, "", "").await;
     for raw in [
         "POST /clte HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         "POST /tecl HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "GET /get HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ] {
+        // Where such a body ends is read two ways by the servers behind proxies (the
+        // desync of CL.TE and TE.CL smuggling): refused, as nginx and Envoy do, and the
+        // connection closed, since where the next request would start is unknown.
+        let started = tokio::time::Instant::now();
         let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(3)).await;
-        // Transfer-Encoding wins (RFC 9112 §6.3), the stale length is dropped and the
-        // connection is closed after the answer, so nothing can be smuggled behind it.
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("\"error\":\"bad_request\""), "{answer}");
+        assert!(answer.contains("Content-Length and Transfer-Encoding"), "{answer}");
         assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
-        assert!(answer.contains("\"body_bytes\":5"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(2), "the proxy closed the connection");
     }
-    for rec in s.api.state().records() {
-        assert!(rec.headers.get_all("content-length").iter().count() <= 1);
-        assert!(
-            rec.headers.get("content-length").is_none_or(|v| v == "5"),
-            "{:?}",
-            rec.headers
-        );
-    }
+    assert!(s.api.state().records().is_empty(), "nothing was forwarded");
 }
 
 #[tokio::test]
@@ -535,6 +533,7 @@ async fn duplicate_content_length_is_refused_or_collapsed() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"error\":\"bad_request\""), "{answer}");
     let answer = raw_exchange(
         s.addr(),
         b"POST /same HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
@@ -594,9 +593,10 @@ async fn heads_over_the_limits_get_431(s: &Stack, headers: usize, value_bytes: u
     for raw in [many, big] {
         let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(2)).await;
         assert!(
-            answer.starts_with("HTTP/1.1 431"),
+            answer.starts_with("HTTP/1.1 431")
+                && answer.contains("\"error\":\"headers_too_large\""),
             "{}",
-            &answer[..answer.len().min(200)]
+            &answer[..answer.len().min(400)]
         );
     }
     assert!(s.api.state().records().is_empty());
@@ -610,7 +610,7 @@ async fn two_hundred_headers_or_a_huge_header_get_431() {
 
 #[tokio::test]
 async fn configured_header_limits_give_431_on_the_front_door_path_too() {
-    // Bodiless GETs, so the front door reads them first and must hand them to hyper.
+    // Bodiless GETs, which the front door reads and answers itself.
     let s = Stack::start_with("max_header_bytes = 8192\nmax_headers = 10", MINUTE, "", "").await;
     heads_over_the_limits_get_431(&s, 12, 10_000).await;
 }

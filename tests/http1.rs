@@ -164,3 +164,342 @@ async fn bytes_after_a_responses_end_never_reach_the_next_client() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// Sends `raw` on a fresh connection; returns what came back until the proxy closed it (or 3 s
+/// passed) and how long that took.
+async fn until_closed(addr: std::net::SocketAddr, raw: &[u8]) -> (String, Duration) {
+    let started = tokio::time::Instant::now();
+    let answer = raw_exchange(addr, raw, Duration::from_secs(3)).await;
+    (answer, started.elapsed())
+}
+
+#[tokio::test]
+async fn transfer_codings_the_proxy_cannot_forward_are_501_and_close() {
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    for coding in [
+        "gzip, chunked",
+        "chunked, chunked",
+        ",chunked",
+        "identity",
+        "xchunked",
+    ] {
+        for method in ["POST", "GET"] {
+            let raw = format!(
+                "{method} /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            );
+            let (answer, took) = until_closed(addr, raw.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 501"), "{coding}: {answer}");
+            assert!(answer.contains("\"error\":\"not_implemented\""), "{answer}");
+            assert!(took < Duration::from_secs(2), "{coding}: not closed");
+        }
+    }
+    let raw = "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let (answer, _) = until_closed(addr, raw.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(upstream.seen().is_empty(), "nothing was forwarded");
+}
+
+#[tokio::test]
+async fn malformed_heads_get_a_json_400_and_close() {
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    for raw in [
+        "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        let (answer, took) = until_closed(addr, raw.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{raw:?}: {answer}");
+        assert!(answer.contains("\"error\":\"bad_request\""), "{answer}");
+        assert!(
+            answer.contains("content-type: application/json"),
+            "{answer}"
+        );
+        assert!(took < Duration::from_secs(2), "{raw:?}: not closed");
+    }
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn an_http2_preface_after_an_http1_request_is_400() {
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let first = exchange(&mut conn, "GET /one HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(body(&first), "path=/base/one");
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(3), conn.read_to_string(&mut rest))
+        .await
+        .expect("closed")
+        .unwrap();
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    assert!(rest.contains("HTTP/2 connection preface"), "{rest}");
+    // In one write with the request before it, too.
+    let (answer, _) = until_closed(
+        addr,
+        b"GET /two HTTP/1.1\r\nHost: x\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("path=/base/two"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    // A connection that starts with the preface is HTTP/2 with prior knowledge, as before.
+    let reply = send(
+        &h2c_client(),
+        http::Request::get(format!("http://{addr}/h2"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.body, "path=/base/h2");
+}
+
+#[tokio::test]
+async fn targets_clients_send_unencoded_are_forwarded_as_sent() {
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    for target in [r#"/items?where={"a":1}"#, "/a<b>|c^`d\\e{f}", r#"/q?x="y""#] {
+        let answer = exchange(
+            &mut conn,
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+        assert_eq!(body(&answer), format!("path=/base{target}"));
+    }
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_forwarded_as_a_plain_request() {
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    // What Java's HttpClient sends on every http:// request, and curl --http2 on the first.
+    for (method, body_fields) in [("GET", ""), ("POST", "Content-Length: 2\r\n\r\nhi")] {
+        let raw = format!(
+            "{method} /j HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAEAAEAAAAIAAAAAAAMAAAAAZAAEAAEAAAAFAAEAAA\r\n\
+             Authorization: Bearer the-clients-own\r\n{}",
+            if body_fields.is_empty() {
+                "\r\n"
+            } else {
+                body_fields
+            }
+        );
+        let answer = exchange(&mut conn, &raw).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{method}: {answer}");
+        assert!(!answer.to_ascii_lowercase().contains("upgrade"), "{answer}");
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    for s in seen {
+        assert!(s.header("upgrade").is_empty(), "{}", s.head);
+        assert!(s.header("http2-settings").is_empty(), "{}", s.head);
+        assert!(
+            !s.header("connection")
+                .iter()
+                .any(|v| v.to_ascii_lowercase().contains("upgrade")),
+            "{}",
+            s.head
+        );
+        let auth = s.header("authorization");
+        assert_eq!(auth.len(), 1, "{}", s.head);
+        assert!(auth[0].starts_with("Bearer ") && auth[0] != "Bearer the-clients-own");
+    }
+}
+
+#[tokio::test]
+async fn upgrades_decides_which_protocols_are_tunnelled() {
+    let upstream = ScriptedUpstream::start(|seen: &Seen| {
+        if seen.header("upgrade").is_empty() {
+            return names_the_target(seen);
+        }
+        vec![Step::Write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+                .to_vec(),
+        )]
+    })
+    .await;
+    let ws = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    // Allowed by default.
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+    let answer = exchange(&mut conn, ws).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert_eq!(upstream.seen()[0].header("upgrade"), ["websocket"]);
+    // Not with `upgrades = []`: a plain request.
+    let (_idp2, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "upgrades = []").await;
+    let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+    let answer = exchange(&mut conn, ws).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(upstream.seen()[1].header("upgrade").is_empty());
+}
+
+#[tokio::test]
+async fn redirects_to_the_upstreams_own_origin_come_back_to_the_proxy() {
+    let upstream = ScriptedUpstream::start(|seen: &Seen| {
+        let origin = seen.header("host")[0].clone();
+        let (location, content_location) = match seen.target.as_str() {
+            "/base/out" => (
+                "https://elsewhere.example/base/x".to_string(),
+                String::new(),
+            ),
+            "/base/sibling" => (format!("http://{origin}/base2/x"), String::new()),
+            _ => (
+                format!("http://{origin}/base/next?x=1"),
+                format!("HTTP://{}/base", origin.to_ascii_uppercase()),
+            ),
+        };
+        let mut head = format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\n");
+        if !content_location.is_empty() {
+            head.push_str(&format!("Content-Location: {content_location}\r\n"));
+        }
+        head.push_str("Content-Length: 0\r\n\r\n");
+        vec![Step::Write(head.into_bytes())]
+    })
+    .await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let lower = |a: String| a.to_ascii_lowercase();
+    for request in [
+        "GET /go HTTP/1.1\r\nHost: proxy.local:8080\r\n\r\n",
+        "POST /go HTTP/1.1\r\nHost: proxy.local:8080\r\nContent-Length: 0\r\n\r\n",
+        "PUT /go HTTP/1.1\r\nHost: proxy.local:8080\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        let answer = lower(exchange(&mut conn, request).await);
+        assert!(
+            answer.contains("\r\nlocation: http://proxy.local:8080/next?x=1\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("\r\ncontent-location: http://proxy.local:8080/\r\n"),
+            "{answer}"
+        );
+    }
+    for (target, kept) in [
+        ("/out", "https://elsewhere.example/base/x"),
+        ("/sibling", "/base2/x"),
+    ] {
+        let answer = exchange(
+            &mut conn,
+            &format!("GET {target} HTTP/1.1\r\nHost: p\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            answer.contains(kept) && !answer.contains("http://p/"),
+            "{answer}"
+        );
+    }
+    // Off with `rewrite_location = false`.
+    let (_idp2, proxy) =
+        proxy_to_scripted(upstream.addr, LIFETIME, "rewrite_location = false").await;
+    let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+    let answer = exchange(&mut conn, "GET /go HTTP/1.1\r\nHost: p\r\n\r\n").await;
+    assert!(
+        answer.contains(&format!("http://{}/base/next?x=1", upstream.addr)),
+        "{answer}"
+    );
+}
+
+#[tokio::test]
+async fn via_is_added_unless_the_route_says_not_to() {
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let requests = [
+        "GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nb",
+    ];
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+    for r in requests {
+        exchange(&mut conn, r).await;
+    }
+    let (_idp2, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "via = false").await;
+    let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+    for r in requests {
+        exchange(&mut conn, r).await;
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 4);
+    for s in &seen[..2] {
+        let via = s.header("via");
+        assert!(
+            via.len() == 1 && via[0].starts_with("1.1 token-proxy-"),
+            "{}",
+            s.head
+        );
+    }
+    for s in &seen[2..] {
+        assert!(s.header("via").is_empty(), "{}", s.head);
+    }
+}
+
+#[tokio::test]
+async fn a_get_with_a_chunked_body_keeps_its_body() {
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+    let answer = exchange(
+        &mut conn,
+        "GET /search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nquery\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = upstream.seen();
+    assert_eq!(seen[0].body, b"query", "{}", seen[0].head);
+}
+
+/// A `401` to a request that cannot be replayed (here a chunked upload) still retires the
+/// token it carried, so the next request gets a new one; with `retry_on_401 = false` nothing
+/// is retired.
+#[tokio::test]
+async fn a_401_to_a_streamed_request_retires_its_token() {
+    for (extra, retired) in [("", true), ("retry_on_401 = false", false)] {
+        let s = Stack::start(LIFETIME, "", extra).await;
+        let mut conn = TcpStream::connect(s.addr()).await.unwrap();
+        let warm = exchange(&mut conn, "GET /warm HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(warm.starts_with("HTTP/1.1 200"), "{warm}");
+        let first = s.api.state().records()[0].headers["authorization"].clone();
+        s.idp.state().tokens.revoke_all();
+        let refused = exchange(
+            &mut conn,
+            "POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+        let _ = exchange(&mut conn, "GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let records = s.api.state().records();
+        let after: Vec<_> = records
+            .iter()
+            .filter(|r| r.target == "/api/after")
+            .collect();
+        if retired {
+            // The GET went out once, with a new token: it was not refused first and replayed.
+            assert_eq!(
+                after.len(),
+                1,
+                "{extra:?}: /after was sent {} times",
+                after.len()
+            );
+            assert_ne!(after[0].headers["authorization"], first);
+            assert_eq!(s.api.state().rejected(), 1, "only the upload met a 401");
+        } else {
+            assert_eq!(
+                after[0].headers["authorization"], first,
+                "{extra:?}: token kept"
+            );
+        }
+    }
+}

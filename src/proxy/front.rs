@@ -29,7 +29,6 @@
 
 use std::future::{poll_fn, Future};
 use std::io::{self, Write as _};
-use std::mem::MaybeUninit;
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 
@@ -42,16 +41,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ResponseBody;
+use super::codec::{self, Field, Parsed, RequestBody};
 use super::deadline::Deadline;
-use super::headers;
 use super::raw::{ClientFraming, ClientHead};
 use super::service::ProxyService;
-use super::ProxyBody;
+use super::{ProxyBody, ProxyError};
 use crate::config::ClientLimits;
 
-/// Most header fields parsed here; a head with more goes to hyper, which applies the
-/// configured `max_headers`.
-const MAX_FIELDS: usize = 128;
 /// Bytes asked of the socket per read of a request head.
 const READ_CHUNK: usize = 4096;
 /// Body frames up to this size are copied behind the head (or the previous frame) so that
@@ -91,6 +87,8 @@ where
     let mut stopped = pin!(stop.cancelled());
     let mut header_timer = Deadline::new(limits.header_read_timeout);
     let mut response_timer = service.response_deadline();
+    let lean = service.has_lean_path();
+    let mut served = false;
     loop {
         let request = match read_head(
             &mut io,
@@ -99,13 +97,26 @@ where
             limits,
             stopped.as_mut(),
             &mut header_timer,
+            served,
+            lean,
         )
         .await
         {
             Next::Head(request) => request,
             Next::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
             Next::Close => return Outcome::Closed,
+            Next::Refuse(e) => {
+                let response = service.refuse(e);
+                if write_response(&mut io, &mut out, response, false, false, true)
+                    .await
+                    .is_ok()
+                {
+                    let _ = io.shutdown().await;
+                }
+                return Outcome::Closed;
+            }
         };
+        served = true;
         let close = request.close || stop.is_cancelled();
         let head = &buf[..request.len];
         let view = FrontRequest {
@@ -122,6 +133,7 @@ where
             close,
             te: request.te,
             trailers: Vec::new(),
+            relocate: service.relocation(view.values(b"host").next()),
         };
         let answer = service
             .handle_front(&view, &mut up, &mut client, &mut response_timer)
@@ -218,9 +230,15 @@ enum Next {
     Head(Request),
     Handoff,
     Close,
+    /// A head the codec refuses, or an HTTP/2 preface after an HTTP/1.1 request: answered with
+    /// this error, then the connection closes (where the next message would start is unknown).
+    Refuse(ProxyError),
 }
 
 /// Reads until `buf` starts with a complete request head, or decides the connection's fate.
+/// `served` says whether a request was answered on this connection before; `lean` whether the
+/// route can take bodiless requests here (else every valid head goes to hyper).
+#[allow(clippy::too_many_arguments)]
 async fn read_head<T>(
     io: &mut T,
     buf: &mut BytesMut,
@@ -228,6 +246,8 @@ async fn read_head<T>(
     limits: &ClientLimits,
     mut stopped: Pin<&mut impl Future<Output = ()>>,
     timer: &mut Deadline,
+    served: bool,
+    lean: bool,
 ) -> Next
 where
     T: AsyncRead + Unpin,
@@ -235,16 +255,11 @@ where
     let mut armed = false;
     loop {
         if !buf.is_empty() {
-            match parse(buf, limits.max_headers, fields) {
-                // hyper answers an oversized head with 431.
-                Parsed::Complete(request) if request.len > limits.max_header_bytes => {
-                    return Next::Handoff
-                }
-                Parsed::Complete(request) => return Next::Head(request),
-                Parsed::Other => return Next::Handoff,
-                // hyper answers an oversized head with 431.
-                Parsed::Partial if buf.len() >= limits.max_header_bytes => return Next::Handoff,
-                Parsed::Partial => {}
+            match judge(buf, limits, fields, served, lean) {
+                Judged::Partial => {}
+                Judged::Head(request) => return Next::Head(request),
+                Judged::Handoff => return Next::Handoff,
+                Judged::Refuse(e) => return Next::Refuse(e),
             }
         }
         buf.reserve(READ_CHUNK);
@@ -274,95 +289,73 @@ where
     }
 }
 
-enum Parsed {
-    Complete(Request),
+enum Judged {
+    Head(Request),
     Partial,
-    /// Not for the front door: hyper serves (or refuses) it.
-    Other,
+    /// Valid, and not for the front door: hyper serves it.
+    Handoff,
+    Refuse(ProxyError),
 }
 
-/// Where a parsed field's name and value are in the head.
-#[derive(Debug, Clone, Copy)]
-struct Field {
-    name: (usize, usize),
-    value: (usize, usize),
-}
-
-/// Parses a complete request head at the front of `buf` (left there) if it is one the front
-/// door serves. `fields` is scratch space kept by the connection.
-fn parse(buf: &[u8], max_headers: usize, fields: &mut Vec<Field>) -> Parsed {
-    // Uninitialised: zeroing 128 fields costs more than parsing a typical head.
-    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut []);
-    let parsed = req.parse_with_uninit_headers(buf, &mut storage[..max_headers.min(MAX_FIELDS)]);
-    let len = match parsed {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Other,
+/// Judges the bytes at the front of `buf` by the codec's rules: a complete head the front door
+/// serves, one for hyper, one to refuse, or not yet complete. `fields` is scratch space kept by
+/// the connection.
+fn judge(
+    buf: &[u8],
+    limits: &ClientLimits,
+    fields: &mut Vec<Field>,
+    served: bool,
+    lean: bool,
+) -> Judged {
+    let head = match codec::parse_request(buf, limits.max_headers, limits.max_header_bytes, fields)
+    {
+        Ok(Parsed::Head(head)) => head,
+        Ok(Parsed::Partial) => return Judged::Partial,
+        // HTTP/2 with prior knowledge starts a connection; after an HTTP/1.1 request it is an
+        // attempt to change the protocol under the proxy (nginx and HAProxy refuse it too).
+        Ok(Parsed::Preface) if served => {
+            return Judged::Refuse(ProxyError::BadRequest(
+                "an HTTP/2 connection preface after an HTTP/1.1 request on the same connection"
+                    .into(),
+            ))
+        }
+        Ok(Parsed::Preface) => return Judged::Handoff,
+        Err(refusal) => return Judged::Refuse(refusal.into()),
     };
-    let method = match req.method {
-        Some("GET") => Method::GET,
-        Some("HEAD") => Method::HEAD,
-        Some("DELETE") => Method::DELETE,
-        Some("OPTIONS") => Method::OPTIONS,
-        _ => return Parsed::Other,
-    };
-    let Some(path) = req.path.filter(|p| p.starts_with('/')) else {
-        return Parsed::Other;
-    };
-    if req.version != Some(1) {
-        return Parsed::Other;
+    let bodiless = matches!(head.body, RequestBody::None | RequestBody::Length(0));
+    let method = matches!(
+        head.method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    );
+    let target = &buf[head.target.0..head.target.1];
+    if !(lean
+        && head.http11
+        && bodiless
+        && method
+        && !head.upgrade
+        && !head.expect
+        && plain_target(target))
+    {
+        return Judged::Handoff;
     }
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        (start, start + s.len())
-    };
-    let target = span(path.as_bytes());
-    if !plain_target(path.as_bytes()) {
-        return Parsed::Other;
-    }
-    let (mut close, mut te) = (false, false);
-    fields.clear();
-    for parsed in req.headers.iter() {
-        let (name, value) = (parsed.name.as_bytes(), parsed.value);
-        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
-        if is(b"transfer-encoding") || is(b"expect") || is(b"upgrade") {
-            return Parsed::Other;
-        }
-        if is(b"content-length") && value.trim_ascii() != b"0" {
-            return Parsed::Other;
-        }
-        // Values go on byte for byte: those hyper would take apart differently go to it.
-        if value.iter().any(|b| *b < 0x20 && *b != b'\t' || *b == 0x7f) {
-            return Parsed::Other;
-        }
-        if is(b"connection") {
-            close |= headers::has_token(value, b"close");
-        } else if is(b"te") {
-            te |= headers::has_token(value, b"trailers");
-        }
-        fields.push(Field {
-            name: span(name),
-            value: span(value),
-        });
-    }
-    Parsed::Complete(Request {
-        len,
-        method,
-        target,
-        close,
-        te,
+    Judged::Head(Request {
+        len: head.len,
+        method: head.method,
+        target: head.target,
+        close: head.close,
+        te: head.te_trailers,
     })
 }
 
-/// Whether `target` is one the `http` crate takes as it is: printable ASCII without a
-/// fragment or the few characters it refuses (hyper answers those), and not too long.
+/// Whether `target` is an origin-form target the front door forwards byte for byte: a `/`,
+/// then printable ASCII without a fragment. Characters that should have been percent-encoded
+/// but that clients send as written (`"`, `<`, `>`, `{`, `}`, `|`, a backtick, as in
+/// `?where={"a":1}`) are forwarded as they came, as nginx does.
 fn plain_target(target: &[u8]) -> bool {
-    target.len() < usize::from(u16::MAX - 1)
+    target.first() == Some(&b'/')
         && target
             .iter()
-            .all(|b| (0x21..=0x7e).contains(b) && !matches!(b, b'#' | b'<' | b'>' | b'`' | b'"'))
+            .all(|b| (0x21..=0x7e).contains(b) && *b != b'#')
 }
 
 /// Writes `response` (one of the proxy's own, such as an error) to the client: its head from
@@ -636,18 +629,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 mod tests {
     use super::*;
 
-    fn parsed(text: &str) -> (Parsed, Vec<Field>) {
+    fn limits(max_headers: usize) -> ClientLimits {
+        ClientLimits {
+            header_read_timeout: std::time::Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_headers,
+            max_connections: 10,
+        }
+    }
+
+    fn judged(text: &str) -> (Judged, Vec<Field>) {
         let mut fields = Vec::new();
-        let parsed = parse(text.as_bytes(), 100, &mut fields);
-        (parsed, fields)
+        let judged = judge(text.as_bytes(), &limits(100), &mut fields, false, true);
+        (judged, fields)
     }
 
     #[test]
     fn a_bodiless_request_is_parsed_in_place() {
         let text = "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\
                     TE: trailers\r\nContent-Length: 0\r\nX-Two: 1\r\nX-Two: 2\r\n\r\nGET /next";
-        let (p, fields) = parsed(text);
-        let Parsed::Complete(r) = p else {
+        let (p, fields) = judged(text);
+        let Judged::Head(r) = p else {
             panic!("not complete")
         };
         assert_eq!(r.method, Method::GET);
@@ -668,9 +670,19 @@ mod tests {
     #[test]
     fn an_incomplete_head_waits_for_more() {
         assert!(matches!(
-            parsed("GET / HTTP/1.1\r\nHost: x\r\n").0,
-            Parsed::Partial
+            judged("GET / HTTP/1.1\r\nHost: x\r\n").0,
+            Judged::Partial
         ));
+    }
+
+    #[test]
+    fn targets_clients_send_as_written_are_served_here() {
+        for text in [
+            "GET /?where={\"a\":1} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a<b>|c^`\\ HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            assert!(matches!(judged(text).0, Judged::Head(_)), "{text:?}");
+        }
     }
 
     #[test]
@@ -685,25 +697,49 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            "GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
             "GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n",
-            "GET /a<b HTTP/1.1\r\nHost: x\r\n\r\n",
-            "GET /a?\"b HTTP/1.1\r\nHost: x\r\n\r\n",
         ] {
-            assert!(matches!(parsed(text).0, Parsed::Other), "{text:?}");
+            assert!(matches!(judged(text).0, Judged::Handoff), "{text:?}");
         }
     }
 
     #[test]
-    fn a_head_with_more_fields_than_the_limit_goes_to_hyper() {
+    fn what_the_codec_refuses_is_answered_here() {
+        for (text, status) in [
+            ("GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n", 400),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+            ),
+        ] {
+            let Judged::Refuse(e) = judged(text).0 else {
+                panic!("{text:?} was not refused")
+            };
+            assert_eq!(e.status().as_u16(), status, "{text:?}");
+        }
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        let after_a_request = judge(preface, &limits(100), &mut Vec::new(), true, true);
+        assert!(matches!(
+            after_a_request,
+            Judged::Refuse(ProxyError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_head_with_more_fields_than_the_limit_is_431() {
         let mut text = String::from("GET / HTTP/1.1\r\n");
         for i in 0..5 {
             text.push_str(&format!("X-{i}: 1\r\n"));
         }
         text.push_str("\r\n");
+        let judged = judge(text.as_bytes(), &limits(4), &mut Vec::new(), false, true);
         assert!(matches!(
-            parse(text.as_bytes(), 4, &mut Vec::new()),
-            Parsed::Other
+            judged,
+            Judged::Refuse(ProxyError::HeadersTooLarge(_))
         ));
     }
 

@@ -131,21 +131,141 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, streamed: bool) 
 }
 
 /// Readies client request headers for the upstream: hop-by-hop removed, the token stamped
-/// (replacing whatever `Authorization` the client sent) and `Host` set to the upstream's.
+/// (replacing whatever `Authorization` the client sent), `Host` set to the upstream's, and
+/// our `Via` entry added if `via`. `HTTP2-Settings` never goes on: it belongs to an `h2c`
+/// upgrade, which is never tunnelled.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     authorization: HeaderValue,
     host: &HeaderValue,
     upgrade: bool,
     streamed: bool,
+    via: bool,
 ) {
     let te_trailers = strip_hop_by_hop(headers, upgrade, streamed);
     if te_trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
+    headers.remove(&HTTP2_SETTINGS);
     headers.insert(AUTHORIZATION, authorization);
     headers.insert(HOST, host.clone());
-    headers.append(http::header::VIA, via_entry().clone());
+    if via {
+        headers.append(http::header::VIA, via_entry().clone());
+    }
+}
+
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
+/// Whether `name` (as sent) is `HTTP2-Settings`.
+pub fn is_http2_settings(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"http2-settings")
+}
+
+/// Keeps of the request's `Upgrade` offer only the protocols in `allowed` (lowercase names,
+/// with or without a version). Returns whether any is left: then the request is forwarded as
+/// an upgrade offering those; otherwise as a plain request (its `Upgrade` is hop-by-hop and
+/// goes). So an `h2c` upgrade, which Java's `HttpClient` and `curl --http2` offer on plain
+/// `http://`, never turns the connection into a tunnel that carries requests without the token.
+pub fn offer_allowed_upgrades(headers: &mut HeaderMap, allowed: &[String]) -> bool {
+    let offered: Vec<String> = headers
+        .get_all(UPGRADE)
+        .iter()
+        .flat_map(|v| tokens(v.as_bytes()))
+        .filter_map(|t| std::str::from_utf8(t).ok())
+        .filter(|t| is_allowed_upgrade(t.as_bytes(), allowed))
+        .map(str::to_owned)
+        .collect();
+    if offered.is_empty() {
+        return false;
+    }
+    match HeaderValue::from_str(&offered.join(", ")) {
+        Ok(value) => {
+            headers.insert(UPGRADE, value);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Whether the protocol `token` (`name` or `name/version`, as in `Upgrade`) is in `allowed`.
+pub fn is_allowed_upgrade(token: &[u8], allowed: &[String]) -> bool {
+    let name = token.split(|b| *b == b'/').next().unwrap_or_default();
+    allowed.iter().any(|a| {
+        a.as_bytes().eq_ignore_ascii_case(token) || a.as_bytes().eq_ignore_ascii_case(name)
+    })
+}
+
+/// Where a redirect from the upstream goes back to: its own origin and base path, seen from
+/// the client (`client_host`, the `Host` or `:authority` the client used; without it, the
+/// rewritten value is a path alone).
+#[derive(Debug, Clone, Copy)]
+pub struct Relocation<'a> {
+    /// The route's upstream.
+    pub upstream: &'a crate::config::Upstream,
+    /// The authority the client addressed.
+    pub client_host: Option<&'a [u8]>,
+}
+
+impl Relocation<'_> {
+    /// `value` (a `Location` or `Content-Location`) rewritten to the client's address, if it is
+    /// an absolute URL under the upstream's origin and base path; as nginx's default
+    /// `proxy_redirect` does. A value that names any other place is left as it is.
+    pub fn rewrite(&self, value: &[u8]) -> Option<Vec<u8>> {
+        let up = self.upstream;
+        let scheme = up.scheme.as_str().as_bytes();
+        let rest = strip_prefix_ignore_case(value, scheme)?.strip_prefix(b"://")?;
+        let end = rest
+            .iter()
+            .position(|b| matches!(b, b'/' | b'?' | b'#'))
+            .unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(end);
+        let default_port: &[u8] = if scheme == b"https" { b":443" } else { b":80" };
+        let norm = |a: &[u8]| -> Vec<u8> {
+            let a = a.strip_suffix(default_port).unwrap_or(a);
+            a.to_ascii_lowercase()
+        };
+        if norm(authority) != norm(up.authority.as_str().as_bytes()) {
+            return None;
+        }
+        let under = path.strip_prefix(up.base_path.as_bytes())?;
+        if !(under.is_empty() || matches!(under[0], b'/' | b'?' | b'#')) {
+            return None;
+        }
+        let mut out = Vec::with_capacity(under.len() + 32);
+        if let Some(host) = self.client_host {
+            out.extend_from_slice(b"http://");
+            out.extend_from_slice(host);
+        }
+        if !under.starts_with(b"/") {
+            out.push(b'/');
+        }
+        out.extend_from_slice(under);
+        Some(out)
+    }
+
+    /// [`rewrite`](Self::rewrite) on the `Location` and `Content-Location` of `headers`.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+            if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
+                let new = self
+                    .rewrite(entry.get().as_bytes())
+                    .and_then(|v| HeaderValue::from_bytes(&v).ok());
+                if let Some(new) = new {
+                    entry.insert(new);
+                }
+            }
+        }
+    }
+}
+
+/// Whether `name` (as sent) is `Location` or `Content-Location`.
+pub fn is_location(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(b"location") || name.eq_ignore_ascii_case(b"content-location")
+}
+
+fn strip_prefix_ignore_case<'a>(value: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    (value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &value[prefix.len()..])
 }
 
 /// The `Via` entry this process adds: a pseudonym unique to the process, so that a request
@@ -191,8 +311,33 @@ pub fn bearer_bytes_match(value: Option<&[u8]>, expected: &[u8]) -> bool {
             == 0
 }
 
-/// Readies upstream response headers for the client.
+/// Readies upstream response headers for the client: hop-by-hop removed; a `Content-Length`
+/// that came with `Transfer-Encoding` removed (the body is de-chunked and sent framed anew, so
+/// that length is stale: RFC 9112 §6.3), and repeated equal ones made one, as the lean path
+/// does.
 pub fn prepare_response(headers: &mut HeaderMap, upgrade: bool, streamed: bool) {
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(http::header::CONTENT_LENGTH);
+    } else if headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .nth(1)
+        .is_some()
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes().contains(&b','))
+    {
+        // hyper's client took the values as one length (they were equal), or refused them.
+        let length = headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .try_fold(None, |seen, v| {
+                super::codec::content_length(v.as_bytes(), seen)
+            });
+        if let Ok(Some(n)) = length {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
     strip_hop_by_hop(headers, upgrade, streamed);
 }
 
@@ -233,6 +378,7 @@ mod tests {
             &HeaderValue::from_static("up:1"),
             false,
             false,
+            true,
         );
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), 4, "{names:?}");
@@ -254,6 +400,7 @@ mod tests {
             &HeaderValue::from_static("up"),
             false,
             false,
+            true,
         );
         let auth: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
         assert_eq!(auth, vec!["Bearer ours"]);
@@ -274,6 +421,7 @@ mod tests {
             &HeaderValue::from_static("up"),
             true,
             false,
+            true,
         );
         assert_eq!(h[UPGRADE], "websocket");
         assert_eq!(h[CONNECTION], "upgrade");
@@ -290,6 +438,7 @@ mod tests {
             &HeaderValue::from_static("up"),
             false,
             false,
+            true,
         );
         assert_eq!(h.get_all("via").iter().count(), 2);
         assert!(is_loop(&h));
@@ -306,6 +455,93 @@ mod tests {
             Some(&HeaderValue::from_static("Basic 0123456789abcdef")),
             b"0123456789abcdef"
         ));
+    }
+
+    #[test]
+    fn only_allowed_upgrades_are_offered() {
+        let allowed = vec!["websocket".to_string()];
+        let mut h = map(&[("upgrade", "h2c, WebSocket/13"), ("connection", "upgrade")]);
+        assert!(offer_allowed_upgrades(&mut h, &allowed));
+        assert_eq!(h[UPGRADE], "WebSocket/13");
+        let mut h = map(&[("upgrade", "h2c"), ("http2-settings", "AAA")]);
+        assert!(!offer_allowed_upgrades(&mut h, &allowed));
+        prepare_request(
+            &mut h,
+            HeaderValue::from_static("Bearer t"),
+            &HeaderValue::from_static("up"),
+            false,
+            false,
+            false,
+        );
+        assert!(h.get(UPGRADE).is_none() && h.get("http2-settings").is_none());
+        assert!(h.get("via").is_none(), "no Via when the route says so");
+    }
+
+    #[test]
+    fn redirects_under_the_upstreams_base_are_rewritten() {
+        let config = crate::config::Config::parse(
+            "[credentials.c]\ntoken_url=\"https://t/\"\nclient_id=\"i\"\nclient_secret=\"s\"\n\
+             [[routes]]\nlisten=\"127.0.0.1:1\"\nupstream=\"https://api.example.cn/base\"\ncredential=\"c\"\n",
+            "t.toml",
+            &|_| None,
+        )
+        .unwrap();
+        let upstream = &config.routes[0].upstream;
+        let r = Relocation {
+            upstream,
+            client_host: Some(b"127.0.0.1:8080"),
+        };
+        let rw = |v: &str| {
+            r.rewrite(v.as_bytes())
+                .map(|v| String::from_utf8(v).unwrap())
+        };
+        let to = |s: &str| Some(s.to_string());
+        assert_eq!(
+            rw("https://api.example.cn/base/a?b=1"),
+            to("http://127.0.0.1:8080/a?b=1")
+        );
+        assert_eq!(
+            rw("HTTPS://API.example.cn:443/base"),
+            to("http://127.0.0.1:8080/")
+        );
+        assert_eq!(
+            rw("https://api.example.cn/base?x"),
+            to("http://127.0.0.1:8080/?x")
+        );
+        assert_eq!(
+            rw("https://api.example.cn/base#f"),
+            to("http://127.0.0.1:8080/#f")
+        );
+        for kept in [
+            "https://api.example.cn/basement",
+            "https://api.example.cn/other",
+            "http://api.example.cn/base/a",
+            "https://api.example.cn:8443/base/a",
+            "https://evil.example/base/a",
+            "/base/a",
+            "https://api.example.cn.evil/base/a",
+        ] {
+            assert_eq!(rw(kept), None, "{kept}");
+        }
+        let relative = Relocation {
+            upstream,
+            client_host: None,
+        };
+        assert_eq!(
+            relative.rewrite(b"https://api.example.cn/base/a").unwrap(),
+            b"/a"
+        );
+    }
+
+    #[test]
+    fn a_stale_or_repeated_content_length_is_not_passed_on() {
+        let mut h = map(&[("content-length", "99"), ("transfer-encoding", "chunked")]);
+        prepare_response(&mut h, false, true);
+        assert!(h.get("content-length").is_none() && h.get("transfer-encoding").is_none());
+        let mut h = map(&[("content-length", "5"), ("content-length", "5, 5")]);
+        prepare_response(&mut h, false, false);
+        let all: Vec<_> = h.get_all("content-length").iter().collect();
+        assert_eq!(all, ["5"]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod body;
+pub mod codec;
 pub mod deadline;
 pub mod front;
 pub mod headers;
@@ -45,6 +46,22 @@ pub enum ProxyError {
     /// The request already passed through this proxy.
     #[error("{0}")]
     LoopDetected(String),
+    /// The request head is over the listener's `max_headers` or `max_header_bytes`.
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    /// The request uses a transfer coding the proxy does not forward.
+    #[error("{0}")]
+    NotImplemented(String),
+}
+
+impl From<codec::Refusal> for ProxyError {
+    fn from(refusal: codec::Refusal) -> ProxyError {
+        match refusal {
+            codec::Refusal::Malformed(m) => ProxyError::BadRequest(m),
+            codec::Refusal::TooLarge(m) => ProxyError::HeadersTooLarge(m),
+            codec::Refusal::Unsupported(m) => ProxyError::NotImplemented(m),
+        }
+    }
 }
 
 impl ProxyError {
@@ -59,6 +76,8 @@ impl ProxyError {
             ProxyError::ProxyAuthenticationRequired(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -73,6 +92,8 @@ impl ProxyError {
             ProxyError::ProxyAuthenticationRequired(_) => "proxy_authentication_required",
             ProxyError::PayloadTooLarge(_) => "payload_too_large",
             ProxyError::LoopDetected(_) => "loop_detected",
+            ProxyError::HeadersTooLarge(_) => "headers_too_large",
+            ProxyError::NotImplemented(_) => "not_implemented",
         }
     }
 

@@ -442,6 +442,8 @@ pub struct ClientHead<'a> {
     pub te: bool,
     /// The trailer fields the response declares, collected when the client accepts trailers.
     pub trailers: Vec<HeaderName>,
+    /// Where redirects to the upstream's own origin go instead (`rewrite_location`).
+    pub relocate: Option<headers::Relocation<'a>>,
 }
 
 impl ClientHead<'_> {
@@ -461,9 +463,17 @@ impl ClientHead<'_> {
         );
         out.extend_from_slice(b"\r\n");
         for field in head.fields.iter().filter(|f| f.kept) {
-            out.extend_from_slice(&bytes[field.name.0..field.name.1]);
+            let name = &bytes[field.name.0..field.name.1];
+            let value = &bytes[field.value.0..field.value.1];
+            out.extend_from_slice(name);
             out.extend_from_slice(b": ");
-            out.extend_from_slice(&bytes[field.value.0..field.value.1]);
+            match self.relocate.filter(|_| headers::is_location(name)) {
+                Some(relocate) => match relocate.rewrite(value) {
+                    Some(new) => out.extend_from_slice(&new),
+                    None => out.extend_from_slice(value),
+                },
+                None => out.extend_from_slice(value),
+            }
             out.extend_from_slice(b"\r\n");
             if field.trailer && self.te {
                 let names =

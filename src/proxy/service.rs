@@ -79,6 +79,12 @@ struct Inner {
     replay_max_body_bytes: u64,
     inbound_token: Option<Arc<ArcSwap<Secret>>>,
     allowed_clients: Vec<Cidr>,
+    /// The upgrade protocols tunnelled (`upgrades`).
+    upgrades: Vec<String>,
+    /// Redirects to the upstream's own origin go back as the client's address.
+    rewrite_location: bool,
+    /// Forwarded requests carry our `Via`.
+    via: bool,
     slot: Arc<TokenSlot>,
     /// Plain `http` upstreams: the per-thread HTTP/1.1 pool, the fast path.
     pool: Option<Http1Pool>,
@@ -171,6 +177,9 @@ impl ProxyService {
                 .clone()
                 .map(|t| Arc::new(ArcSwap::from_pointee(t))),
             allowed_clients: route.allowed_clients.clone(),
+            upgrades: route.upgrades.clone(),
+            rewrite_location: route.rewrite_location,
+            via: route.via,
             slot,
             pool,
             proxy: route.proxy.clone(),
@@ -231,7 +240,7 @@ impl ProxyService {
 
     /// Whether the front door (`front.rs`) may take this route's bodiless HTTP/1.1 requests:
     /// they can go through the lean exchange (a plain-`http` upstream).
-    pub fn has_front_door(&self) -> bool {
+    pub fn has_lean_path(&self) -> bool {
         self.inner.pool.is_some()
     }
 
@@ -265,6 +274,20 @@ impl ProxyService {
                 FrontAnswer::Response(self.respond(access, Err(e)))
             }
         }
+    }
+
+    /// The answer to a request head the front door refused before it could be read as a
+    /// request (see `codec::Refusal`): logged and counted once, here, as every error is. Its
+    /// method is unknown, so the record has `-`.
+    pub fn refuse(&self, e: ProxyError) -> Response<ProxyBody> {
+        let unknown = Method::from_bytes(b"-").expect("a token");
+        let access = Access::started_at(
+            self.inner.metrics,
+            unknown,
+            self.inner.access_log.then(Uri::default),
+            Instant::now(),
+        );
+        self.respond(access, Err(e))
     }
 
     /// The record finished when the response ends (the uri clone bumps a reference count, and
@@ -372,9 +395,17 @@ impl ProxyService {
         )?;
         let authorization = self.authorization(Instant::now()).await?;
 
-        let upgrade =
-            req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        // Only the protocols the route allows are offered; an upgrade to any other (h2c, as
+        // Java's HttpClient asks on every request) goes as a plain request.
+        let upgrade = req.version() == Version::HTTP_11
+            && headers::is_upgrade_request(req.headers())
+            && headers::offer_allowed_upgrades(req.headers_mut(), &inner.upgrades);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // The authority the client addressed, for redirects to the upstream's own origin.
+        let client_host = inner
+            .rewrite_location
+            .then(|| client_authority(req.version(), req.uri(), req.headers()))
+            .flatten();
         let streamed = size.is_none();
         // A request can be replayed after a 401 if its whole body is small enough to keep.
         let replayable = inner.retry_on_401
@@ -392,7 +423,9 @@ impl ProxyService {
         let bodiless_idempotent = size == Some(0) && is_bodiless_method(&parts.method);
         if let (true, Some(pool)) = (pooled && bodiless_idempotent, &inner.pool) {
             drop(body);
-            return self.exchange_bodiless(pool, parts, &authorization).await;
+            let mut response = self.exchange_bodiless(pool, parts, &authorization).await?;
+            self.relocate(response.headers_mut(), client_host.as_ref());
+            return Ok(response);
         }
 
         let (body, replay) = if replayable {
@@ -432,15 +465,24 @@ impl ProxyService {
             (sent, _) => sent.map_err(|f| f.error)?,
         };
 
-        if response.status() == StatusCode::UNAUTHORIZED {
-            if let Some(replay) = replay {
-                if let Some(fresh) = self.token_after_401(authorization.as_bytes()).await {
-                    debug!("upstream answered 401: replaying once with a new token");
-                    inner.metrics.replay_401();
-                    (response, checkin) = self
-                        .send(upgrade, replay.request(Some(fresh)), false)
-                        .await
-                        .map_err(|f| f.error)?;
+        if response.status() == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
+            match replay {
+                Some(replay) => {
+                    if let Some(fresh) = self.token_after_401(authorization.as_bytes()).await {
+                        debug!("upstream answered 401: replaying once with a new token");
+                        inner.metrics.replay_401();
+                        (response, checkin) = self
+                            .send(upgrade, replay.request(Some(fresh)), false)
+                            .await
+                            .map_err(|f| f.error)?;
+                    }
+                }
+                // A streamed body cannot be sent again, but the token it carried is refused
+                // all the same: retire it (rate limited) so the next request has a new one.
+                None => {
+                    if inner.slot.invalidate(authorization.as_bytes()) {
+                        debug!("upstream answered 401 to a request that cannot be replayed: token retired");
+                    }
                 }
             }
         }
@@ -452,10 +494,22 @@ impl ProxyService {
                     "upstream answered 101 Switching Protocols to a request that asked for no upgrade".into(),
                 ));
             };
+            let chosen = response
+                .headers()
+                .get_all(http::header::UPGRADE)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+                .all(|p| headers::is_allowed_upgrade(p.trim_ascii(), &inner.upgrades));
+            if !chosen || !response.headers().contains_key(http::header::UPGRADE) {
+                return Err(ProxyError::UpstreamUnavailable(
+                    "upstream switched to a protocol this route does not allow (upgrades)".into(),
+                ));
+            }
             self.tunnel(client_upgrade, hyper::upgrade::on(&mut response));
         }
         let streamed = response.body().size_hint().exact().is_none();
         headers::prepare_response(response.headers_mut(), switching, streamed);
+        self.relocate(response.headers_mut(), client_host.as_ref());
         Ok(response.map(|body| Either::Left(ResponseBody::new(body, checkin))))
     }
 
@@ -473,7 +527,7 @@ impl ProxyService {
         let hosts = req.values(b"host").count();
         admit_head(hosts, true, req.values(b"via").any(headers::names_us))?;
         let Some(pool) = &inner.pool else {
-            // The front door only serves routes with a pool (`has_front_door`).
+            // The front door only serves routes with a pool (`has_lean_path`).
             return Err(ProxyError::BadRequest(
                 "this route takes no requests through the front door".into(),
             ));
@@ -538,16 +592,26 @@ impl ProxyService {
             .values(b"connection")
             .flat_map(|v| headers::connection_named(v, false))
             .collect();
+        let mut sized = false;
         for (name, value) in req.fields() {
             if headers::is_hop_by_hop_or_replaced(name)
+                || headers::is_http2_settings(name)
                 || named.iter().any(|n| n.eq_ignore_ascii_case(name))
             {
+                continue;
+            }
+            // `Content-Length: 0` goes on once, however the client repeated it.
+            if name.eq_ignore_ascii_case(b"content-length") {
+                sized = true;
                 continue;
             }
             up.extend_from_slice(name);
             up.extend_from_slice(b": ");
             up.extend_from_slice(value);
             up.extend_from_slice(b"\r\n");
+        }
+        if sized {
+            up.extend_from_slice(b"content-length: 0\r\n");
         }
         if req.te {
             up.extend_from_slice(b"te: trailers\r\n");
@@ -562,8 +626,10 @@ impl ProxyService {
             up.extend_from_slice(b"\r\nproxy-authorization: ");
             up.extend_from_slice(auth.as_bytes());
         }
-        up.extend_from_slice(b"\r\nvia: ");
-        up.extend_from_slice(headers::via_entry().as_bytes());
+        if inner.via {
+            up.extend_from_slice(b"\r\nvia: ");
+            up.extend_from_slice(headers::via_entry().as_bytes());
+        }
         up.extend_from_slice(b"\r\n\r\n");
         sent_token
     }
@@ -630,7 +696,16 @@ impl ProxyService {
             &inner.upstream.host_header,
             upgrade,
             streamed,
+            inner.via,
         );
+        // hyper's client sends no body with a `GET` or `HEAD` of unknown length unless told
+        // to; a body the client sent is never dropped.
+        if streamed && matches!(parts.method, Method::GET | Method::HEAD) {
+            parts.headers.insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
+        }
         let proxy_auth = inner.proxy.as_ref().and_then(|p| p.authorization());
         if let (true, Some(auth)) = (via_proxy, proxy_auth) {
             parts
@@ -638,6 +713,30 @@ impl ProxyService {
                 .insert(http::header::PROXY_AUTHORIZATION, auth.clone());
         }
         Ok(())
+    }
+
+    /// Where redirects to the upstream's own origin go for a client that addressed
+    /// `client_host`, if the route rewrites them.
+    pub fn relocation<'a>(
+        &'a self,
+        client_host: Option<&'a [u8]>,
+    ) -> Option<headers::Relocation<'a>> {
+        self.inner.rewrite_location.then_some(headers::Relocation {
+            upstream: &self.inner.upstream,
+            client_host,
+        })
+    }
+
+    /// Rewrites redirects to the upstream's own origin (`rewrite_location`) as the client's
+    /// address, `client_host`.
+    fn relocate(&self, headers: &mut http::HeaderMap, client_host: Option<&http::HeaderValue>) {
+        if self.inner.rewrite_location {
+            headers::Relocation {
+                upstream: &self.inner.upstream,
+                client_host: client_host.map(http::HeaderValue::as_bytes),
+            }
+            .apply(headers);
+        }
     }
 
     /// The lean exchange of a prepared bodiless request, replayed once with a new token after
@@ -977,6 +1076,20 @@ fn admit_head(hosts: usize, http11: bool, looped: bool) -> Result<(), ProxyError
         ));
     }
     Ok(())
+}
+
+/// The authority a request addressed: `:authority` over HTTP/2, `Host` over HTTP/1.1.
+fn client_authority(
+    version: Version,
+    uri: &Uri,
+    headers: &http::HeaderMap,
+) -> Option<http::HeaderValue> {
+    if version == Version::HTTP_2 {
+        if let Some(authority) = uri.authority() {
+            return http::HeaderValue::from_str(authority.as_str()).ok();
+        }
+    }
+    headers.get(HOST).cloned()
 }
 
 /// What [`ProxyService::admit`] looks at of a request head.
