@@ -37,6 +37,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::config::{ClientLimits, ListenAddr};
 use crate::proxy::front::{self, Outcome, Rewind};
+use crate::proxy::gate::Gate;
 use crate::proxy::service::ProxyService;
 
 /// Binds `addr`, naming it in the error.
@@ -342,12 +343,21 @@ pub async fn serve<S, B, F>(
                 },
                 None => Rewind::new(stream, Bytes::new()),
             };
+            // Every HTTP/1.1 request hyper reads passes the codec first (see `gate.rs`).
+            let refused = CancellationToken::new();
+            let stream = Gate::new(stream, limits, front, refused.clone());
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
+                // A refused head: the response in flight finishes, then the refusal is
+                // written and the connection closes.
+                _ = refused.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
                 _ = cancel.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     conn.await

@@ -503,3 +503,187 @@ async fn a_401_to_a_streamed_request_retires_its_token() {
         }
     }
 }
+
+/// The upstream's answer to each target of the response-framing tests.
+fn bad_answers(seen: &Seen) -> Vec<Step> {
+    let target = seen.target.trim_start_matches("/base");
+    let chunked = |size_line: &str| {
+        format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size_line}ok\r\n0\r\n\r\n")
+    };
+    let answer = match target {
+        "/clte" => "HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_string(),
+        "/dupcl" => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok".to_string(),
+        "/listcl" => "HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok".to_string(),
+        "/conflictcl" => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_string(),
+        "/plus" => chunked("+2\r\n"),
+        "/spaced" => chunked(" 2 \r\n"),
+        "/hex" => chunked("0x2\r\n"),
+        "/extlf" => chunked("2;a\nb\r\n"),
+        "/lastlf" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\n\n".to_string(),
+        "/trailers" => "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+            Trailer: X-Checksum, Set-Cookie, Content-Length, Authorization, Host\r\n\r\n\
+            2\r\nok\r\n0\r\nX-Checksum: 9\r\nSet-Cookie: session=evil\r\nContent-Length: 5\r\n\
+            Authorization: Bearer x\r\nHost: evil\r\n\r\n"
+            .to_string(),
+        "/many" => {
+            let mut head = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..300 {
+                head.push_str(&format!("X-Field-{i}: {i}\r\n"));
+            }
+            head + "Content-Length: 2\r\n\r\nok"
+        }
+        "/huge" => format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\nContent-Length: 2\r\n\r\nok",
+            "b".repeat(70 * 1024)
+        ),
+        _ => return names_the_target(seen),
+    };
+    let mut steps = vec![Step::Write(answer.into_bytes())];
+    if matches!(target, "/plus" | "/spaced" | "/hex" | "/extlf" | "/lastlf") {
+        // The upstream keeps the connection open: an end must come from the framing alone.
+        steps.push(Step::Wait(Arc::new(Notify::new())));
+    }
+    steps
+}
+
+/// Both paths' requests for `target`: a bodiless GET (the front door and the lean exchange)
+/// and a POST with a body (hyper on both sides).
+fn both_paths(target: &str) -> [String; 2] {
+    [
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: TE\r\n\r\n"),
+        format!("POST {target} HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: TE\r\nContent-Length: 1\r\n\r\n."),
+    ]
+}
+
+#[tokio::test]
+async fn response_lengths_reach_the_client_once_and_true() {
+    let upstream = ScriptedUpstream::start(bad_answers).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    for target in ["/clte", "/dupcl", "/listcl"] {
+        for request in both_paths(target) {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let answer = read_whole(&mut conn).await;
+            let lower = answer.to_ascii_lowercase();
+            let lengths: Vec<&str> = lower
+                .split("\r\n")
+                .filter_map(|l| l.strip_prefix("content-length: "))
+                .collect();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{target}: {answer}");
+            assert!(
+                lengths.len() <= 1 && lengths.iter().all(|l| *l == "2"),
+                "{target}: {answer}"
+            );
+            assert!(
+                answer.ends_with("ok") || answer.ends_with("2\r\nok\r\n0\r\n\r\n"),
+                "{target}: {answer:?}"
+            );
+        }
+    }
+    for request in both_paths("/conflictcl") {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_whole(&mut conn).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    }
+}
+
+/// Reads one answer whole (sized or chunked), or what came until the connection closed.
+async fn read_whole(conn: &mut TcpStream) -> String {
+    let mut wire = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&wire).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let lower = head.to_ascii_lowercase();
+            if let Some(n) = lower
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                if body.len() >= n {
+                    return text;
+                }
+            } else if lower.contains("transfer-encoding: chunked")
+                && (body.ends_with("0\r\n\r\n")
+                    || body.contains("\r\n0\r\n") && body.ends_with("\r\n\r\n"))
+            {
+                return text;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return text,
+            Ok(Ok(n)) => wire.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("neither a whole answer nor a close within 5 s: {text:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_response_with_bad_framing_is_cut_off_at_once() {
+    let upstream = ScriptedUpstream::start(bad_answers).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    let addr = proxy.route_addrs()[0];
+    for target in ["/plus", "/spaced", "/hex", "/extlf", "/lastlf"] {
+        for request in both_paths(target) {
+            let started = tokio::time::Instant::now();
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            conn.write_all(request.as_bytes()).await.unwrap();
+            let answer = read_whole(&mut conn).await;
+            // Either the proxy refused the answer outright, or its body ends without the last
+            // chunk: never a complete response, and never a wait for the upstream to close.
+            let complete = answer.starts_with("HTTP/1.1 200") && answer.ends_with("0\r\n\r\n");
+            assert!(!complete, "{target}: {answer:?}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{target}: hung");
+        }
+    }
+}
+
+#[tokio::test]
+async fn fields_that_must_not_be_trailers_never_reach_the_client() {
+    let upstream = ScriptedUpstream::start(bad_answers).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    for request in both_paths("/trailers") {
+        let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_whole(&mut conn).await;
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            body.contains("x-checksum: 9") || body.contains("X-Checksum: 9"),
+            "{answer:?}"
+        );
+        let lower = body.to_ascii_lowercase();
+        for forbidden in ["set-cookie", "content-length", "authorization", "host"] {
+            assert!(!lower.contains(forbidden), "{forbidden} passed: {answer:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn response_heads_up_to_64_kib_pass_and_larger_ones_are_named() {
+    let upstream = ScriptedUpstream::start(bad_answers).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
+    for request in both_paths("/many") {
+        let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_whole(&mut conn).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "{}",
+            &answer[..200.min(answer.len())]
+        );
+        assert!(answer.contains("X-Field-299: 299") || answer.contains("x-field-299: 299"));
+    }
+    for request in both_paths("/huge") {
+        let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_whole(&mut conn).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 502"),
+            "{}",
+            &answer[..200.min(answer.len())]
+        );
+        assert!(answer.contains("response head too large"), "{answer}");
+    }
+}

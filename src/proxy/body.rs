@@ -62,6 +62,7 @@ impl Body for UpstreamBody {
         match &mut *self {
             UpstreamBody::Streamed { inner, limit, seen } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
+                    let frame = drop_forbidden_trailers(frame);
                     if let Some(data) = frame.data_ref() {
                         *seen += data.len() as u64;
                         if let Some(limit) = *limit {
@@ -186,6 +187,9 @@ impl Body for ResponseBody {
                 self.bytes += data.len() as u64;
             }
         }
+        // Fields that must not be trailers (`Content-Length`, `Set-Cookie`, ...) never pass,
+        // whichever path read them.
+        let polled = polled.map(|frame| frame.map(|frame| frame.map(drop_forbidden_trailers)));
         match &polled {
             // hyper stops polling a body once it reports its end, so the end is seen as `None`,
             // as trailers, or as the last frame after which `is_end_stream` holds.
@@ -208,5 +212,23 @@ impl Body for ResponseBody {
             Source::Hyper(b) => b.size_hint(),
             Source::Raw(b) => b.size_hint(),
         }
+    }
+}
+
+/// `frame` with the fields that must not be trailers taken out, if it is trailers.
+fn drop_forbidden_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.into_trailers() {
+        Ok(mut fields) => {
+            let forbidden: Vec<http::HeaderName> = fields
+                .keys()
+                .filter(|n| super::codec::is_forbidden_trailer(n.as_str().as_bytes()))
+                .cloned()
+                .collect();
+            for name in forbidden {
+                fields.remove(name);
+            }
+            Frame::trailers(fields)
+        }
+        Err(frame) => frame,
     }
 }

@@ -148,7 +148,14 @@ pub fn parse_request(
         let start = s.as_ptr() as usize - base;
         (start, start + s.len())
     };
-    let target = span(req.path.unwrap_or_default().as_bytes());
+    let path = req.path.unwrap_or_default().as_bytes();
+    if !target_form_ok(path, &method) {
+        return Err(Refusal::Malformed(format!(
+            "the request target {:?} is neither a path (origin-form), an absolute URI, `*` nor (for CONNECT) host:port",
+            String::from_utf8_lossy(&path[..path.len().min(64)])
+        )));
+    }
+    let target = span(path);
     let mut framing = Framing::default();
     let (mut close, mut keep_alive, mut te_trailers) = (false, false, false);
     let (mut upgrade, mut expect) = (false, false);
@@ -186,6 +193,23 @@ pub fn parse_request(
         upgrade,
         expect,
     }))
+}
+
+/// Whether `target` has one of the four forms of RFC 9112 §3.2: origin-form (`/path`),
+/// absolute-form (`scheme://...`), authority-form (CONNECT only) or asterisk-form (`*`).
+/// Which of them the proxy forwards is the service's decision; anything else is malformed.
+fn target_form_ok(target: &[u8], method: &Method) -> bool {
+    if target.starts_with(b"/") || target == b"*" {
+        return true;
+    }
+    if *method == Method::CONNECT {
+        return !target.is_empty();
+    }
+    let scheme = target
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        .count();
+    scheme > 0 && target[0].is_ascii_alphabetic() && target[scheme..].starts_with(b"://")
 }
 
 fn too_large(max_bytes: usize) -> Refusal {
@@ -226,7 +250,13 @@ impl Framing {
 
     fn content_length(&mut self, value: &[u8]) {
         self.lengths += 1;
-        self.length = self.length.and_then(|seen| content_length(value, seen));
+        // One number per field in a request (as hyper reads it); repeated equal fields are
+        // one length.
+        self.length = if value.contains(&b',') {
+            Err("Content-Length is not a single number")
+        } else {
+            self.length.and_then(|seen| content_length(value, seen))
+        };
     }
 
     /// The request's body framing, or why it is refused (RFC 9112 §6.1, §6.3).
@@ -437,6 +467,40 @@ pub fn is_forbidden_trailer(name: &[u8]) -> bool {
         .any(|f| f.eq_ignore_ascii_case(name))
 }
 
+/// Appends a `content-length` field of `n`.
+pub fn write_length(out: &mut Vec<u8>, n: u64) {
+    use std::io::Write as _;
+    let _ = write!(out, "content-length: {n}\r\n");
+}
+
+/// Appends the current `date` value.
+pub fn date(out: &mut Vec<u8>) {
+    date::extend(out);
+}
+
+/// The `date` value, formatted once a second per thread (as hyper does).
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+
+    /// Appends the current date in IMF-fixdate form.
+    pub(super) fn extend(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHED.with_borrow_mut(|(at, text)| {
+            if *at != second {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,7 +522,7 @@ mod tests {
         assert_eq!(r(""), Ok(RequestBody::None));
         assert_eq!(r("Content-Length: 5\r\n"), Ok(RequestBody::Length(5)));
         assert_eq!(
-            r("Content-Length: 5\r\nContent-Length: 5, 5\r\n"),
+            r("Content-Length: 5\r\nContent-Length: 5\r\n"),
             Ok(RequestBody::Length(5))
         );
         assert_eq!(
@@ -505,6 +569,7 @@ mod tests {
             "",
             "1 2",
             "5, 6",
+            "5, 5",
             "99999999999999999999",
         ] {
             let fields = format!("Content-Length: {length}\r\n");

@@ -34,7 +34,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{DATE, TRAILER};
-use http::{HeaderMap, HeaderName, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
@@ -395,11 +395,11 @@ where
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let framing = if head_only || !can_have_body(parts.status) {
+    let framing = if head_only || !codec::response_has_body(&Method::GET, parts.status) {
         ClientFraming::None
     } else if let Some(n) = body.size_hint().exact() {
         if !has_length {
-            let _ = write!(out, "content-length: {n}\r\n");
+            codec::write_length(out, n);
         }
         ClientFraming::Length
     } else {
@@ -408,7 +408,7 @@ where
     };
     if !has_date {
         out.extend_from_slice(b"date: ");
-        date::extend(out);
+        codec::date(out);
         out.extend_from_slice(b"\r\n");
     }
     if close {
@@ -502,13 +502,6 @@ where
     io.write_all(out).await
 }
 
-/// Whether a response with `status` has a body (RFC 9112 §6.3).
-fn can_have_body(status: StatusCode) -> bool {
-    !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED)
-}
-
 /// The trailer `fields` whose names the response's `Trailer` header declared.
 fn write_trailers(out: &mut Vec<u8>, fields: &HeaderMap, allowed: &[HeaderName]) {
     for (name, value) in fields {
@@ -539,34 +532,6 @@ where
         second.advance(n - from_first);
     }
     io.write_all(&second).await
-}
-
-/// Appends the current `date` value.
-pub(super) fn date(out: &mut Vec<u8>) {
-    date::extend(out);
-}
-
-/// The `date` value, formatted once a second per thread (as hyper does).
-mod date {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    thread_local! {
-        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
-    }
-
-    /// Appends the current date in IMF-fixdate form.
-    pub(super) fn extend(out: &mut Vec<u8>) {
-        let now = SystemTime::now();
-        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        CACHED.with_borrow_mut(|(at, text)| {
-            if *at != second {
-                *at = second;
-                *text = httpdate::fmt_http_date(now);
-            }
-            out.extend_from_slice(text.as_bytes());
-        });
-    }
 }
 
 /// A connection with bytes already read from it put back in front: hyper reads those first.

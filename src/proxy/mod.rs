@@ -6,6 +6,7 @@ pub mod body;
 pub mod codec;
 pub mod deadline;
 pub mod front;
+pub mod gate;
 pub mod headers;
 pub mod pool;
 pub mod raw;

@@ -426,6 +426,8 @@ impl Http1Pool {
         let shared = &self.shared;
         let stream = self.connect_stream().await?;
         let (sender, connection) = http1::Builder::new()
+            .max_headers(super::raw::MAX_HEADERS)
+            .max_header_size(super::raw::MAX_HEAD)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;

@@ -30,12 +30,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::headers;
+use super::{codec, headers};
 
-/// Largest response head (and trailer block) accepted.
-const MAX_HEAD: usize = 64 * 1024;
-/// Most header fields in a response head.
-const MAX_HEADERS: usize = 128;
+/// Largest response head (and trailer section) accepted: nginx's default is one 4 or 8 KiB
+/// buffer, HAProxy's 16 KiB.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head (HAProxy's limit is 101, hyper's default 100).
+pub const MAX_HEADERS: usize = 512;
+/// Most fields in a trailer section.
+const MAX_TRAILERS: usize = 128;
 /// Bytes asked of the socket per read of a response head.
 const READ_CHUNK: usize = 16 * 1024;
 /// Bytes asked of the socket per read of a response body, at first and at most: a read that
@@ -156,6 +159,9 @@ impl RawConn {
             let value = HeaderValue::from_maybe_shared(bytes.slice(field.value.0..field.value.1))
                 .map_err(|_| RawError::Invalid("a header value".into()))?;
             headers.append(name, value);
+        }
+        if let Some(n) = head.length.filter(|_| passes_length(head.status)) {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         let (status, version) = (head.status, head.version);
         let body = self.into_body(head, done);
@@ -282,6 +288,9 @@ struct Head {
     fields: Vec<Field>,
     /// Whether the fields include a `Date`.
     date: bool,
+    /// The `Content-Length` to pass on, if the response had a valid one (and no
+    /// `Transfer-Encoding`): its fields are not passed on as they came.
+    length: Option<u64>,
     framing: Framing,
     /// Whether the connection can serve another request after this response.
     reusable: bool,
@@ -317,13 +326,11 @@ fn parse_head(
     let mut parsed = httparse::Response::new(&mut []);
     let config = httparse::ParserConfig::default();
     let len = match config.parse_response_with_uninit_headers(&mut parsed, buf, &mut storage) {
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => return Err(head_too_large()),
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-            return Err(RawError::Invalid(format!(
-                "response head over {MAX_HEAD} bytes"
-            )))
-        }
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(head_too_large()),
         Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(head_too_large()),
         Err(e) => return Err(RawError::Invalid(e.to_string())),
     };
     let code = parsed.code.unwrap_or(0);
@@ -354,12 +361,14 @@ fn parse_head(
             named.extend(headers::connection_named(value, false));
             kept = false;
         } else if is(b"transfer-encoding") {
-            let last = value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            chunked = Some(codec::ends_chunked(value));
             kept = false;
         } else if is(b"content-length") {
-            length = length.and_then(|l| content_length(value, l));
+            // Written anew, once, from the length (see `ClientHead::write`): repeated equal
+            // values, or a list of them, reach the client as one.
+            length = length.and_then(|l| codec::content_length(value, l));
             has_length = true;
+            kept = false;
         } else if is(b"date") {
             date = true;
         } else if is(b"trailer") {
@@ -374,7 +383,13 @@ fn parse_head(
             trailer,
         });
     }
-    let framing = framing(method, status, chunked, length)?;
+    let framing = match codec::response_framing(method, status, chunked, length) {
+        Ok(codec::ResponseBody::Empty) => Framing::Empty,
+        Ok(codec::ResponseBody::Length(n)) => Framing::Length(n),
+        Ok(codec::ResponseBody::Chunked) => Framing::Chunked(Chunk::Size),
+        Ok(codec::ResponseBody::Close) => Framing::Close,
+        Err(e) => return Err(RawError::Invalid(e.into())),
+    };
     let streamed = matches!(framing, Framing::Chunked(_) | Framing::Close);
     // Transfer-Encoding overrides Content-Length, which must not be passed on with it
     // (RFC 9112 §6.3), and such a message ends the connection.
@@ -382,10 +397,7 @@ fn parse_head(
     if both || !streamed || !named.is_empty() {
         for field in fields.iter_mut() {
             let name = &buf[field.name.0..field.name.1];
-            if (both && name.eq_ignore_ascii_case(b"content-length"))
-                || (field.trailer && !streamed)
-                || named.iter().any(|n| n.eq_ignore_ascii_case(name))
-            {
+            if (field.trailer && !streamed) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
                 field.kept = false;
             }
         }
@@ -397,27 +409,27 @@ fn parse_head(
         len,
         fields: std::mem::take(fields),
         date,
+        // A length that came with `Transfer-Encoding` is stale: not passed on.
+        length: if chunked.is_some() {
+            None
+        } else {
+            length.ok().flatten()
+        },
         reusable: keep_alive && !matches!(framing, Framing::Close),
         framing,
     }))
 }
 
-/// Adds one `Content-Length` field's value (a number, or a list of equal numbers) to the
-/// length seen so far.
-fn content_length(value: &[u8], seen: Option<u64>) -> Result<Option<u64>, &'static str> {
-    let mut length = seen;
-    for part in value.split(|b| *b == b',') {
-        let n = std::str::from_utf8(part.trim_ascii())
-            .ok()
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or("Content-Length is not a number")?;
-        if length.is_some_and(|l| l != n) {
-            return Err("conflicting Content-Length values");
-        }
-        length = Some(n);
-    }
-    Ok(length)
+fn head_too_large() -> RawError {
+    RawError::Invalid(format!(
+        "response head too large: over {MAX_HEAD} bytes or {MAX_HEADERS} fields"
+    ))
+}
+
+/// Whether a response with `status` carries on its `Content-Length` when it sends no body:
+/// a `HEAD`'s or a `304`'s describes the body not sent; 1xx and 204 have none (RFC 9110 §8.6).
+fn passes_length(status: StatusCode) -> bool {
+    !(status.is_informational() || status == StatusCode::NO_CONTENT)
 }
 
 /// How the client's copy of a response body goes on the wire.
@@ -485,31 +497,26 @@ impl ClientHead<'_> {
                 );
             }
         }
-        let status = head.status;
-        let bodiless = *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
         let framing = match head.framing {
-            _ if bodiless => ClientFraming::None,
-            // Its `Content-Length` went on with the other fields.
+            _ if !codec::response_has_body(method, head.status) => ClientFraming::None,
             Framing::Empty | Framing::Length(_) => ClientFraming::Length,
             Framing::Chunked(_) | Framing::Close => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 ClientFraming::Chunked
             }
         };
-        if framing == ClientFraming::Length
-            && !head.fields.iter().any(|f| {
-                f.kept && bytes[f.name.0..f.name.1].eq_ignore_ascii_case(b"content-length")
-            })
-        {
-            // An empty body delimited by the status alone: say so.
-            out.extend_from_slice(b"content-length: 0\r\n");
+        match (framing, head.length) {
+            // The length, once (an empty body delimited by the status alone says 0).
+            (ClientFraming::Length, n) => codec::write_length(out, n.unwrap_or(0)),
+            // After `HEAD` or for a `304`, the length of the body not sent.
+            (ClientFraming::None, Some(n)) if passes_length(head.status) => {
+                codec::write_length(out, n)
+            }
+            _ => {}
         }
         if !head.date {
             out.extend_from_slice(b"date: ");
-            super::front::date(out);
+            codec::date(out);
             out.extend_from_slice(b"\r\n");
         }
         if self.close {
@@ -543,28 +550,6 @@ enum Chunk {
     DataEnd,
     /// The trailer section (possibly empty) comes next.
     Trailers,
-}
-
-fn framing(
-    method: &Method,
-    status: StatusCode,
-    chunked: Option<bool>,
-    length: Result<Option<u64>, &'static str>,
-) -> Result<Framing, RawError> {
-    let code = status.as_u16();
-    if method == Method::HEAD || code == 204 || code == 304 || status.is_informational() {
-        return Ok(Framing::Empty);
-    }
-    match chunked {
-        Some(true) => return Ok(Framing::Chunked(Chunk::Size)),
-        Some(false) => return Ok(Framing::Close),
-        None => {}
-    }
-    Ok(match length.map_err(|e| RawError::Invalid(e.into()))? {
-        Some(0) => Framing::Empty,
-        Some(n) => Framing::Length(n),
-        None => Framing::Close,
-    })
 }
 
 /// Where a connection goes when its response body is done and it can serve another request.
@@ -684,21 +669,10 @@ impl RawBody {
             Framing::Chunked(state) => match state {
                 Chunk::Size => {
                     let buf = self.buf();
-                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                        if buf.len() > 4096 {
-                            return Err(invalid("chunk size line too long"));
-                        }
+                    let Some((size, line)) = codec::chunk_size_line(buf).map_err(&invalid)? else {
                         return Ok(None);
                     };
-                    let line = buf.split_to(end + 2);
-                    let size = line[..end]
-                        .split(|b| *b == b';')
-                        .next()
-                        .map(<[u8]>::trim_ascii)
-                        .filter(|s| !s.is_empty() && s.len() <= 16)
-                        .and_then(|s| std::str::from_utf8(s).ok())
-                        .and_then(|s| u64::from_str_radix(s, 16).ok())
-                        .ok_or_else(|| invalid("invalid chunk size"))?;
+                    buf.advance(line);
                     self.framing = Framing::Chunked(if size == 0 {
                         Chunk::Trailers
                     } else {
@@ -734,23 +708,22 @@ impl RawBody {
                 }
                 Chunk::Trailers => {
                     let buf = self.buf();
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
+                    let Some(end) = codec::trailer_section(buf, MAX_HEAD).map_err(&invalid)? else {
+                        return Ok(None);
+                    };
+                    let block = buf.split_to(end);
+                    if end == 2 {
                         self.finish();
                         return Ok(Some(None));
                     }
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        if buf.len() > MAX_HEAD {
-                            return Err(invalid("trailer section too large"));
-                        }
-                        return Ok(None);
-                    };
-                    let block = buf.split_to(end + 4);
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
                     let trailers = match httparse::parse_headers(&block, &mut fields) {
                         Ok(httparse::Status::Complete((_, fields))) => {
                             let mut map = HeaderMap::with_capacity(fields.len());
                             for f in fields.iter() {
+                                if codec::is_forbidden_trailer(f.name.as_bytes()) {
+                                    continue;
+                                }
                                 let name = HeaderName::from_bytes(f.name.as_bytes())
                                     .map_err(|_| invalid("invalid trailer name"))?;
                                 let value = HeaderValue::from_bytes(f.value)

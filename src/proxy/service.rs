@@ -133,6 +133,7 @@ fn upstream_client(route: &RouteConfig, tls: rustls::ClientConfig, http2: bool) 
         builder.wrap_connector(http)
     };
     Client::builder(TokioExecutor::new())
+        .http1_max_headers(super::raw::MAX_HEADERS)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
@@ -487,6 +488,15 @@ impl ProxyService {
             }
         }
 
+        // hyper checks its limit on a head only while the head is incomplete, so one that
+        // arrives whole in a large read can be over it: the lean path's limit, once more.
+        if head_size(response.headers()) > super::raw::MAX_HEAD {
+            return Err(ProxyError::UpstreamUnavailable(format!(
+                "upstream {} sent a response head too large: over {} bytes",
+                inner.upstream.url,
+                super::raw::MAX_HEAD
+            )));
+        }
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching {
             let Some(client_upgrade) = client_upgrade else {
@@ -1049,6 +1059,17 @@ fn upstream_error(
             )
     });
     let cause = cause_text(e);
+    let too_large = std::iter::once(e).chain(causes(e)).any(|c| {
+        c.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+    });
+    if too_large {
+        return ProxyError::UpstreamUnavailable(format!(
+            "upstream {url}{via} sent a response head too large: over {} bytes or {} fields",
+            super::raw::MAX_HEAD,
+            super::raw::MAX_HEADERS
+        ));
+    }
     if timed_out {
         return ProxyError::UpstreamTimeout(format!(
             "connecting to upstream {url}{via} timed out: {cause}"
@@ -1076,6 +1097,14 @@ fn admit_head(hosts: usize, http11: bool, looped: bool) -> Result<(), ProxyError
         ));
     }
     Ok(())
+}
+
+/// About how many bytes `headers` took on the wire (`name: value` and CRLF each).
+fn head_size(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
 }
 
 /// The authority a request addressed: `:authority` over HTTP/2, `Host` over HTTP/1.1.

@@ -1,0 +1,532 @@
+//! The gate: what hyper's HTTP/1.1 server reads, judged first by the codec.
+//!
+//! Why: the front door hands a connection to hyper at the first request it does not serve
+//! itself (a body, an upgrade, an HTTTP/1.0 request, a route without the lean path), and
+//! hyper reads every later request on that connection. hyper is lenient where the codec is
+//! not (it reads a request with both `Content-Length` and `Transfer-Encoding` by the latter,
+//! takes 17-digit chunk sizes and bare LFs in trailers, and answers its own refusals with an
+//! empty body), so without the gate the rules of `codec.rs` would hold for a connection's
+//! first request only. The gate follows the byte stream message by message (heads, then each
+//! body by its framing), lets through only what the codec accepts, and refuses the rest as the
+//! front door does: the JSON error, then the connection closes.
+//!
+//! - A refused head (at a message boundary) is never seen by hyper: the gate stops reading,
+//!   asks the connection to wind down (`refused`), and writes the answer when hyper, having
+//!   finished any response in flight, shuts the connection down.
+//! - A refused chunked body (mid-message) fails hyper's read: the answer goes first, unless
+//!   hyper has already begun a response, and the connection closes.
+//! - After an upgrade request, the gate lets nothing more through until hyper's answer shows
+//!   whether the protocol switched (`101`: the bytes are no longer HTTP) or not.
+//! - Targets that the `http` crate refuses although clients send them (`<`, `>`, a backtick,
+//!   a `"` in the query) are percent-encoded for hyper; the front door forwards bodiless
+//!   requests with such targets byte for byte.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Body as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::{self, Field, Parsed, RequestBody};
+use super::service::ProxyService;
+use super::ProxyError;
+use crate::config::ClientLimits;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A client connection as hyper's HTTP/1.1 server reads it, through the codec.
+pub struct Gate<T> {
+    inner: T,
+    /// Bytes read from `inner`, not yet judged.
+    raw: BytesMut,
+    /// Judged bytes, for hyper.
+    ready: BytesMut,
+    state: State,
+    fields: Vec<Field>,
+    limits: ClientLimits,
+    /// Who answers refusals (logged and counted as the route's errors).
+    service: Option<ProxyService>,
+    /// A request head was let through.
+    served: bool,
+    /// hyper wrote since the last head was let through.
+    wrote: bool,
+    /// The answer to a refusal, still to be written (and how much of it is).
+    answer: Option<Bytes>,
+    /// Fired when a head is refused: the connection should wind down.
+    refused: CancellationToken,
+    /// The inner stream ended.
+    eof: bool,
+    /// The last head let through asked to close the connection.
+    closing: bool,
+    /// A refused body's answer is ours to write (hyper had written nothing of its own).
+    answered: bool,
+}
+
+impl<T> std::fmt::Debug for Gate<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the gate is in the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A request head comes next.
+    Head,
+    /// This many bytes of a sized body remain.
+    Length(u64),
+    /// Inside a chunked body.
+    Chunked(Chunk),
+    /// An upgrade request was let through: nothing more until hyper's answer shows whether
+    /// the protocol switched.
+    Hold,
+    /// No longer HTTP/1.1 (HTTP/2 with prior knowledge, or a switched protocol): bytes pass.
+    Transparent,
+    /// A head was refused: nothing more passes, the answer goes at shutdown.
+    Refused,
+    /// A body was refused: reads fail, and once the answer went, what hyper writes after it
+    /// is dropped (its own error for the cut body).
+    Broken,
+    /// The last request let through ends the connection (`Connection: close`): nothing after
+    /// it is judged or passed, as hyper would read nothing after it either.
+    Closing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// What judging the bytes at hand came to.
+enum Judged {
+    /// Judge again: progress was made.
+    Again,
+    /// More bytes are needed (or none pass for now).
+    Wait,
+}
+
+impl<T> Gate<T> {
+    /// `inner` as hyper should read it, refusals answered by `service`; `refused` fires when
+    /// a head is refused. Without a service (the admin listener), bytes pass unjudged.
+    pub fn new(
+        inner: T,
+        limits: ClientLimits,
+        service: Option<ProxyService>,
+        refused: CancellationToken,
+    ) -> Gate<T> {
+        let (state, service) = match service {
+            Some(service) => (State::Head, Some(service)),
+            None => (State::Transparent, None),
+        };
+        Gate {
+            inner,
+            raw: BytesMut::new(),
+            ready: BytesMut::new(),
+            state,
+            fields: Vec::new(),
+            limits,
+            service,
+            served: false,
+            wrote: false,
+            answer: None,
+            refused,
+            eof: false,
+            closing: false,
+            answered: false,
+        }
+    }
+
+    /// Judges what is in `raw`, moving what passes to `ready`.
+    fn judge(&mut self) {
+        while let Judged::Again = self.step() {}
+    }
+
+    fn step(&mut self) -> Judged {
+        if self.state == State::Head && self.closing {
+            self.state = State::Closing;
+        }
+        if self.raw.is_empty() {
+            return Judged::Wait;
+        }
+        match self.state {
+            State::Head => self.head(),
+            State::Length(left) => {
+                let n = left.min(self.raw.len() as u64);
+                self.pass(n as usize);
+                self.state = if n == left {
+                    State::Head
+                } else {
+                    State::Length(left - n)
+                };
+                Judged::Again
+            }
+            State::Chunked(chunk) => self.chunk(chunk),
+            State::Hold | State::Refused | State::Broken | State::Closing => Judged::Wait,
+            State::Transparent => {
+                self.pass(self.raw.len());
+                Judged::Wait
+            }
+        }
+    }
+
+    fn pass(&mut self, n: usize) {
+        let bytes = self.raw.split_to(n);
+        self.ready.extend_from_slice(&bytes);
+    }
+
+    fn head(&mut self) -> Judged {
+        let limits = self.limits;
+        let parsed = codec::parse_request(
+            &self.raw,
+            limits.max_headers,
+            limits.max_header_bytes,
+            &mut self.fields,
+        );
+        let head = match parsed {
+            Ok(Parsed::Partial) => return Judged::Wait,
+            Ok(Parsed::Preface) if !self.served => {
+                self.state = State::Transparent;
+                return Judged::Again;
+            }
+            Ok(Parsed::Preface) => {
+                self.refuse_head(ProxyError::BadRequest(
+                    "an HTTP/2 connection preface after an HTTP/1.1 request on the same connection"
+                        .into(),
+                ));
+                return Judged::Wait;
+            }
+            Err(refusal) => {
+                self.refuse_head(refusal.into());
+                return Judged::Wait;
+            }
+            Ok(Parsed::Head(head)) => head,
+        };
+        let (start, end) = head.target;
+        match encode_target(&self.raw[start..end]) {
+            Some(encoded) => {
+                self.ready.extend_from_slice(&self.raw[..start]);
+                self.ready.extend_from_slice(&encoded);
+                self.ready.extend_from_slice(&self.raw[end..head.len]);
+                self.raw.advance(head.len);
+            }
+            None => self.pass(head.len),
+        }
+        self.served = true;
+        self.wrote = false;
+        self.closing = head.close;
+        self.state = match head.body {
+            RequestBody::None | RequestBody::Length(0) if head.upgrade && head.http11 => {
+                State::Hold
+            }
+            RequestBody::None | RequestBody::Length(0) => State::Head,
+            RequestBody::Length(n) => State::Length(n),
+            RequestBody::Chunked => State::Chunked(Chunk::Size),
+        };
+        Judged::Again
+    }
+
+    fn chunk(&mut self, chunk: Chunk) -> Judged {
+        match chunk {
+            Chunk::Size => match codec::chunk_size_line(&self.raw) {
+                Ok(None) => Judged::Wait,
+                Ok(Some((size, line))) => {
+                    self.pass(line);
+                    self.state = State::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    });
+                    Judged::Again
+                }
+                Err(why) => self.refuse_body(why),
+            },
+            Chunk::Data(left) => {
+                let n = left.min(self.raw.len() as u64);
+                self.pass(n as usize);
+                self.state = State::Chunked(if n == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - n)
+                });
+                Judged::Again
+            }
+            Chunk::DataEnd => {
+                if self.raw.len() < 2 {
+                    return if self.raw[..] == b"\r"[..] {
+                        Judged::Wait
+                    } else {
+                        self.refuse_body("chunk data not followed by CRLF")
+                    };
+                }
+                if &self.raw[..2] != b"\r\n" {
+                    return self.refuse_body("chunk data not followed by CRLF");
+                }
+                self.pass(2);
+                self.state = State::Chunked(Chunk::Size);
+                Judged::Again
+            }
+            Chunk::Trailers => {
+                match codec::trailer_section(&self.raw, self.limits.max_header_bytes) {
+                    Ok(None) => Judged::Wait,
+                    Ok(Some(end)) => {
+                        let mut fields = [httparse::EMPTY_HEADER; 64];
+                        let valid = end == 2
+                            || matches!(
+                                httparse::parse_headers(&self.raw[..end], &mut fields),
+                                Ok(httparse::Status::Complete(_))
+                            );
+                        if !valid {
+                            return self.refuse_body("invalid trailer section");
+                        }
+                        self.pass(end);
+                        self.state = State::Head;
+                        Judged::Again
+                    }
+                    Err(why) => self.refuse_body(why),
+                }
+            }
+        }
+    }
+
+    /// A head is refused: hyper sees nothing more; the answer goes when it shuts down.
+    fn refuse_head(&mut self, e: ProxyError) {
+        self.state = State::Refused;
+        self.answer = Some(self.answer_bytes(e));
+        self.refused.cancel();
+    }
+
+    /// A chunked body is refused mid-way: the answer goes first unless hyper has begun a
+    /// response; hyper's read fails.
+    fn refuse_body(&mut self, why: &str) -> Judged {
+        self.state = State::Broken;
+        let e = ProxyError::BadRequest(format!("malformed chunked request body: {why}"));
+        let answer = self.answer_bytes(e);
+        if !self.wrote {
+            self.answer = Some(answer);
+            self.answered = true;
+        }
+        Judged::Wait
+    }
+
+    /// The answer to `e` on the wire, logged and counted once by the service.
+    fn answer_bytes(&self, e: ProxyError) -> Bytes {
+        let Some(service) = &self.service else {
+            return Bytes::new();
+        };
+        let response = service.refuse(e);
+        let (parts, body) = response.into_parts();
+        let mut body = std::pin::pin!(body);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut data = Vec::new();
+        while let Poll::Ready(Some(Ok(frame))) = body.as_mut().poll_frame(&mut cx) {
+            if let Ok(bytes) = frame.into_data() {
+                data.extend_from_slice(&bytes);
+            }
+        }
+        let mut out = Vec::with_capacity(256 + data.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        codec::write_length(&mut out, data.len() as u64);
+        out.extend_from_slice(b"date: ");
+        codec::date(&mut out);
+        out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+        out.extend_from_slice(&data);
+        Bytes::from(out)
+    }
+
+    /// Whether hyper's writes are dropped: a refused body's answer went (or is going) first.
+    fn discards(&self) -> bool {
+        self.state == State::Broken && self.answered
+    }
+
+    /// What hyper writes: while holding after an upgrade request, its status line tells
+    /// whether the protocol switched. When the hold ends, what waited is judged and hyper's
+    /// task woken to read it.
+    fn saw_write(&mut self, first: &[u8], cx: &mut Context<'_>) {
+        self.wrote = true;
+        if self.state == State::Hold && first.len() >= 12 && first.starts_with(b"HTTP/1.") {
+            match &first[9..12] {
+                b"101" => self.state = State::Transparent,
+                // An interim answer (100 Continue): the final one follows.
+                [b'1', _, _] => return,
+                _ => self.state = State::Head,
+            }
+            self.judge();
+            cx.waker().wake_by_ref();
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Gate<T> {
+    /// Writes what is left of the answer.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(answer) = self.answer.as_mut() {
+            if answer.is_empty() {
+                self.answer = None;
+                break;
+            }
+            let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, answer))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            answer.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The target with the bytes the `http` crate refuses percent-encoded (`<`, `>` and a
+/// backtick anywhere, a `"` in the query), or `None` if it has none.
+fn encode_target(target: &[u8]) -> Option<Vec<u8>> {
+    let query = target
+        .iter()
+        .position(|b| *b == b'?')
+        .unwrap_or(target.len());
+    let refused = |i: usize, b: u8| {
+        matches!(b, b'<' | b'>') || (b == b'`' && i < query) || (b == b'"' && i > query)
+    };
+    if !target.iter().enumerate().any(|(i, b)| refused(i, *b)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(target.len() + 8);
+    for (i, b) in target.iter().enumerate() {
+        if refused(i, *b) {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.push(*b);
+        }
+    }
+    Some(out)
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Gate<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match this.state {
+                State::Broken => {
+                    std::task::ready!(this.poll_answer(cx))?;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "malformed chunked request body",
+                    )));
+                }
+                // The connection winds down (see `refused`); nothing more is read.
+                State::Refused => return Poll::Pending,
+                // Until hyper answers the upgrade request, only a bounded amount is read
+                // ahead; its answer wakes this (`saw_write`).
+                State::Hold if this.raw.len() >= READ_CHUNK => return Poll::Pending,
+                _ => {}
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            this.raw.reserve(READ_CHUNK);
+            let n = std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.raw
+            ))?;
+            if n == 0 {
+                // What was not judged whole (a cut head or chunk line) never reaches hyper.
+                this.eof = true;
+                continue;
+            }
+            this.judge();
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Gate<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.discards() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.saw_write(&buf[..n], cx);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.discards() {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        let n = std::task::ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        this.saw_write(&first[..first.len().min(n)], cx);
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.poll_answer(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_the_http_crate_refuses_are_percent_encoded() {
+        let enc = |t: &str| encode_target(t.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(enc("/a?b=1"), None);
+        assert_eq!(
+            enc(r#"/s?where={"a":1}"#),
+            Some("/s?where={%22a%22:1}".into())
+        );
+        assert_eq!(enc("/a<b>?c=<d>"), Some("/a%3Cb%3E?c=%3Cd%3E".into()));
+        assert_eq!(enc("/a`b?c=`"), Some("/a%60b?c=`".into()));
+        assert_eq!(enc(r#"/"quoted"/{x}"#), None);
+    }
+}
