@@ -82,7 +82,7 @@ pub enum Parsed {
     Head(RequestHead),
     /// Not complete yet.
     Partial,
-    /// The HTTP/2 connection preface (`PRI * HTTP/2.0`), or a prefix of it.
+    /// The HTTP/2 connection preface (`PRI * HTTP/2.0`, all 24 bytes of it).
     Preface,
 }
 
@@ -101,8 +101,8 @@ pub enum Refusal {
     Unsupported(String),
 }
 
-/// The HTTP/2 connection preface's first line.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+/// The HTTP/2 connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Parses and judges the request head at the front of `buf` (left there). `fields` is scratch
 /// space kept by the connection; on success it holds the head's fields. A head over
@@ -115,7 +115,12 @@ pub fn parse_request(
 ) -> Result<Parsed, Refusal> {
     let n = buf.len().min(PREFACE.len());
     if buf[..n] == PREFACE[..n] {
-        return Ok(Parsed::Preface);
+        // Only the whole preface is HTTP/2; bytes that part from it are read as HTTP/1.1.
+        return Ok(if n == PREFACE.len() {
+            Parsed::Preface
+        } else {
+            Parsed::Partial
+        });
     }
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_FIELDS];
     let mut heap = Vec::new();
@@ -202,14 +207,13 @@ fn target_form_ok(target: &[u8], method: &Method) -> bool {
     if target.starts_with(b"/") || target == b"*" {
         return true;
     }
-    if *method == Method::CONNECT {
-        return !target.is_empty();
-    }
     let scheme = target
         .iter()
         .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
         .count();
-    scheme > 0 && target[0].is_ascii_alphabetic() && target[scheme..].starts_with(b"://")
+    let absolute =
+        scheme > 0 && target[0].is_ascii_alphabetic() && target[scheme..].starts_with(b"://");
+    absolute || (*method == Method::CONNECT && http::uri::Authority::try_from(target).is_ok())
 }
 
 fn too_large(max_bytes: usize) -> Refusal {
@@ -467,6 +471,31 @@ pub fn is_forbidden_trailer(name: &[u8]) -> bool {
         .any(|f| f.eq_ignore_ascii_case(name))
 }
 
+/// The target as hyper's path forwards it, with the bytes the `http` crate refuses
+/// percent-encoded (`<`, `>` and a
+/// backtick anywhere, a `"` in the query), or `None` if it has none.
+pub fn hyper_target(target: &[u8]) -> Option<Vec<u8>> {
+    let query = target
+        .iter()
+        .position(|b| *b == b'?')
+        .unwrap_or(target.len());
+    let refused = |i: usize, b: u8| {
+        matches!(b, b'<' | b'>') || (b == b'`' && i < query) || (b == b'"' && i > query)
+    };
+    if !target.iter().enumerate().any(|(i, b)| refused(i, *b)) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(target.len() + 8);
+    for (i, b) in target.iter().enumerate() {
+        if refused(i, *b) {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.push(*b);
+        }
+    }
+    Some(out)
+}
+
 /// Appends a `content-length` field of `n`.
 pub fn write_length(out: &mut Vec<u8>, n: u64) {
     use std::io::Write as _;
@@ -621,7 +650,11 @@ mod tests {
             head("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
             Ok(Parsed::Preface)
         );
-        assert_eq!(head("PRI * HT"), Ok(Parsed::Preface));
+        assert_eq!(head("PRI * HT"), Ok(Parsed::Partial));
+        assert!(matches!(
+            head("PRI * HTTP/2.0\r\nHost: h\r\n\r\n"),
+            Err(Refusal::Malformed(_))
+        ));
         assert_eq!(head("GET / HT"), Ok(Parsed::Partial));
     }
 
@@ -728,5 +761,17 @@ mod tests {
         }
         assert!(!is_forbidden_trailer(b"x-checksum"));
         assert!(!is_forbidden_trailer(b"grpc-status"));
+    }
+    #[test]
+    fn targets_the_http_crate_refuses_are_percent_encoded() {
+        let enc = |t: &str| hyper_target(t.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(enc("/a?b=1"), None);
+        assert_eq!(
+            enc(r#"/s?where={"a":1}"#),
+            Some("/s?where={%22a%22:1}".into())
+        );
+        assert_eq!(enc("/a<b>?c=<d>"), Some("/a%3Cb%3E?c=%3Cd%3E".into()));
+        assert_eq!(enc("/a`b?c=`"), Some("/a%60b?c=`".into()));
+        assert_eq!(enc(r#"/"quoted"/{x}"#), None);
     }
 }
