@@ -40,11 +40,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::body::ResponseBody;
 use super::codec::{self, Field, Parsed, RequestBody};
 use super::deadline::Deadline;
 use super::raw::{ClientFraming, ClientHead};
-use super::service::ProxyService;
+use super::service::{FrontAnswer, FrontRequest, ProxyService};
 use super::{ProxyBody, ProxyError};
 use crate::config::ClientLimits;
 
@@ -119,13 +118,13 @@ where
         served = true;
         let close = request.close || stop.is_cancelled();
         let head = &buf[..request.len];
-        let view = FrontRequest {
-            method: &request.method,
-            target: &head[request.target.0..request.target.1],
+        let view = FrontRequest::new(
+            &request.method,
+            &head[request.target.0..request.target.1],
             head,
-            fields: &fields,
-            te: request.te,
-        };
+            &fields,
+            request.te,
+        );
         out.clear();
         up.clear();
         let mut client = ClientHead {
@@ -164,53 +163,6 @@ where
             up = Vec::new();
         }
     }
-}
-
-/// A request head the front door read, as the service sees it: bytes of the read buffer.
-#[derive(Debug)]
-pub struct FrontRequest<'a> {
-    /// `GET`, `HEAD`, `DELETE` or `OPTIONS`.
-    pub method: &'a Method,
-    /// The origin-form target, as sent.
-    pub target: &'a [u8],
-    head: &'a [u8],
-    fields: &'a [Field],
-    /// The client's `TE` accepts trailers.
-    pub te: bool,
-}
-
-impl FrontRequest<'_> {
-    /// The header fields: name and value, as sent.
-    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.fields.iter().map(|f| {
-            (
-                &self.head[f.name.0..f.name.1],
-                &self.head[f.value.0..f.value.1],
-            )
-        })
-    }
-
-    /// The values of the fields named `name` (lowercase).
-    pub fn values<'n>(&'n self, name: &'n [u8]) -> impl Iterator<Item = &'n [u8]> {
-        self.fields()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    }
-}
-
-/// What the service answers the front door.
-#[derive(Debug)]
-pub enum FrontAnswer {
-    /// The upstream's response: its head is in the client's buffer already, its body
-    /// follows, framed so.
-    Streaming {
-        /// The upstream's body.
-        body: ResponseBody,
-        /// How it goes on the wire.
-        framing: ClientFraming,
-    },
-    /// A response of the proxy's own (an error), written as it is.
-    Response(Response<ProxyBody>),
 }
 
 /// A request head the front door serves, at the front of the read buffer.
@@ -621,13 +573,13 @@ mod tests {
         assert_eq!(&text[r.target.0..r.target.1], "/a?b=1");
         assert!(r.close && r.te);
         assert_eq!(&text[r.len..], "GET /next");
-        let view = FrontRequest {
-            method: &r.method,
-            target: &text.as_bytes()[r.target.0..r.target.1],
-            head: &text.as_bytes()[..r.len],
-            fields: &fields,
-            te: r.te,
-        };
+        let view = FrontRequest::new(
+            &r.method,
+            &text.as_bytes()[r.target.0..r.target.1],
+            &text.as_bytes()[..r.len],
+            &fields,
+            r.te,
+        );
         assert_eq!(view.values(b"x-two").count(), 2);
         assert_eq!(view.values(b"host").collect::<Vec<_>>(), [b"x"]);
     }

@@ -1,5 +1,17 @@
 //! The request path: a client request becomes an upstream request with the token stamped on,
 //! and the upstream's response (or the proxy's own JSON error) goes back.
+//!
+//! Data flows one way through the modules, each using only those after it:
+//!
+//! - [`front`] (the front door) and [`gate`] (the codec in front of hyper's HTTP/1.1 server):
+//!   what the listener hands a connection to;
+//! - [`service`]: client checks, request -> upstream request -> response, the `401` replay;
+//! - [`body`]: the response body on its way to the client;
+//! - [`pool`]: upstream connections; [`raw`]: the lean exchange on them;
+//! - [`upload`]: the request body on its way upstream;
+//! - [`headers`]: header hygiene as pure functions; [`codec`]: HTTP/1.1 syntax and framing,
+//!   the rules both paths follow;
+//! - [`access`] and [`deadline`]: the record a request leaves, and a connection's timers.
 
 pub mod access;
 pub mod body;
@@ -11,6 +23,7 @@ pub mod headers;
 pub mod pool;
 pub mod raw;
 pub mod service;
+pub mod upload;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};

@@ -40,8 +40,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::body::UpstreamBody;
 use super::raw::{ClientFraming, ClientHead, Done, RawBody, RawConn, RawError, Reuse};
+use super::upload::UpstreamBody;
 
 /// Idle connections kept per thread and route; more are closed when they come back.
 const MAX_IDLE_PER_THREAD: usize = 1024;

@@ -30,12 +30,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use super::access::Access;
-use super::body::{BodyTooLarge, ResponseBody, UpstreamBody};
+use super::body::ResponseBody;
+use super::codec::Field;
 use super::deadline::Deadline;
-use super::front::{FrontAnswer, FrontRequest};
 use super::headers;
 use super::pool::{self, Checkin, Http1Pool};
 use super::raw::{ClientFraming, ClientHead, RawBody};
+use super::upload::{BodyTooLarge, UpstreamBody};
 use super::{ProxyBody, ProxyError};
 use crate::config::{Cidr, RouteConfig, Upstream};
 use crate::egress;
@@ -96,6 +97,70 @@ struct Inner {
     cancel: CancellationToken,
     /// Fired when a reload replaces this service: its connections finish and close.
     retired: CancellationToken,
+}
+
+/// A request head the front door read, as the service sees it: bytes of the read buffer.
+#[derive(Debug)]
+pub struct FrontRequest<'a> {
+    /// `GET`, `HEAD`, `DELETE` or `OPTIONS`.
+    pub method: &'a Method,
+    /// The origin-form target, as sent.
+    pub target: &'a [u8],
+    head: &'a [u8],
+    fields: &'a [Field],
+    /// The client's `TE` accepts trailers.
+    pub te: bool,
+}
+
+impl<'a> FrontRequest<'a> {
+    /// The head `head` (method, target and fields parsed from it), as the front door read it.
+    pub fn new(
+        method: &'a Method,
+        target: &'a [u8],
+        head: &'a [u8],
+        fields: &'a [Field],
+        te: bool,
+    ) -> FrontRequest<'a> {
+        FrontRequest {
+            method,
+            target,
+            head,
+            fields,
+            te,
+        }
+    }
+
+    /// The header fields: name and value, as sent.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|f| {
+            (
+                &self.head[f.name.0..f.name.1],
+                &self.head[f.value.0..f.value.1],
+            )
+        })
+    }
+
+    /// The values of the fields named `name` (lowercase).
+    pub fn values<'n>(&'n self, name: &'n [u8]) -> impl Iterator<Item = &'n [u8]> {
+        self.fields()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+}
+
+/// What the service answers the front door.
+#[derive(Debug)]
+pub enum FrontAnswer {
+    /// The upstream's response: its head is in the client's buffer already, its body
+    /// follows, framed so.
+    Streaming {
+        /// The upstream's body.
+        body: ResponseBody,
+        /// How it goes on the wire.
+        framing: ClientFraming,
+    },
+    /// A response of the proxy's own (an error), written as it is.
+    Response(Response<ProxyBody>),
 }
 
 /// Forwards requests of one route to its upstream with its credential's token. One clone
