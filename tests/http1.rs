@@ -17,34 +17,7 @@ const LIFETIME: Duration = Duration::from_secs(3600);
 /// Sends `request` on `conn` and reads one whole answer with a sized body; panics after 5 s.
 async fn exchange(conn: &mut TcpStream, request: &str) -> String {
     conn.write_all(request.as_bytes()).await.unwrap();
-    read_answer(conn, request.starts_with("HEAD ")).await
-}
-
-/// Reads one answer (head and `Content-Length` body, none if `to_head`) from `conn`.
-async fn read_answer(conn: &mut TcpStream, to_head: bool) -> String {
-    let mut wire = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&wire[..end + 4]).to_ascii_lowercase();
-            let len: usize = head
-                .split("\r\n")
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            let bodiless =
-                to_head || head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304");
-            let len = if bodiless { 0 } else { len };
-            if wire.len() >= end + 4 + len {
-                return String::from_utf8_lossy(&wire[..end + 4 + len]).into_owned();
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-            .await
-            .expect("an answer within 5 s")
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&wire));
-        wire.extend_from_slice(&buf[..n]);
-    }
+    read_answer(conn, request.starts_with("HEAD ")).await.0
 }
 
 fn body(answer: &str) -> &str {

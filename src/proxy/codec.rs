@@ -496,6 +496,23 @@ pub fn hyper_target(target: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Appends the status line `HTTP/1.1 <code> <reason>` for `status`.
+pub fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the field `name: value` and its CRLF.
+pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends a `content-length` field of `n`.
 pub fn write_length(out: &mut Vec<u8>, n: u64) {
     use std::io::Write as _;

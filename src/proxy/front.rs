@@ -326,26 +326,13 @@ where
 {
     let (parts, body) = response.into_parts();
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(
-        parts
-            .status
-            .canonical_reason()
-            .unwrap_or("<none>")
-            .as_bytes(),
-    );
-    out.extend_from_slice(b"\r\n");
+    codec::write_status_line(out, parts.status);
     let mut has_length = false;
     let mut has_date = false;
     for (name, value) in &parts.headers {
         has_length |= name == http::header::CONTENT_LENGTH;
         has_date |= name == DATE;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        codec::write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let framing = if head_only || !codec::response_has_body(&Method::GET, parts.status) {
         ClientFraming::None
@@ -458,10 +445,7 @@ where
 fn write_trailers(out: &mut Vec<u8>, fields: &HeaderMap, allowed: &[HeaderName]) {
     for (name, value) in fields {
         if allowed.contains(name) {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            codec::write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
 }

@@ -333,16 +333,9 @@ impl<T> Gate<T> {
             }
         }
         let mut out = Vec::with_capacity(256 + data.len());
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(parts.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
+        codec::write_status_line(&mut out, parts.status);
         for (name, value) in &parts.headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            codec::write_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
         }
         codec::write_length(&mut out, data.len() as u64);
         out.extend_from_slice(b"date: ");

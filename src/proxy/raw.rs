@@ -270,10 +270,7 @@ fn write_head(out: &mut Vec<u8>, parts: &request::Parts) {
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        codec::write_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -464,16 +461,7 @@ impl ClientHead<'_> {
     /// the front door's answer needs.
     fn write(&mut self, bytes: &[u8], head: &Head, method: &Method) -> ClientFraming {
         let out = &mut *self.out;
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(head.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(
-            head.status
-                .canonical_reason()
-                .unwrap_or("<none>")
-                .as_bytes(),
-        );
-        out.extend_from_slice(b"\r\n");
+        codec::write_status_line(out, head.status);
         for field in head.fields.iter().filter(|f| f.kept) {
             let name = &bytes[field.name.0..field.name.1];
             let value = &bytes[field.value.0..field.value.1];

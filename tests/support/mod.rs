@@ -167,28 +167,45 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8], wait: Duration) -> S
 }
 
 /// Sends `GET path` on a kept-alive connection and reads one whole answer (a sized body):
-/// head and body, as text.
+/// head and body, as text; nothing more may follow it.
 pub async fn answer_on(conn: &mut tokio::net::TcpStream, path: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
     conn.write_all(request.as_bytes()).await.unwrap();
+    let (answer, rest) = read_answer(conn, false).await;
+    assert!(rest.is_empty(), "one answer, nothing more: {answer}{rest}");
+    answer
+}
+
+/// Reads one answer from `conn`: the head and its `Content-Length` body (none after a `HEAD`,
+/// `to_head`, or for 204 and 304), as text, and any bytes read after it. Panics after 5 s
+/// or if the connection closes first.
+pub async fn read_answer(conn: &mut tokio::net::TcpStream, to_head: bool) -> (String, String) {
     let mut wire = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
+        if let Some(end) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&wire[..end + 4]).to_ascii_lowercase();
+            let len: usize = head
+                .split("\r\n")
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let bodiless =
+                to_head || head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304");
+            let len = if bodiless { 0 } else { len };
+            if wire.len() >= end + 4 + len {
+                let (answer, rest) = wire.split_at(end + 4 + len);
+                return (
+                    String::from_utf8_lossy(answer).into_owned(),
+                    String::from_utf8_lossy(rest).into_owned(),
+                );
+            }
+        }
         let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
             .await
             .expect("an answer within 5 s")
             .unwrap();
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&wire));
         wire.extend_from_slice(&buf[..n]);
-        if let Some(end) = wire.windows(4).position(|w| w == b"\r\n\r\n") {
-            let lower = String::from_utf8_lossy(&wire[..end + 4]).to_ascii_lowercase();
-            let at = lower.find("content-length: ").expect("a sized answer") + 16;
-            let len: usize = lower[at..].split("\r\n").next().unwrap().parse().unwrap();
-            if wire.len() >= end + 4 + len {
-                assert_eq!(wire.len(), end + 4 + len, "one answer, nothing more");
-                return String::from_utf8_lossy(&wire).into_owned();
-            }
-        }
     }
 }
 
