@@ -298,6 +298,12 @@ async fn upgrades_decides_which_protocols_are_tunnelled() {
         if seen.header("upgrade").is_empty() {
             return names_the_target(seen);
         }
+        if seen.target.ends_with("/h2c-switch") {
+            return vec![Step::Write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+                    .to_vec(),
+            )];
+        }
         vec![Step::Write(
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
                 .to_vec(),
@@ -312,12 +318,17 @@ async fn upgrades_decides_which_protocols_are_tunnelled() {
     let answer = exchange(&mut conn, ws).await;
     assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
     assert_eq!(upstream.seen()[0].header("upgrade"), ["websocket"]);
+    // A 101 to a protocol the route does not allow is refused.
+    let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
+    let answer = exchange(&mut conn, &ws.replace("/ws", "/h2c-switch")).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("does not allow"), "{answer}");
     // Not with `upgrades = []`: a plain request.
     let (_idp2, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "upgrades = []").await;
     let mut conn = TcpStream::connect(proxy.route_addrs()[0]).await.unwrap();
     let answer = exchange(&mut conn, ws).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(upstream.seen()[1].header("upgrade").is_empty());
+    assert!(upstream.seen().last().unwrap().header("upgrade").is_empty());
 }
 
 #[tokio::test]
@@ -487,6 +498,7 @@ fn bad_answers(seen: &Seen) -> Vec<Step> {
         "/clte" => "HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_string(),
         "/dupcl" => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok".to_string(),
         "/listcl" => "HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok".to_string(),
+        "/cl204" => "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_string(),
         "/conflictcl" => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok".to_string(),
         "/plus" => chunked("+2\r\n"),
         "/spaced" => chunked(" 2 \r\n"),
@@ -554,6 +566,18 @@ async fn response_lengths_reach_the_client_once_and_true() {
             );
         }
     }
+    // A 204 has no length to pass on; a HEAD's tells the length of the body not sent.
+    for request in both_paths("/cl204") {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_whole(&mut conn).await;
+        assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+        assert!(!answer.to_ascii_lowercase().contains("content-length"), "{answer}");
+    }
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let head = exchange(&mut conn, "HEAD /dupcl HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let lengths = head.to_ascii_lowercase().matches("content-length: 2\r\n").count();
+    assert_eq!(lengths, 1, "{head}");
     for request in both_paths("/conflictcl") {
         let mut conn = TcpStream::connect(addr).await.unwrap();
         conn.write_all(request.as_bytes()).await.unwrap();
@@ -570,6 +594,9 @@ async fn read_whole(conn: &mut TcpStream) -> String {
         let text = String::from_utf8_lossy(&wire).into_owned();
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let lower = head.to_ascii_lowercase();
+            if lower.starts_with("http/1.1 204") || lower.starts_with("http/1.1 304") {
+                return text;
+            }
             if let Some(n) = lower
                 .split("\r\n")
                 .find_map(|l| l.strip_prefix("content-length: "))
