@@ -572,11 +572,17 @@ async fn response_lengths_reach_the_client_once_and_true() {
         conn.write_all(request.as_bytes()).await.unwrap();
         let answer = read_whole(&mut conn).await;
         assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
-        assert!(!answer.to_ascii_lowercase().contains("content-length"), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("content-length"),
+            "{answer}"
+        );
     }
     let mut conn = TcpStream::connect(addr).await.unwrap();
     let head = exchange(&mut conn, "HEAD /dupcl HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let lengths = head.to_ascii_lowercase().matches("content-length: 2\r\n").count();
+    let lengths = head
+        .to_ascii_lowercase()
+        .matches("content-length: 2\r\n")
+        .count();
     assert_eq!(lengths, 1, "{head}");
     for request in both_paths("/conflictcl") {
         let mut conn = TcpStream::connect(addr).await.unwrap();

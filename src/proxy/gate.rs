@@ -178,9 +178,15 @@ impl<T> Gate<T> {
         }
     }
 
+    /// Lets the first `n` judged bytes through. Usually nothing is waiting for hyper, and the
+    /// bytes change hands without a copy.
     fn pass(&mut self, n: usize) {
-        let bytes = self.raw.split_to(n);
-        self.ready.extend_from_slice(&bytes);
+        if self.ready.is_empty() {
+            self.ready = self.raw.split_to(n);
+        } else {
+            let bytes = self.raw.split_to(n);
+            self.ready.extend_from_slice(&bytes);
+        }
     }
 
     fn head(&mut self) -> Judged {
@@ -398,6 +404,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Gate<T> {
                 let n = this.ready.len().min(buf.remaining());
                 buf.put_slice(&this.ready[..n]);
                 this.ready.advance(n);
+                if this.ready.is_empty() {
+                    // Its storage goes back to `raw`, which can then reuse it; when nothing
+                    // waits, an idle connection keeps no buffer here at all.
+                    this.ready = BytesMut::new();
+                    if this.raw.is_empty() {
+                        this.raw = BytesMut::new();
+                    }
+                }
                 return Poll::Ready(Ok(()));
             }
             match this.state {
