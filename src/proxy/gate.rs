@@ -432,7 +432,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Gate<T> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            this.raw.reserve(READ_CHUNK);
+            // A body is read as hyper asks (its reads grow with the transfer), not a head's
+            // chunk at a time: an upload takes as many system calls as without the gate.
+            let want = match this.state {
+                State::Length(_) | State::Chunked(Chunk::Data(_)) | State::Transparent => {
+                    buf.remaining().max(READ_CHUNK)
+                }
+                _ => READ_CHUNK,
+            };
+            this.raw.reserve(want);
             let n = std::task::ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut this.inner),
                 cx,
