@@ -11,12 +11,16 @@
 //! body bytes go out in one `write`. No header map is built on the way: about 10,800
 //! instructions per proxied GET, against 25,500 through hyper's server.
 //!
-//! Anything else goes to hyper, with the bytes read so far put back in front of the socket
-//! ([`Rewind`]), and the connection stays with hyper from then on: a request with a body
-//! (`Content-Length` other than 0, `Transfer-Encoding`, `Expect`), an `Upgrade`, another
-//! method or HTTP version (h2c's preface included), a target that is not origin-form, and every
-//! head hyper must refuse (malformed, over `max_header_bytes` or `max_headers`: its 400 and
-//! 431). So whatever is not plainly the common case meets hyper's conformance, unchanged.
+//! Every head is judged first by the codec (`codec.rs`), the one place the HTTP/1.1 rules
+//! live: what it refuses (malformed, ambiguous framing, over `max_header_bytes` or
+//! `max_headers`, an HTTP/2 preface after a request) is answered here with the JSON error,
+//! and the connection closes. Anything else the front door does not serve goes to hyper,
+//! with the bytes read so far put back in front of the socket ([`Rewind`]), through the gate
+//! (`gate.rs`), which holds every later request on the connection to the same rules: a
+//! request with a body (`Content-Length` other than 0, `Transfer-Encoding`, `Expect`), an
+//! `Upgrade`, another HTTP version (h2c's preface included), a target that is not plain
+//! origin-form. On a route without the lean path (an `https` upstream), every valid head goes
+//! to hyper that way.
 //!
 //! The same rules as hyper's hold here: `header_read_timeout` bounds each head (and the idle
 //! time before it); `Connection: close` is answered with `connection: close` and the
