@@ -1,7 +1,7 @@
 //! The gate: what hyper's HTTP/1.1 server reads, judged first by the codec.
 //!
 //! Why: the front door hands a connection to hyper at the first request it does not serve
-//! itself (a body, an upgrade, an HTTTP/1.0 request, a route without the lean path), and
+//! itself (a body, an upgrade, an HTTP/1.0 request, a route without the lean path), and
 //! hyper reads every later request on that connection. hyper is lenient where the codec is
 //! not (it reads a request with both `Content-Length` and `Transfer-Encoding` by the latter,
 //! takes 17-digit chunk sizes and bare LFs in trailers, and answers its own refusals with an
