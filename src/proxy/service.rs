@@ -680,10 +680,7 @@ impl ProxyService {
                 sized = true;
                 continue;
             }
-            up.extend_from_slice(name);
-            up.extend_from_slice(b": ");
-            up.extend_from_slice(value);
-            up.extend_from_slice(b"\r\n");
+            super::codec::write_field(up, name, value);
         }
         if sized {
             up.extend_from_slice(b"content-length: 0\r\n");
