@@ -156,31 +156,16 @@ fn dechunk(mut rest: &[u8]) -> Result<Option<Vec<u8>>, ()> {
         };
         rest = &rest[line..];
         if size == 0 {
-            return match codec::trailer_section(rest, 64 * 1024).map_err(|_| ())? {
-                None => Ok(None),
-                Some(end) => {
-                    let mut fields = [httparse::EMPTY_HEADER; 64];
-                    let ok = end == 2
-                        || matches!(
-                            httparse::parse_headers(&rest[..end], &mut fields),
-                            Ok(httparse::Status::Complete(_))
-                        );
-                    if ok {
-                        Ok(Some(body))
-                    } else {
-                        Err(())
-                    }
-                }
-            };
+            return Ok(codec::trailer_section(rest, 64 * 1024)
+                .map_err(|_| ())?
+                .map(|_| body));
         }
         let size = size as usize;
         if rest.len() < size + 2 {
             return Ok(None);
         }
         body.extend_from_slice(&rest[..size]);
-        if &rest[size..size + 2] != b"\r\n" {
-            return Err(());
-        }
+        codec::chunk_data_end(&rest[size..]).map_err(|_| ())?;
         rest = &rest[size + 2..];
     }
 }

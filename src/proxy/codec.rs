@@ -415,9 +415,22 @@ pub fn chunk_size_line(buf: &[u8]) -> Result<Option<(u64, usize)>, &'static str>
     Ok(Some((size, lf + 1)))
 }
 
+/// Checks the CRLF that must follow a chunk's data: `Ok(Some(2))` when it is there,
+/// `Ok(None)` if it is not complete yet, or why it is invalid.
+pub fn chunk_data_end(buf: &[u8]) -> Result<Option<usize>, &'static str> {
+    match buf {
+        [b'\r', b'\n', ..] => Ok(Some(2)),
+        [] | [b'\r'] => Ok(None),
+        _ => Err("chunk data not followed by CRLF"),
+    }
+}
+
+/// Most fields in a trailer section.
+pub const MAX_TRAILER_FIELDS: usize = 128;
+
 /// The length of the trailer section at the front of `buf` (after the last chunk), its empty
 /// last line included: `Ok(None)` if it is not complete yet, or why it is invalid. Every line
-/// must end in CRLF.
+/// must end in CRLF, and every field must be one `httparse` reads (as in a head).
 pub fn trailer_section(buf: &[u8], max: usize) -> Result<Option<usize>, &'static str> {
     let mut start = 0;
     while let Some(lf) = buf[start..].iter().position(|b| *b == b'\n') {
@@ -426,7 +439,18 @@ pub fn trailer_section(buf: &[u8], max: usize) -> Result<Option<usize>, &'static
             return Err("trailer line not ended by CRLF");
         }
         if end - 1 == start {
-            return Ok(Some(end + 1));
+            let len = end + 1;
+            let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILER_FIELDS];
+            let valid = len == 2
+                || matches!(
+                    httparse::parse_headers(&buf[..len], &mut fields),
+                    Ok(httparse::Status::Complete(_))
+                );
+            return if valid {
+                Ok(Some(len))
+            } else {
+                Err("invalid trailer section")
+            };
         }
         start = end + 1;
     }
@@ -745,6 +769,28 @@ mod tests {
         assert!(trailer_section(b"\n", 100).is_err());
         assert!(trailer_section(b"X: 1\r\r\n\r\n", 100).is_err());
         assert!(trailer_section(&[b'x'; 101], 100).is_err());
+        for bad in [
+            &b"X y\r\n\r\n"[..],
+            b"X : y\r\n\r\n",
+            b"X: a\r\n b\r\n\r\n",
+            b"X: a\x00b\r\n\r\n",
+        ] {
+            assert!(
+                trailer_section(bad, 100).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_data_is_followed_by_crlf() {
+        assert_eq!(chunk_data_end(b"\r\n5\r\n"), Ok(Some(2)));
+        assert_eq!(chunk_data_end(b"\r"), Ok(None));
+        assert_eq!(chunk_data_end(b""), Ok(None));
+        for bad in [&b"\n"[..], b"X", b"\r\r", b"XX"] {
+            assert!(chunk_data_end(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

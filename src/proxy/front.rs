@@ -109,11 +109,7 @@ where
             Next::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
             Next::Close => return Outcome::Closed,
             Next::Refuse(e) => {
-                let response = service.refuse(e);
-                if write_response(&mut io, &mut out, response, false, false, true)
-                    .await
-                    .is_ok()
-                {
+                if io.write_all(&service.refuse(e)).await.is_ok() {
                     let _ = io.shutdown().await;
                 }
                 return Outcome::Closed;

@@ -26,7 +26,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -265,34 +264,19 @@ impl<T> Gate<T> {
                 });
                 Judged::Again
             }
-            Chunk::DataEnd => {
-                if self.raw.len() < 2 {
-                    return if self.raw[..] == b"\r"[..] {
-                        Judged::Wait
-                    } else {
-                        self.refuse_body("chunk data not followed by CRLF")
-                    };
+            Chunk::DataEnd => match codec::chunk_data_end(&self.raw) {
+                Ok(None) => Judged::Wait,
+                Ok(Some(end)) => {
+                    self.pass(end);
+                    self.state = State::Chunked(Chunk::Size);
+                    Judged::Again
                 }
-                if &self.raw[..2] != b"\r\n" {
-                    return self.refuse_body("chunk data not followed by CRLF");
-                }
-                self.pass(2);
-                self.state = State::Chunked(Chunk::Size);
-                Judged::Again
-            }
+                Err(why) => self.refuse_body(why),
+            },
             Chunk::Trailers => {
                 match codec::trailer_section(&self.raw, self.limits.max_header_bytes) {
                     Ok(None) => Judged::Wait,
                     Ok(Some(end)) => {
-                        let mut fields = [httparse::EMPTY_HEADER; 64];
-                        let valid = end == 2
-                            || matches!(
-                                httparse::parse_headers(&self.raw[..end], &mut fields),
-                                Ok(httparse::Status::Complete(_))
-                            );
-                        if !valid {
-                            return self.refuse_body("invalid trailer section");
-                        }
                         self.pass(end);
                         self.state = State::Head;
                         Judged::Again
@@ -325,30 +309,9 @@ impl<T> Gate<T> {
 
     /// The answer to `e` on the wire, logged and counted once by the service.
     fn answer_bytes(&self, e: ProxyError) -> Bytes {
-        let Some(service) = &self.service else {
-            return Bytes::new();
-        };
-        let response = service.refuse(e);
-        let (parts, body) = response.into_parts();
-        let mut body = std::pin::pin!(body);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut data = Vec::new();
-        while let Poll::Ready(Some(Ok(frame))) = body.as_mut().poll_frame(&mut cx) {
-            if let Ok(bytes) = frame.into_data() {
-                data.extend_from_slice(&bytes);
-            }
-        }
-        let mut out = Vec::with_capacity(256 + data.len());
-        codec::write_status_line(&mut out, parts.status);
-        for (name, value) in &parts.headers {
-            codec::write_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
-        }
-        codec::write_length(&mut out, data.len() as u64);
-        out.extend_from_slice(b"date: ");
-        codec::date(&mut out);
-        out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
-        out.extend_from_slice(&data);
-        Bytes::from(out)
+        self.service
+            .as_ref()
+            .map_or_else(Bytes::new, |service| service.refuse(e))
     }
 
     /// Whether hyper's writes are dropped: a refused body's answer went (or is going) first.

@@ -113,11 +113,15 @@ impl ProxyError {
 
     /// The JSON response for this error.
     pub fn to_response(&self) -> Response<ProxyBody> {
+        self.whole_response().map(Either::Right)
+    }
+
+    /// The JSON response, its body whole.
+    fn whole_response(&self) -> Response<Full<Bytes>> {
         let mut response = json_response(
             self.status(),
             &serde_json::json!({ "error": self.code(), "message": self.to_string() }),
-        )
-        .map(Either::Right);
+        );
         if let ProxyError::ProxyAuthenticationRequired(_) = self {
             response.headers_mut().insert(
                 http::header::PROXY_AUTHENTICATE,
@@ -125,6 +129,30 @@ impl ProxyError {
             );
         }
         response
+    }
+
+    /// This error's response as HTTP/1.1 bytes that end the connection (`connection: close`):
+    /// the answer to a request whose end cannot be known, written before the connection closes.
+    pub fn to_http1_closing(&self) -> Bytes {
+        let (parts, body) = self.whole_response().into_parts();
+        let mut out = Vec::with_capacity(512);
+        codec::write_status_line(&mut out, parts.status);
+        for (name, value) in &parts.headers {
+            codec::write_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        // `Full` holds one frame, ready at once.
+        let mut body = std::pin::pin!(body);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let data = match http_body::Body::poll_frame(body.as_mut(), &mut cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+            _ => Bytes::new(),
+        };
+        codec::write_length(&mut out, data.len() as u64);
+        out.extend_from_slice(b"date: ");
+        codec::date(&mut out);
+        out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+        out.extend_from_slice(&data);
+        Bytes::from(out)
     }
 }
 

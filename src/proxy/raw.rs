@@ -37,8 +37,6 @@ use super::{codec, headers};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in a response head (HAProxy's limit is 101, hyper's default 100).
 pub const MAX_HEADERS: usize = 512;
-/// Most fields in a trailer section.
-const MAX_TRAILERS: usize = 128;
 /// Bytes asked of the socket per read of a response head.
 const READ_CHUNK: usize = 16 * 1024;
 /// Bytes asked of the socket per read of a response body, at first and at most: a read that
@@ -684,13 +682,10 @@ impl RawBody {
                 }
                 Chunk::DataEnd => {
                     let buf = self.buf();
-                    if buf.len() < 2 {
+                    let Some(end) = codec::chunk_data_end(buf).map_err(&invalid)? else {
                         return Ok(None);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(invalid("chunk data not followed by CRLF"));
-                    }
-                    buf.advance(2);
+                    };
+                    buf.advance(end);
                     self.framing = Framing::Chunked(Chunk::Size);
                     self.step()
                 }
@@ -704,7 +699,7 @@ impl RawBody {
                         self.finish();
                         return Ok(Some(None));
                     }
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILERS];
+                    let mut fields = [httparse::EMPTY_HEADER; codec::MAX_TRAILER_FIELDS];
                     let trailers = match httparse::parse_headers(&block, &mut fields) {
                         Ok(httparse::Status::Complete((_, fields))) => {
                             let mut map = HeaderMap::with_capacity(fields.len());

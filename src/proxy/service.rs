@@ -342,10 +342,10 @@ impl ProxyService {
         }
     }
 
-    /// The answer to a request head the front door refused before it could be read as a
-    /// request (see `codec::Refusal`): logged and counted once, here, as every error is. Its
-    /// method is unknown, so the record has `-`.
-    pub fn refuse(&self, e: ProxyError) -> Response<ProxyBody> {
+    /// The answer, as HTTP/1.1 bytes that close the connection, to a request the front door
+    /// or the gate refused before it could be read as one (see `codec::Refusal`): logged and
+    /// counted once, here, as every error is. Its method is unknown, so the record has `-`.
+    pub fn refuse(&self, e: ProxyError) -> bytes::Bytes {
         let unknown = Method::from_bytes(b"-").expect("a token");
         let access = Access::started_at(
             self.inner.metrics,
@@ -353,7 +353,9 @@ impl ProxyService {
             self.inner.access_log.then(Uri::default),
             Instant::now(),
         );
-        self.respond(access, Err(e))
+        let wire = e.to_http1_closing();
+        self.record_error(access, &e, wire.len() as u64);
+        wire
     }
 
     /// The record finished when the response ends (the uri clone bumps a reference count, and
@@ -381,14 +383,20 @@ impl ProxyService {
                 response
             }
             Err(e) => {
-                warn!(route = self.inner.metrics.name(), error = e.code(), message = %e, "request failed");
-                self.inner.metrics.error(e.code());
                 let response = e.to_response();
                 let bytes = response.body().size_hint().exact().unwrap_or(0);
-                access.finish(response.status(), bytes, true);
+                self.record_error(access, &e, bytes);
                 response
             }
         }
+    }
+
+    /// Logs and counts an error the proxy answers itself, and finishes its record (`bytes`
+    /// of answer sent).
+    fn record_error(&self, access: Access, e: &ProxyError, bytes: u64) {
+        warn!(route = self.inner.metrics.name(), error = e.code(), message = %e, "request failed");
+        self.inner.metrics.error(e.code());
+        access.finish(e.status(), bytes, true);
     }
 
     /// Refuses what the route does not accept, before anything else is looked at.
