@@ -102,7 +102,7 @@ enum Codec {
 fn codec_reads(wire: &[u8]) -> (Codec, Vec<u8>) {
     let verdict = codec_verdict(wire);
     let mut fields = Vec::new();
-    let to_hyper = match codec::parse_request(wire, 100, 64 * 1024, &mut fields) {
+    let to_hyper = match codec::parse_request(wire, 100, 64 * 1024, &mut fields, false) {
         Ok(Parsed::Head(head)) => {
             let (start, end) = head.target;
             match codec::hyper_target(&wire[start..end]) {
@@ -116,7 +116,7 @@ fn codec_reads(wire: &[u8]) -> (Codec, Vec<u8>) {
 }
 
 fn codec_verdict(wire: &[u8]) -> Codec {
-    let head = match codec::parse_request(wire, 100, 64 * 1024, &mut Vec::new()) {
+    let head = match codec::parse_request(wire, 100, 64 * 1024, &mut Vec::new(), false) {
         Ok(Parsed::Head(head)) => head,
         Ok(Parsed::Partial) | Ok(Parsed::Preface) => return Codec::Incomplete,
         Err(codec::Refusal::Malformed(_)) => return Codec::Refused(400),

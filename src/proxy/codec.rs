@@ -107,20 +107,27 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Parses and judges the request head at the front of `buf` (left there). `fields` is scratch
 /// space kept by the connection; on success it holds the head's fields. A head over
 /// `max_bytes` or with more than `max_headers` fields is [`Refusal::TooLarge`].
+/// `after_request` says whether an HTTP/1.1 request came before on this connection: HTTP/2
+/// with prior knowledge starts a connection, and its preface after a request is an attempt
+/// to change the protocol under the proxy, refused (as nginx and HAProxy do).
 pub fn parse_request(
     buf: &[u8],
     max_headers: usize,
     max_bytes: usize,
     fields: &mut Vec<Field>,
+    after_request: bool,
 ) -> Result<Parsed, Refusal> {
     let n = buf.len().min(PREFACE.len());
     if buf[..n] == PREFACE[..n] {
         // Only the whole preface is HTTP/2; bytes that part from it are read as HTTP/1.1.
-        return Ok(if n == PREFACE.len() {
-            Parsed::Preface
-        } else {
-            Parsed::Partial
-        });
+        return match (n == PREFACE.len(), after_request) {
+            (false, _) => Ok(Parsed::Partial),
+            (true, false) => Ok(Parsed::Preface),
+            (true, true) => Err(Refusal::Malformed(
+                "an HTTP/2 connection preface after an HTTP/1.1 request on the same connection"
+                    .into(),
+            )),
+        };
     }
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_FIELDS];
     let mut heap = Vec::new();
@@ -576,7 +583,7 @@ mod tests {
     use super::*;
 
     fn head(text: &str) -> Result<Parsed, Refusal> {
-        parse_request(text.as_bytes(), 100, 64 * 1024, &mut Vec::new())
+        parse_request(text.as_bytes(), 100, 64 * 1024, &mut Vec::new(), false)
     }
 
     fn body_of(text: &str) -> Result<RequestBody, Refusal> {
@@ -697,6 +704,8 @@ mod tests {
             Err(Refusal::Malformed(_))
         ));
         assert_eq!(head("GET / HT"), Ok(Parsed::Partial));
+        let after = parse_request(PREFACE, 100, 1024, &mut Vec::new(), true);
+        assert!(matches!(after, Err(Refusal::Malformed(m)) if m.contains("preface")));
     }
 
     #[test]

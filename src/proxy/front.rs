@@ -259,18 +259,17 @@ fn judge(
     served: bool,
     lean: bool,
 ) -> Judged {
-    let head = match codec::parse_request(buf, limits.max_headers, limits.max_header_bytes, fields)
-    {
+    let parsed = codec::parse_request(
+        buf,
+        limits.max_headers,
+        limits.max_header_bytes,
+        fields,
+        served,
+    );
+    let head = match parsed {
         Ok(Parsed::Head(head)) => head,
         Ok(Parsed::Partial) => return Judged::Partial,
-        // HTTP/2 with prior knowledge starts a connection; after an HTTP/1.1 request it is an
-        // attempt to change the protocol under the proxy (nginx and HAProxy refuse it too).
-        Ok(Parsed::Preface) if served => {
-            return Judged::Refuse(ProxyError::BadRequest(
-                "an HTTP/2 connection preface after an HTTP/1.1 request on the same connection"
-                    .into(),
-            ))
-        }
+        // HTTP/2 with prior knowledge: hyper serves the connection.
         Ok(Parsed::Preface) => return Judged::Handoff,
         Err(refusal) => return Judged::Refuse(refusal.into()),
     };

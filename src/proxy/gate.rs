@@ -195,19 +195,13 @@ impl<T> Gate<T> {
             limits.max_headers,
             limits.max_header_bytes,
             &mut self.fields,
+            self.served,
         );
         let head = match parsed {
             Ok(Parsed::Partial) => return Judged::Wait,
-            Ok(Parsed::Preface) if !self.served => {
+            Ok(Parsed::Preface) => {
                 self.state = State::Transparent;
                 return Judged::Again;
-            }
-            Ok(Parsed::Preface) => {
-                self.refuse_head(ProxyError::BadRequest(
-                    "an HTTP/2 connection preface after an HTTP/1.1 request on the same connection"
-                        .into(),
-                ));
-                return Judged::Wait;
             }
             Err(refusal) => {
                 self.refuse_head(refusal.into());
