@@ -15,10 +15,7 @@ use http::HeaderMap;
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Whether the comma-separated header value holds `token` (case-insensitive).
-pub fn has_token(value: &[u8], token: &[u8]) -> bool {
-    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
-}
+use super::codec::has_token;
 
 /// The comma-separated tokens of a header value, trimmed.
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {

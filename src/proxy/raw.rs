@@ -352,7 +352,7 @@ fn parse_head(
         let mut kept = true;
         let mut trailer = false;
         if is(b"connection") {
-            close |= headers::has_token(value, b"close");
+            close |= codec::has_token(value, b"close");
             named.extend(headers::connection_named(value, false));
             kept = false;
         } else if is(b"transfer-encoding") {
