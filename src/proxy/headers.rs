@@ -12,10 +12,10 @@ use http::header::{
 };
 use http::HeaderMap;
 
+use super::codec::has_token;
+
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-use super::codec::has_token;
 
 /// The comma-separated tokens of a header value, trimmed.
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
