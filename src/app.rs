@@ -4,8 +4,9 @@
 //!
 //! Starting and reloading are one operation, [`Running::apply`]: it compares the new config with
 //! what runs, builds and binds everything new first (so a broken config changes nothing), then
-//! switches over. Unchanged credentials keep their refresher and token; a changed route gets a
-//! new service for new connections while connections already open finish on the old one.
+//! switches over. Unchanged credentials keep their refresher and token (a failing one retries
+//! at once); a changed route gets a new service for new connections while connections already
+//! open finish on the old one.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -331,7 +332,13 @@ impl Running {
             }
         }
 
-        // Nothing can fail from here on: switch over.
+        // Nothing can fail from here on: switch over. A kept credential that is failing
+        // retries now: the reload may have fixed what it lacked (a secret file, a proxy).
+        for (name, slot) in &slots {
+            if !fresh.iter().any(|(cred, _, _)| &cred.name == name) {
+                slot.retry_failing();
+            }
+        }
         for (cred, source, slot) in fresh {
             let stop = self.stop_refreshing.child_token();
             self.refreshing.spawn(refresh::run(

@@ -62,8 +62,10 @@ async fn two_hundred_clients_through_expiring_tokens_and_a_failing_idp() {
         idp.request_count() / 3,
         idp.max_in_flight()
     );
+    // Two refreshes a second apart, then a failure and its retry 3-9 s later (the requests
+    // wait for it): at least 3 token requests in every 11 s.
     assert!(
-        idp.request_count() >= 20,
+        idp.request_count() >= 8,
         "tokens were refreshed through the run"
     );
     assert_eq!(

@@ -256,3 +256,44 @@ async fn a_changed_route_closes_its_open_keep_alive_connections_after_their_requ
     assert_eq!(get(addr(p1), "/b").await.json()["target"], "/new/b");
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_reload_retries_a_failing_credential_at_once() {
+    // The secret file holds a wrong secret: a permanent error, next attempt in 60-75 s.
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let secret = temp_file("fixed-secret", "wrong-secret-value");
+    let text = format!(
+        "[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"{DEMO_CLIENT_ID}\"\nclient_secret_file = \"{}\"\n{}",
+        demo::token_url(&idp),
+        secret.display(),
+        route(&format!("http://{}", api.addr()), "api", "token_wait_secs = 2")
+    );
+    let mut running = token_proxy::app::start(&parse(&text)).await.unwrap();
+    let proxy = running.route_addrs()[0];
+    assert!(eventually(Duration::from_secs(5), || idp.state().request_count() == 1).await);
+    let refused = get(proxy, "/a").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    let message = refused.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("invalid_client"), "{message}");
+
+    // The operator fixes the file and reloads the same config: the credential is kept, and
+    // retried now rather than after its minute.
+    std::fs::write(&secret, DEMO_CLIENT_SECRET).unwrap();
+    let reloaded = tokio::time::Instant::now();
+    let summary = running.apply(&parse(&text)).await.unwrap();
+    assert_eq!(summary.credentials_kept, 1);
+    assert!(eventually(Duration::from_secs(5), || idp.state().request_count() == 2).await);
+    assert!(
+        reloaded.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        reloaded.elapsed()
+    );
+    assert_eq!(get(proxy, "/b").await.status, StatusCode::OK);
+
+    // A healthy credential is not asked again by a reload.
+    running.apply(&parse(&text)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(idp.state().request_count(), 2);
+    running.shutdown().await;
+}

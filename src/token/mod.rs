@@ -1,10 +1,11 @@
 //! Tokens: what one is, how one is fetched, the slot that holds the current one, and the task
 //! that keeps that slot fresh.
 //!
-//! Data flows one way: [`source::TokenSource`] fetches, [`refresh::run`] decides when and stores
+//! Data flows one way: [`source::TokenSource`] fetches, [`refresh::run`] decides when (by the policy in [`schedule`]) and stores
 //! into a [`slot::TokenSlot`], and the request path only ever reads the slot.
 
 pub mod refresh;
+pub mod schedule;
 pub mod slot;
 pub mod source;
 

@@ -1,73 +1,20 @@
-//! When to fetch tokens, as pure functions, and the small loop that applies them.
+//! The refresher: one task per credential, the only thing that requests its tokens.
 //!
-//! A token is refreshed `refresh_before` ahead of its expiry, a lead capped at half the
-//! lifetime (so an hour-long token is refreshed 5 minutes before expiry and a 4-second token
-//! after about 2 s) and never shorter than twice the early-expiry margin, spread earlier by up
-//! to 10 % so that many proxies started together do not hit the identity provider together.
-//! The request path stops using a token `skew` before its stated expiry, which absorbs clock
-//! skew and the time the response spent in transit. Failures back off exponentially with full
-//! jitter and honour `Retry-After`; the current token keeps being served while it is valid.
+//! It applies the policy of [`super::schedule`]: refresh ahead of expiry, retry failures
+//! with a spread backoff, honour `Retry-After`, and shorten the wait (never below a few
+//! seconds) once requests are waiting for a token. The current token keeps being served while
+//! it is valid, and a reload retries a failing credential at once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
+use super::schedule::{self, Failure, DEMAND_SPREAD, MIN_RETRY};
 use super::slot::TokenSlot;
 use super::source::{Fetched, TokenError, TokenSource};
 use super::Token;
-
-/// Smallest wait between two attempts, also when requests are waiting for a token.
-pub const MIN_RETRY: Duration = Duration::from_secs(1);
-/// Largest wait between two attempts after repeated failures.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(120);
-/// Smallest wait between retries racing a valid token's expiry.
-pub const MIN_RETRY_BEFORE_EXPIRY: Duration = Duration::from_millis(200);
-/// Smallest wait after a permanent error (wrong secret, scope, client): a person must act.
-pub const PERMANENT_RETRY: Duration = Duration::from_secs(60);
-/// Largest early-expiry margin.
-pub const MAX_SKEW: Duration = Duration::from_secs(30);
-
-/// How much earlier than stated a token of this lifetime is treated as expired.
-pub fn skew(lifetime: Duration) -> Duration {
-    (lifetime / 10).min(MAX_SKEW)
-}
-
-/// When a token requested at `requested_at` with `lifetime` must no longer be sent.
-pub fn usable_until(requested_at: Instant, lifetime: Duration) -> Instant {
-    requested_at + lifetime - skew(lifetime)
-}
-
-/// Delay from the token request until the next refresh; `jitter` is uniform in `[0, 1)`.
-pub fn refresh_in(lifetime: Duration, refresh_before: Duration, jitter: f64) -> Duration {
-    // Twice the skew is at most a fifth of the lifetime, so the lead stays within half of it.
-    let ahead = refresh_before.min(lifetime / 2).max(skew(lifetime) * 2);
-    let at = lifetime - ahead;
-    at - at.mul_f64(0.1 * jitter.clamp(0.0, 1.0))
-}
-
-/// Delay before retry number `failures` (1 for the first), full jitter between
-/// [`MIN_RETRY`] and an exponentially growing cap; at least `retry_after` when given.
-pub fn retry_in(
-    failures: u32,
-    retry_after: Option<Duration>,
-    permanent: bool,
-    jitter: f64,
-) -> Duration {
-    let cap = MIN_RETRY
-        .saturating_mul(1u32 << failures.min(16))
-        .min(MAX_BACKOFF);
-    let mut backoff = cap.mul_f64(jitter.clamp(0.0, 1.0)).max(MIN_RETRY);
-    if permanent {
-        backoff = backoff.max(PERMANENT_RETRY);
-    }
-    match retry_after {
-        Some(r) => backoff.max(r.min(Duration::from_secs(3600))),
-        None => backoff,
-    }
-}
 
 /// Where the refresher gets tokens: the token endpoint, or a script in tests.
 pub trait FetchToken: Send + Sync + 'static {
@@ -86,15 +33,41 @@ impl FetchToken for TokenSource {
     }
 }
 
+/// A failed attempt the refresher is waiting to retry.
+#[derive(Debug)]
+struct Pending {
+    /// When the attempt ended.
+    failed_at: Instant,
+    /// The retry plan, counted from `failed_at`.
+    retry: schedule::Retry,
+    /// Where in [`DEMAND_SPREAD`] a late first waiting request puts the attempt.
+    demand_jitter: f64,
+    /// A request has already waited since the failure, so `retry.wanted` applies.
+    wanted: bool,
+}
+
+impl Pending {
+    /// The attempt time once a request waits, the first time one does.
+    fn on_demand(&mut self, now: Instant) -> Option<Instant> {
+        if std::mem::replace(&mut self.wanted, true) {
+            return None;
+        }
+        let spread = DEMAND_SPREAD.mul_f64(self.demand_jitter);
+        Some((self.failed_at + self.retry.wanted).max(now + spread))
+    }
+}
+
 /// Keeps `slot` filled with a valid token from `source` until `cancel` fires.
 pub async fn run<S: FetchToken>(
     source: Arc<S>,
     slot: Arc<TokenSlot>,
-    refresh_before: Duration,
+    refresh_before: std::time::Duration,
     cancel: CancellationToken,
 ) {
     let mut failures: u32 = 0;
     let mut last_attempt: Option<Instant> = None;
+    let mut pending: Option<Pending> = None;
+    // The first request goes at once: readiness waits for it.
     let mut next = Instant::now();
     // The last error logged at warn/error; repeats of it are logged at debug.
     let mut last_logged: Option<String> = None;
@@ -103,15 +76,44 @@ pub async fn run<S: FetchToken>(
             _ = cancel.cancelled() => return,
             _ = sleep_until(next) => {}
             _ = slot.demanded() => {
-                // A request found no valid token. After failures the backoff (and any
-                // Retry-After) decides; otherwise try now, never faster than MIN_RETRY.
+                // A request found no valid token.
                 let now = Instant::now();
-                if failures > 0 || slot.header_at(now).is_some() {
+                if slot.header_at(now).is_some() {
                     continue;
                 }
+                let at = match pending.as_mut() {
+                    // After a failure: the shorter plan for waiting requests, once.
+                    Some(p) => match p.on_demand(now) {
+                        Some(at) => at,
+                        None => continue,
+                    },
+                    // A token retired after a 401: now, but one request a second at most.
+                    None => last_attempt.map_or(now, |t| t + MIN_RETRY),
+                };
+                if at < next {
+                    next = at;
+                    slot.replan(next);
+                }
+                if next > now {
+                    continue;
+                }
+            }
+            _ = slot.retry_requested() => {
+                // A reload: an operator may have fixed what failed. Retry now, from a fresh
+                // backoff, but never before a Retry-After.
+                let Some(p) = pending.as_mut() else { continue };
+                let now = Instant::now();
                 let earliest = last_attempt.map_or(now, |t| t + MIN_RETRY);
-                if earliest > now {
-                    next = next.min(earliest);
+                next = now.max(earliest).max(p.failed_at + p.retry.not_before);
+                p.wanted = true;
+                failures = 0;
+                slot.replan(next);
+                info!(
+                    credential = %source.name(),
+                    retry_in_secs = (next - now).as_secs_f64(),
+                    "reload: retrying the failing credential"
+                );
+                if next > now {
                     continue;
                 }
             }
@@ -124,39 +126,41 @@ pub async fn run<S: FetchToken>(
             r = source.fetch().instrument(span.clone()) => r,
         };
         let _entered = span.enter();
-        match result {
+        let e = match result {
             Ok(fetched) => {
-                let expires_at = usable_until(fetched.requested_at, fetched.lifetime);
-                let Some(token) = Token::new(&fetched.access_token, expires_at, fetched.lifetime)
-                else {
-                    failures += 1;
-                    let e = TokenError::InvalidResponse(
+                let expires_at = schedule::usable_until(fetched.requested_at, fetched.lifetime);
+                match Token::new(&fetched.access_token, expires_at, fetched.lifetime) {
+                    Some(token) => {
+                        slot.count_fetch("ok");
+                        slot.store(token);
+                        failures = 0;
+                        pending = None;
+                        last_logged = None;
+                        let delay =
+                            schedule::refresh_in(fetched.lifetime, refresh_before, fastrand::f64());
+                        next = fetched.requested_at + delay;
+                        info!(
+                            lifetime_secs = fetched.lifetime.as_secs_f64(),
+                            next_refresh_in_secs = (next - Instant::now()).as_secs_f64(),
+                            "token refreshed"
+                        );
+                        continue;
+                    }
+                    None => TokenError::InvalidResponse(
                         "access_token holds characters not allowed in a header".into(),
-                    );
-                    next = fail(&slot, &e, failures, &mut last_logged);
-                    continue;
-                };
-                slot.count_fetch("ok");
-                slot.store(token);
-                failures = 0;
-                last_logged = None;
-                let delay = refresh_in(fetched.lifetime, refresh_before, fastrand::f64());
-                next = fetched.requested_at + delay;
-                info!(
-                    lifetime_secs = fetched.lifetime.as_secs_f64(),
-                    next_refresh_in_secs = (next - Instant::now()).as_secs_f64(),
-                    "token refreshed"
-                );
+                    ),
+                }
             }
-            Err(e) => {
-                failures += 1;
-                next = fail(&slot, &e, failures, &mut last_logged);
-            }
-        }
+            Err(e) => e,
+        };
+        failures += 1;
+        let p = fail(&slot, &e, failures, &mut last_logged);
+        next = p.failed_at + p.retry.idle;
+        pending = Some(p);
     }
 }
 
-/// Records and logs a failed attempt; returns when to try again. A new error is logged at
+/// Records and logs a failed attempt; returns the plan for the retry. A new error is logged at
 /// `warn` while a valid token is still served and at `error` otherwise; a permanent error
 /// repeated unchanged is logged at `debug`, so a wrong secret is one line, not one a minute.
 fn fail(
@@ -164,21 +168,23 @@ fn fail(
     e: &TokenError,
     failures: u32,
     last_logged: &mut Option<String>,
-) -> Instant {
-    let permanent = e.is_permanent();
-    let mut delay = retry_in(failures, e.retry_after(), permanent, fastrand::f64());
+) -> Pending {
     let now = Instant::now();
     let valid_left = slot
         .current()
         .filter(|t| t.is_valid_at(now))
         .map(|t| t.expires_at() - now);
-    if let (Some(left), false, None) = (valid_left, permanent, e.retry_after()) {
-        // A transient failure with a token still valid: retry while it still is, if possible.
-        delay = delay.min((left / 2).max(MIN_RETRY_BEFORE_EXPIRY));
-    }
+    let permanent = e.is_permanent();
+    let failure = Failure {
+        failures,
+        retry_after: e.retry_after(),
+        permanent,
+        valid_left,
+    };
+    let retry = schedule::retry_in(&failure, fastrand::f64());
     slot.count_fetch(&e.outcome());
     let text = e.to_string();
-    let retry_in_secs = delay.as_secs_f64();
+    let retry_in_secs = retry.idle.as_secs_f64();
     // Compare by kind, not text: Azure puts a fresh trace id and timestamp in every answer.
     let key = e.kind_key();
     if permanent && last_logged.as_deref() == Some(key.as_str()) {
@@ -203,8 +209,13 @@ fn fail(
         }
     }
     *last_logged = Some(key);
-    slot.record_failure(text, now + delay);
-    now + delay
+    slot.record_failure(text, now + retry.idle, now + retry.wanted);
+    Pending {
+        failed_at: now,
+        retry,
+        demand_jitter: fastrand::f64(),
+        wanted: false,
+    }
 }
 
 #[cfg(test)]
@@ -212,6 +223,7 @@ mod tests {
     use super::*;
     use crate::secret::Secret;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     /// Answers token requests from a script and records when each was made.
     struct Script {
@@ -277,6 +289,21 @@ mod tests {
         script.calls(t0)
     }
 
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    /// Waits (paused clock) until the script has seen `n` calls; panics after `limit`.
+    async fn until_calls(script: &Script, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while script.calls.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {:?} calls",
+                script.calls(deadline - limit)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn short_tokens_are_refreshed_before_they_expire() {
         let script = Script::new((0..10).map(|_| Ok(S(2))).collect());
@@ -294,10 +321,10 @@ mod tests {
         task.await.unwrap();
         assert_eq!(gaps, 0, "instants without a valid token");
         let calls = script.calls(t0);
-        assert!(calls.len() >= 6, "{calls:?}");
+        assert!(calls.len() >= 5, "{calls:?}");
         for pair in calls.windows(2) {
             let gap = pair[1] - pair[0];
-            assert!((0.9..=1.0).contains(&gap), "refresh gap {gap} s: {calls:?}");
+            assert!((1.0..=1.1).contains(&gap), "refresh gap {gap} s: {calls:?}");
         }
     }
 
@@ -310,19 +337,35 @@ mod tests {
             Ok(S(600)),
         ]);
         let slot = Arc::new(TokenSlot::new("c"));
-        let calls = attempts(&script, &slot, 330).await;
-        // Refresh due at 300 s minus jitter; then two retries a few seconds apart, then success.
+        let calls = attempts(&script, &slot, 350).await;
+        // Refresh due at 300 s, spread up to 10 % later; then retries after 3-9 s and 6-18 s.
         assert_eq!(calls.len(), 4, "{calls:?}");
-        assert!(calls[1] >= 270.0 && calls[1] <= 300.0, "{calls:?}");
-        assert!(
-            calls[2] - calls[1] >= 1.0 && calls[2] - calls[1] <= 2.0,
-            "{calls:?}"
-        );
-        assert!(
-            calls[3] - calls[2] >= 1.0 && calls[3] - calls[2] <= 4.0,
-            "{calls:?}"
-        );
+        assert!((300.0..=330.0).contains(&calls[1]), "{calls:?}");
+        assert!((3.0..=9.0).contains(&(calls[2] - calls[1])), "{calls:?}");
+        assert!((6.0..=18.0).contains(&(calls[3] - calls[2])), "{calls:?}");
         assert!(slot.header_at(Instant::now()).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_race_the_expiry_a_few_seconds_apart() {
+        // One 60 s token (usable for 54 s), then the endpoint fails for good.
+        let mut answers = vec![Ok(S(60))];
+        answers.extend((0..100).map(|_| Err(rejected(500, None))));
+        let script = Script::new(answers);
+        let slot = Arc::new(TokenSlot::new("c"));
+        let calls = attempts(&script, &slot, 54).await;
+        let before_expiry: Vec<f64> = calls.iter().copied().filter(|t| *t < 54.0).collect();
+        let last = *before_expiry.last().unwrap();
+        assert!(
+            last >= 48.0,
+            "an attempt in the token's last 6 s: {calls:?}"
+        );
+        for pair in calls.windows(2).skip(1) {
+            assert!(
+                pair[1] - pair[0] >= 3.0,
+                "retries 3 s apart at least: {calls:?}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -335,15 +378,18 @@ mod tests {
         let slot = Arc::new(TokenSlot::new("c"));
         let calls = attempts(&script, &slot, 200).await;
         assert_eq!(calls.len(), 3, "{calls:?}");
-        assert!(calls[1] >= 30.0, "Retry-After honoured: {calls:?}");
         assert!(
-            calls[2] - calls[1] >= 60.0,
+            (30.0..=37.5).contains(&calls[1]),
+            "Retry-After, spread: {calls:?}"
+        );
+        assert!(
+            (60.0..=75.0).contains(&(calls[2] - calls[1])),
             "a permanent error waits a minute: {calls:?}"
         );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn waiting_requests_do_not_override_the_backoff() {
+    async fn waiting_requests_do_not_override_retry_after() {
         let script = Script::new(vec![Err(rejected(503, Some(20))), Ok(S(600))]);
         let slot = Arc::new(TokenSlot::new("c"));
         let t0 = Instant::now();
@@ -352,63 +398,103 @@ mod tests {
         // Requests keep arriving during the Retry-After window; each is answered at once.
         for _ in 0..10 {
             tokio::time::sleep(S(1)).await;
+            let asked = Instant::now();
             assert!(slot.wait_for_header(S(5)).await.is_err());
+            assert_eq!(asked.elapsed(), Duration::ZERO);
         }
-        tokio::time::sleep(S(15)).await;
+        tokio::time::sleep(S(20)).await;
         cancel.cancel();
         task.await.unwrap();
         let calls = script.calls(t0);
         assert_eq!(calls.len(), 2, "{calls:?}");
-        assert!(calls[1] >= 20.0, "{calls:?}");
+        assert!((20.0..=25.0).contains(&calls[1]), "{calls:?}");
     }
 
-    const S: fn(u64) -> Duration = Duration::from_secs;
-
-    #[test]
-    fn refreshes_five_minutes_ahead_for_hour_tokens() {
-        assert_eq!(refresh_in(S(3599), S(300), 0.0), S(3299));
-        let jittered = refresh_in(S(3599), S(300), 0.999);
-        assert!(jittered < S(3299) && jittered > S(2960), "{jittered:?}");
+    #[tokio::test(start_paused = true)]
+    async fn waiting_requests_cap_a_long_backoff_at_9_s() {
+        // Five failures with nobody waiting grow the backoff to 40-120 s.
+        let mut answers: Vec<_> = (0..5).map(|_| Err(rejected(500, None))).collect();
+        answers.extend([Err(rejected(500, None)), Ok(S(600))]);
+        let script = Script::new(answers);
+        let slot = Arc::new(TokenSlot::new("c"));
+        let t0 = Instant::now();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        until_calls(&script, 5, S(400)).await;
+        let fifth = *script.calls(t0).last().unwrap();
+        // A request waits from just after the fifth failure: the next attempt comes within
+        // 9 s, not after the backoff; the one after that too.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let asked = Instant::now();
+        let first = slot.wait_for_header(S(10)).await;
+        assert!(first.is_err(), "the sixth attempt fails");
+        assert!(asked.elapsed() <= S(9), "{:?}", asked.elapsed());
+        let header = slot.wait_for_header(S(10)).await;
+        assert!(header.is_ok(), "{header:?}");
+        cancel.cancel();
+        task.await.unwrap();
+        let calls = script.calls(t0);
+        assert_eq!(calls.len(), 7, "{calls:?}");
+        assert!(calls[5] - fifth <= 9.0, "{calls:?}");
+        assert!((3.0..=9.0).contains(&(calls[6] - calls[5])), "{calls:?}");
     }
 
-    #[test]
-    fn short_tokens_refresh_half_way() {
-        assert_eq!(refresh_in(S(2), S(300), 0.0), S(1));
-        assert_eq!(refresh_in(S(30), S(300), 0.0), S(15));
-        assert!(refresh_in(S(2), S(300), 1.0) >= Duration::from_millis(900));
+    #[tokio::test(start_paused = true)]
+    async fn a_late_first_request_starts_an_attempt_within_the_demand_spread() {
+        let mut answers: Vec<_> = (0..4).map(|_| Err(rejected(500, None))).collect();
+        answers.push(Ok(S(600)));
+        let script = Script::new(answers);
+        let slot = Arc::new(TokenSlot::new("c"));
+        let t0 = Instant::now();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        until_calls(&script, 4, S(200)).await;
+        // Long after the fourth failure (backoff 24-72 s), one request arrives and waits.
+        let fourth = *script.calls(t0).last().unwrap();
+        tokio::time::sleep_until(t0 + Duration::from_secs_f64(fourth) + S(20)).await;
+        assert_eq!(script.calls(t0).len(), 4, "the backoff is 24 s at least");
+        let asked = Instant::now();
+        assert!(slot.wait_for_header(S(10)).await.is_ok());
+        assert!(asked.elapsed() <= DEMAND_SPREAD, "{:?}", asked.elapsed());
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(script.calls(t0).len(), 5);
     }
 
-    #[test]
-    fn refresh_always_comes_before_early_expiry() {
-        for secs in [1u64, 2, 5, 30, 600, 3599, 86_400] {
-            let lifetime = S(secs);
-            let t0 = Instant::now();
-            assert!(
-                t0 + refresh_in(lifetime, S(300), 0.0) < usable_until(t0, lifetime),
-                "{secs}"
-            );
-        }
-    }
-
-    #[test]
-    fn skew_is_a_tenth_capped_at_thirty_seconds() {
-        assert_eq!(skew(S(2)), Duration::from_millis(200));
-        assert_eq!(skew(S(3599)), S(30));
-    }
-
-    #[test]
-    fn backoff_grows_is_capped_and_honours_retry_after() {
-        assert_eq!(retry_in(1, None, false, 0.0), MIN_RETRY);
-        assert_eq!(retry_in(1, None, false, 1.0), S(2));
-        assert_eq!(retry_in(3, None, false, 1.0), S(8));
-        assert_eq!(retry_in(30, None, false, 1.0), MAX_BACKOFF);
-        assert_eq!(retry_in(1, Some(S(30)), false, 0.5), S(30));
-        assert_eq!(retry_in(1, Some(S(99_999)), false, 0.5), S(3600));
-    }
-
-    #[test]
-    fn permanent_errors_wait_at_least_a_minute() {
-        assert_eq!(retry_in(1, None, true, 0.0), PERMANENT_RETRY);
-        assert_eq!(retry_in(30, None, true, 1.0), MAX_BACKOFF);
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_retries_a_failing_credential_at_once_but_not_before_retry_after() {
+        let script = Script::new(vec![
+            Err(rejected(401, None)),
+            Ok(S(600)),
+            Err(rejected(429, Some(30))),
+            Ok(S(600)),
+        ]);
+        let slot = Arc::new(TokenSlot::new("c"));
+        let t0 = Instant::now();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(script.clone(), slot.clone(), S(1), cancel.clone()));
+        until_calls(&script, 1, S(1)).await;
+        tokio::time::sleep(S(5)).await;
+        slot.retry_failing();
+        until_calls(&script, 2, S(1)).await;
+        assert!(slot.header_at(Instant::now()).is_some());
+        // A healthy credential ignores it.
+        slot.retry_failing();
+        until_calls(&script, 3, S(600)).await;
+        let third = *script.calls(t0).last().unwrap();
+        slot.retry_failing();
+        until_calls(&script, 4, S(60)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let calls = script.calls(t0);
+        assert!((5.0..5.1).contains(&calls[1]), "{calls:?}");
+        assert!(
+            calls[2] > 480.0,
+            "the healthy one refreshed on schedule: {calls:?}"
+        );
+        assert!(
+            (30.0..30.1).contains(&(calls[3] - third)),
+            "the reload waits out Retry-After, not its spread: {calls:?}"
+        );
     }
 }

@@ -5,9 +5,10 @@
 //! never handed out, whatever the refresher is doing. When no valid token exists a request
 //! waits, bounded, for the attempt in flight (or nudges an idle refresher through `demand`);
 //! it never fetches itself, which keeps one token request in flight per credential. After a
-//! failed attempt, and until the next one starts, such a request is answered at once with the
-//! failure: the refresher's backoff decides when the identity provider is asked again, not the
-//! request rate.
+//! failed attempt, such a request tells the refresher that it waits (which caps the wait at a
+//! few seconds, once) and waits only if the next attempt starts before its deadline; otherwise
+//! it is answered at once with the failure. The refresher's schedule decides when the identity
+//! provider is asked again, not the request rate.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use http::HeaderValue;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::schedule::DEMAND_SPREAD;
 use super::Token;
 
 /// What `/readyz` reports about a credential.
@@ -64,6 +66,10 @@ pub struct TokenSlot {
     demand: Notify,
     /// When the refresher plans its next attempt after a failure (ms since `born`).
     next_attempt_ms: std::sync::atomic::AtomicU64,
+    /// When it would make that attempt once a request waits (ms since `born`).
+    wanted_attempt_ms: std::sync::atomic::AtomicU64,
+    /// A reload asks a failing refresher to retry now.
+    retry_now: Notify,
     /// When an upstream `401` last invalidated a token (ms since `born`, 0: never).
     last_invalidation_ms: std::sync::atomic::AtomicU64,
     born: Instant,
@@ -83,6 +89,8 @@ impl TokenSlot {
             changed: Notify::new(),
             demand: Notify::new(),
             next_attempt_ms: std::sync::atomic::AtomicU64::new(0),
+            wanted_attempt_ms: std::sync::atomic::AtomicU64::new(0),
+            retry_now: Notify::new(),
             last_invalidation_ms: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
             fetches: Default::default(),
@@ -168,13 +176,21 @@ impl TokenSlot {
         self.changed.notify_waiters();
     }
 
-    /// Records a failed attempt (the current token stays) and when the next one is planned,
-    /// and wakes waiting requests.
-    pub fn record_failure(&self, message: String, next_attempt: Instant) {
-        let next_ms = next_attempt
-            .saturating_duration_since(self.born)
-            .as_millis() as u64;
-        self.next_attempt_ms.store(next_ms, Ordering::SeqCst);
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.born).as_millis() as u64
+    }
+
+    fn at_ms(&self, ms: &std::sync::atomic::AtomicU64) -> Instant {
+        self.born + Duration::from_millis(ms.load(Ordering::SeqCst))
+    }
+
+    /// Records a failed attempt (the current token stays), when the next one is planned and
+    /// when it would be once a request waits, and wakes waiting requests.
+    pub fn record_failure(&self, message: String, next_attempt: Instant, if_wanted: Instant) {
+        self.next_attempt_ms
+            .store(self.ms(next_attempt), Ordering::SeqCst);
+        self.wanted_attempt_ms
+            .store(self.ms(if_wanted), Ordering::SeqCst);
         self.last_error.store(Arc::new(Some(message)));
         self.failing.store(true, Ordering::SeqCst);
         self.fetching.store(false, Ordering::SeqCst);
@@ -216,9 +232,27 @@ impl TokenSlot {
         true
     }
 
+    /// The refresher moved its next attempt (a request now waits, or a reload).
+    pub fn replan(&self, next_attempt: Instant) {
+        self.next_attempt_ms
+            .store(self.ms(next_attempt), Ordering::SeqCst);
+        self.wanted_attempt_ms
+            .store(self.ms(next_attempt), Ordering::SeqCst);
+    }
+
     /// Waits until the refresher has been asked for a token (used by the refresher).
     pub async fn demanded(&self) {
         self.demand.notified().await
+    }
+
+    /// Asks a failing refresher to retry now (on reload); no effect on a healthy one.
+    pub fn retry_failing(&self) {
+        self.retry_now.notify_one();
+    }
+
+    /// Waits until a reload asks for a retry (used by the refresher).
+    pub async fn retry_requested(&self) {
+        self.retry_now.notified().await
     }
 
     /// Waits up to `limit` for a valid token from the attempt in flight, or from one an idle
@@ -233,10 +267,15 @@ impl TokenSlot {
             if let Some(h) = self.header_at(Instant::now()) {
                 return Ok(h);
             }
+            // Tells an idle refresher, or one waiting to retry, that a request waits.
+            self.demand.notify_one();
             if self.failing.load(Ordering::SeqCst) && !self.fetching.load(Ordering::SeqCst) {
-                // Wait for the planned retry only if it starts before our deadline.
-                let next =
-                    self.born + Duration::from_millis(self.next_attempt_ms.load(Ordering::SeqCst));
+                // Wait for the retry only if it starts before our deadline. Told that a request
+                // waits, the refresher starts it by the wanted time, or within DEMAND_SPREAD
+                // of now if that has passed.
+                let now = Instant::now();
+                let wanted = self.at_ms(&self.wanted_attempt_ms).max(now + DEMAND_SPREAD);
+                let next = self.at_ms(&self.next_attempt_ms).min(wanted);
                 if next >= deadline {
                     let e = (**self.last_error.load()).clone().unwrap_or_default();
                     return Err(self.unavailable(format!(
@@ -245,7 +284,6 @@ impl TokenSlot {
                     )));
                 }
             }
-            self.demand.notify_one();
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(self.unavailable(format!(
                     "waited {:.1} s for the token endpoint",
@@ -316,6 +354,7 @@ mod tests {
         empty.record_failure(
             "HTTP 401 invalid_client".into(),
             Instant::now() + Duration::from_secs(60),
+            Instant::now() + Duration::from_secs(60),
         );
         let e = waiter.await.unwrap().unwrap_err().to_string();
         assert!(
@@ -330,6 +369,7 @@ mod tests {
         slot.begin_attempt();
         slot.record_failure(
             "connection refused".into(),
+            Instant::now() + Duration::from_secs(60),
             Instant::now() + Duration::from_secs(60),
         );
         let started = Instant::now();
