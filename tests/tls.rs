@@ -57,11 +57,17 @@ fn private_pki() -> Pki {
 /// Terminates TLS (ALPN h2 and http/1.1) on a loopback port and pipes bytes to `backend`,
 /// which speaks both HTTP/1.1 and HTTP/2.
 async fn tls_front(pki: &Pki, backend: SocketAddr) -> (SocketAddr, DropGuard) {
-    tls_front_with(pki, backend, false).await
+    tls_front_with(pki, backend, false, &[b"h2", b"http/1.1"]).await
 }
 
-/// As [`tls_front`]; with `mutual`, only clients with a certificate from the CA get through.
-async fn tls_front_with(pki: &Pki, backend: SocketAddr, mutual: bool) -> (SocketAddr, DropGuard) {
+/// As [`tls_front`]; with `mutual`, only clients with a certificate from the CA get through;
+/// `alpn` is what it offers.
+async fn tls_front_with(
+    pki: &Pki,
+    backend: SocketAddr,
+    mutual: bool,
+    alpn: &[&[u8]],
+) -> (SocketAddr, DropGuard) {
     use rustls::pki_types::pem::PemObject;
     let certs =
         vec![rustls::pki_types::CertificateDer::from_pem_slice(pki.cert_pem.as_bytes()).unwrap()];
@@ -84,7 +90,7 @@ async fn tls_front_with(pki: &Pki, backend: SocketAddr, mutual: bool) -> (Socket
         builder.with_no_client_auth()
     };
     let mut config = builder.with_single_cert(certs, key).unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind(LOOPBACK).await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -172,9 +178,31 @@ async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
     );
     assert_eq!(reply.json()["target"], "/base/x?y=1");
     let rec = &api.state().records()[0];
-    assert_eq!(rec.version, Version::HTTP_2, "ALPN chose h2");
+    // A bodiless GET takes the lean exchange, HTTP/1.1 over TLS (ALPN http/1.1).
+    assert_eq!(rec.version, Version::HTTP_11, "the lean exchange over TLS");
+    assert_eq!(rec.headers["host"], format!("localhost:{}", api_tls.port()));
     assert!(rec.token_was_current);
     assert_eq!(idp.state().request_count(), 1);
+
+    // A request with a body goes through hyper's client, and ALPN picks h2. The upstream's
+    // authority goes as `:authority` alone: nginx before 1.29 refuses a `Host` beside it.
+    let post = http::Request::post(format!("http://{}/base/y", proxy.route_addrs()[0]))
+        .header("host", "client.example")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"data",
+        )))
+        .unwrap();
+    let reply = send(&client(), post).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let rec = api.state().records().pop().unwrap();
+    assert_eq!(rec.version, Version::HTTP_2, "ALPN chose h2");
+    assert!(rec.headers.get("host").is_none(), "{:?}", rec.headers);
+    assert_eq!(rec.body_bytes, 4);
 
     // A WebSocket upgrade to the same h2-capable upstream goes over HTTP/1.1.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -207,7 +235,7 @@ async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
     let mut echoed = [0u8; 8];
     stream.read_exact(&mut echoed).await.unwrap();
     assert_eq!(&echoed, b"over tls");
-    assert_eq!(api.state().records()[1].version, Version::HTTP_11);
+    assert_eq!(api.state().records()[2].version, Version::HTTP_11);
 }
 
 #[tokio::test]
@@ -255,6 +283,11 @@ async fn certificates_are_verified_without_the_private_ca() {
     let reply = get(proxy.route_addrs()[0], "/x").await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.json()["error"], "upstream_unavailable");
+    let message = reply.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("invalid peer certificate"),
+        "the answer names the cause: {message}"
+    );
     assert!(api.state().records().is_empty());
     drop(ca_file);
 }
@@ -371,7 +404,7 @@ async fn mutual_tls_presents_the_routes_client_certificate() {
     let key_file = temp_file("client-key.pem", &pki.client_key_pem);
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
-    let (api_tls, _front) = tls_front_with(&pki, api.addr(), true).await;
+    let (api_tls, _front) = tls_front_with(&pki, api.addr(), true, &[b"h2", b"http/1.1"]).await;
     let upstream = format!("https://localhost:{}/base", api_tls.port());
     let ca = format!("ca_file = \"{}\"", ca_file.display());
     let with_cert = format!(
@@ -455,5 +488,42 @@ async fn a_changed_ca_file_is_picked_up_without_a_restart() {
             "still {status} 10 s after the change"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_speaks_only_h2_gets_bodiless_requests_over_h2() {
+    // The lean exchange offers only http/1.1; this upstream refuses it in the handshake.
+    // Nothing was sent, so the request goes through hyper's client (h2), and so do later ones.
+    let pki = private_pki();
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (api_tls, _front) = tls_front_with(&pki, api.addr(), false, &[b"h2"]).await;
+    let ca_file = temp_file("ca.pem", &pki.ca_pem);
+    let text = format!(
+        "{}{}",
+        credential("api", &token_proxy::demo::token_url(&idp), ""),
+        route(
+            &format!("https://localhost:{}/base", api_tls.port()),
+            "api",
+            &format!("ca_file = \"{}\"", ca_file.display())
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    for path in ["/first", "/second", "/third"] {
+        let reply = get(proxy.route_addrs()[0], path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{path}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert_eq!(reply.json()["target"], format!("/base{path}"));
+    }
+    let records = api.state().records();
+    assert_eq!(records.len(), 3);
+    for rec in &records {
+        assert_eq!(rec.version, Version::HTTP_2);
+        assert!(rec.headers.get("host").is_none(), "{:?}", rec.headers);
     }
 }

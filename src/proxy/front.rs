@@ -1,5 +1,6 @@
 //! The front door: a lean HTTP/1.1 server for the commonest request, a bodiless `GET`,
-//! `HEAD`, `DELETE` or `OPTIONS` to a route with a plain-`http` upstream.
+//! `HEAD`, `DELETE` or `OPTIONS` to a route with the lean path (a plain-`http` upstream, or
+//! an `https` one that speaks HTTP/1.1).
 //!
 //! Why: with the upstream side already lean (`raw.rs`), callgrind put about 40 % of a proxied
 //! GET's instructions in hyper's server dispatcher (its buffers, its state machine, the
@@ -19,8 +20,8 @@
 //! (`gate.rs`), which holds every later request on the connection to the same rules: a
 //! request with a body (`Content-Length` other than 0, `Transfer-Encoding`, `Expect`), an
 //! `Upgrade`, another HTTP version (h2c's preface included), a target that is not plain
-//! origin-form. On a route without the lean path (an `https` upstream), every valid head goes
-//! to hyper that way.
+//! origin-form. On a route without the lean path (an `https` upstream through a forward
+//! proxy, or one that refused `http/1.1`), every valid head goes to hyper that way.
 //!
 //! The same rules as hyper's hold here: `header_read_timeout` bounds each head (and the idle
 //! time before it); `Connection: close` is answered with `connection: close` and the
@@ -90,9 +91,10 @@ where
     let mut stopped = pin!(stop.cancelled());
     let mut header_timer = Deadline::new(limits.header_read_timeout);
     let mut response_timer = service.response_deadline();
-    let lean = service.has_lean_path();
     let mut served = false;
     loop {
+        // Looked at per request: an `https` upstream that refuses `http/1.1` turns it off.
+        let lean = service.has_lean_path();
         let request = match read_head(
             &mut io,
             &mut buf,
@@ -138,15 +140,18 @@ where
             .handle_front(&view, &mut up, &mut client, &mut response_timer)
             .await;
         let trailers = std::mem::take(&mut client.trailers);
-        buf.advance(request.len);
         let head_only = request.method == Method::HEAD;
         let written = match answer {
             FrontAnswer::Streaming { body, framing } => {
+                buf.advance(request.len);
                 write_body(&mut io, &mut out, body, framing, &trailers).await
             }
             FrontAnswer::Response(response) => {
+                buf.advance(request.len);
                 write_response(&mut io, &mut out, response, head_only, request.te, close).await
             }
+            // Nothing went upstream: hyper reads this request again, from its first byte.
+            FrontAnswer::ToHyper => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
         };
         if written.is_err() {
             return Outcome::Closed;

@@ -128,13 +128,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, streamed: bool) 
 }
 
 /// Readies client request headers for the upstream: hop-by-hop removed, the token stamped
-/// (replacing whatever `Authorization` the client sent), `Host` set to the upstream's, and
-/// our `Via` entry added if `via`. `HTTP2-Settings` never goes on: it belongs to an `h2c`
-/// upgrade, which is never tunnelled.
+/// (replacing whatever `Authorization` the client sent), `Host` set to the upstream's (or,
+/// with `None`, removed: hyper-util's client sets it from the URI on HTTP/1.1, and on HTTP/2
+/// the URI's authority goes as `:authority`, where a `Host` beside it is refused by nginx
+/// before 1.29 as a duplicate), and our `Via` entry added if `via`. `HTTP2-Settings` never
+/// goes on: it belongs to an `h2c` upgrade, which is never tunnelled.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     authorization: HeaderValue,
-    host: &HeaderValue,
+    host: Option<&HeaderValue>,
     upgrade: bool,
     streamed: bool,
     via: bool,
@@ -145,7 +147,10 @@ pub fn prepare_request(
     }
     headers.remove(&HTTP2_SETTINGS);
     headers.insert(AUTHORIZATION, authorization);
-    headers.insert(HOST, host.clone());
+    match host {
+        Some(host) => headers.insert(HOST, host.clone()),
+        None => headers.remove(HOST),
+    };
     if via {
         headers.append(http::header::VIA, via_entry().clone());
     }
@@ -372,7 +377,7 @@ mod tests {
         prepare_request(
             &mut h,
             HeaderValue::from_static("Bearer t"),
-            &HeaderValue::from_static("up:1"),
+            Some(&HeaderValue::from_static("up:1")),
             false,
             false,
             true,
@@ -394,7 +399,7 @@ mod tests {
         prepare_request(
             &mut h,
             HeaderValue::from_static("Bearer ours"),
-            &HeaderValue::from_static("up"),
+            Some(&HeaderValue::from_static("up")),
             false,
             false,
             true,
@@ -415,7 +420,7 @@ mod tests {
         prepare_request(
             &mut h,
             HeaderValue::from_static("Bearer t"),
-            &HeaderValue::from_static("up"),
+            Some(&HeaderValue::from_static("up")),
             true,
             false,
             true,
@@ -432,7 +437,7 @@ mod tests {
         prepare_request(
             &mut h,
             HeaderValue::from_static("Bearer t"),
-            &HeaderValue::from_static("up"),
+            Some(&HeaderValue::from_static("up")),
             false,
             false,
             true,
@@ -465,7 +470,7 @@ mod tests {
         prepare_request(
             &mut h,
             HeaderValue::from_static("Bearer t"),
-            &HeaderValue::from_static("up"),
+            Some(&HeaderValue::from_static("up")),
             false,
             false,
             false,

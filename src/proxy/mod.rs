@@ -7,7 +7,8 @@
 //!   what the listener hands a connection to;
 //! - [`service`]: client checks, request -> upstream request -> response, the `401` replay;
 //! - [`body`]: the response body on its way to the client;
-//! - [`pool`]: upstream connections; [`raw`]: the lean exchange on them;
+//! - [`pool`]: upstream connections; [`raw`]: the lean exchange on them, over [`stream`]
+//!   (TCP, or TLS over TCP);
 //! - [`upload`]: the request body on its way upstream;
 //! - [`headers`]: header hygiene as pure functions; [`codec`]: HTTP/1.1 syntax and framing,
 //!   the rules both paths follow;
@@ -23,6 +24,7 @@ pub mod headers;
 pub mod pool;
 pub mod raw;
 pub mod service;
+pub mod stream;
 pub mod upload;
 
 use bytes::Bytes;

@@ -1,4 +1,4 @@
-//! A per-thread pool of HTTP/1.1 connections to one plain-`http` upstream.
+//! A per-thread pool of HTTP/1.1 connections to one upstream.
 //!
 //! Why not hyper-util's pool: it keeps idle connections in one `Mutex`'d map keyed by a
 //! SipHashed scheme and authority, and spawns a task per request to hand a connection back;
@@ -21,8 +21,11 @@
 //! the next client's answer, and each later client would get the answer of the one before.
 //! (hyper's client connections watch for this themselves: their task reads while idle.)
 //!
-//! HTTPS upstreams, where TLS dominates the cost and ALPN may choose HTTP/2, and upgrades
-//! (WebSocket) keep hyper-util's client.
+//! For an `https` upstream the pool keeps only lean connections (TLS over TCP, ALPN
+//! `http/1.1`, see `stream.rs`), for bodiless requests; requests with bodies, which may ride
+//! HTTP/2, and upgrades (WebSocket) keep hyper-util's client. An upstream that refuses
+//! `http/1.1` by ALPN (one that speaks only HTTP/2) turns the lean path off for the route:
+//! that request, and every later one, goes through hyper-util's client.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -30,17 +33,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::raw::{ClientFraming, ClientHead, Done, RawBody, RawConn, RawError, Reuse};
+use super::stream::UpstreamStream;
 use super::upload::UpstreamBody;
 
 /// Idle connections kept per thread and route; more are closed when they come back.
@@ -68,6 +74,24 @@ pub enum SendError {
     /// The lean exchange of a bodiless request failed.
     #[error("{0}")]
     Raw(#[source] RawError),
+    /// The TLS handshake with the upstream failed (its certificate, most often).
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The upstream refused `http/1.1` by ALPN: nothing was sent, and the route's lean path is
+    /// now off, so the request goes through hyper-util's client.
+    #[error("the upstream refused HTTP/1.1 (ALPN)")]
+    Http11Refused,
+}
+
+/// TLS for an `https` pool: the client settings (swapped when the route's TLS files change)
+/// and the name the upstream's certificate must hold.
+#[derive(Debug)]
+pub struct PoolTls {
+    /// The route's TLS client settings, ALPN `http/1.1` only; swapped by the watcher of the
+    /// route's TLS files, for new connections.
+    pub config: Arc<ArcSwap<rustls::ClientConfig>>,
+    /// The upstream's host, as its certificate names it.
+    pub server_name: ServerName<'static>,
 }
 
 /// The pool of one route. Dropping it closes its idle connections on every thread.
@@ -91,6 +115,10 @@ struct Shared {
     /// nobody writes, where `closed.is_cancelled()` would lock a mutex that all the workers
     /// share and pull its cache line from core to core on every request.
     dropped: AtomicBool,
+    /// For an `https` upstream.
+    tls: Option<PoolTls>,
+    /// The upstream refused `http/1.1` by ALPN: no more lean connections.
+    http11_refused: AtomicBool,
 }
 
 /// Where to connect: an address as configured, or a host name resolved at each connect.
@@ -278,8 +306,36 @@ impl Http1Pool {
                 epoch: Instant::now(),
                 closed: CancellationToken::new(),
                 dropped: AtomicBool::new(false),
+                tls: None,
+                http11_refused: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// A pool of lean TLS connections to the `https` upstream `host:port`.
+    pub fn with_tls(
+        host: &str,
+        port: u16,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        tls: PoolTls,
+    ) -> Http1Pool {
+        let mut pool = Http1Pool::new(host, port, connect_timeout, idle_timeout);
+        Arc::get_mut(&mut pool.shared)
+            .expect("a new pool is not shared")
+            .tls = Some(tls);
+        pool
+    }
+
+    /// Whether this pool's connections are TLS (then only bodiless requests use it).
+    pub fn is_tls(&self) -> bool {
+        self.shared.tls.is_some()
+    }
+
+    /// Whether bodiless requests may take the lean exchange: not after the upstream refused
+    /// `http/1.1` by ALPN.
+    pub fn takes_bodiless(&self) -> bool {
+        !self.shared.http11_refused.load(Ordering::Relaxed)
     }
 
     /// Sends `req` (origin-form target, `Host` set) on an idle connection of this thread, or
@@ -366,7 +422,7 @@ impl Http1Pool {
     async fn raw_conn(&self) -> Result<(RawConn, bool, Done), SendError> {
         Ok(match self.checkout_raw() {
             (Some(conn), done) => (conn, true, done),
-            (None, done) => (RawConn::new(self.connect_stream().await?), false, done),
+            (None, done) => (RawConn::new(self.connect_lean().await?), false, done),
         })
     }
 
@@ -421,6 +477,35 @@ impl Http1Pool {
         Ok(stream)
     }
 
+    /// A new connection for the lean exchange: TCP, then TLS for an `https` upstream, both
+    /// within the connect timeout.
+    async fn connect_lean(&self) -> Result<UpstreamStream, SendError> {
+        let shared = &self.shared;
+        let Some(tls) = &shared.tls else {
+            return Ok(self.connect_stream().await?.into());
+        };
+        let handshake = async {
+            let tcp = self.connect_stream().await?;
+            let connector = tokio_rustls::TlsConnector::from(tls.config.load_full());
+            connector
+                .connect(tls.server_name.clone(), tcp)
+                .await
+                .map_err(|e| {
+                    if refused_http11(&e) {
+                        shared.http11_refused.store(true, Ordering::Relaxed);
+                        debug!("the upstream refused http/1.1 by ALPN: its bodiless requests go through hyper's client");
+                        SendError::Http11Refused
+                    } else {
+                        SendError::Tls(e)
+                    }
+                })
+        };
+        let stream = tokio::time::timeout(shared.connect_timeout, handshake)
+            .await
+            .map_err(|_| SendError::ConnectTimeout(shared.connect_timeout.as_secs_f64()))??;
+        Ok(stream.into())
+    }
+
     /// A new connection, driven by its own task until it closes.
     async fn connect(&self) -> Result<Conn, SendError> {
         let shared = &self.shared;
@@ -435,6 +520,20 @@ impl Http1Pool {
         tokio::spawn(drive(connection, state.clone(), shared.clone()));
         Ok(Conn { sender, state })
     }
+}
+
+/// Whether a failed handshake says the upstream would not speak `http/1.1`: its
+/// `no_application_protocol` alert, or an ALPN answer we did not offer.
+fn refused_http11(e: &std::io::Error) -> bool {
+    use rustls::{AlertDescription, Error, PeerMisbehaved};
+    matches!(
+        e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()),
+        Some(Error::AlertReceived(
+            AlertDescription::NoApplicationProtocol
+        )) | Some(Error::PeerMisbehaved(
+            PeerMisbehaved::SelectedUnofferedApplicationProtocol
+        ))
+    )
 }
 
 /// Runs one connection until it fails, the upstream closes it, it has been idle for the

@@ -1,5 +1,6 @@
 //! A lean HTTP/1.1 exchange for the commonest proxied request: one without a body (`GET`,
-//! `HEAD`, `DELETE`, `OPTIONS`) to a plain-`http` upstream.
+//! `HEAD`, `DELETE`, `OPTIONS`), to a plain-`http` upstream or over TLS to an `https` one
+//! (`stream.rs`): the same bytes and rules either way.
 //!
 //! Why: through hyper's client, such a request crosses a channel to a connection task, which
 //! encodes it, parses the answer into a second channel, and is woken several times; callgrind
@@ -27,9 +28,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::stream::{Idle, UpstreamStream};
 use super::{codec, headers};
 
 /// Largest response head (and trailer section) accepted: nginx's default is one 4 or 8 KiB
@@ -67,7 +68,7 @@ pub struct RawConn(Box<ConnState>);
 /// What a [`RawConn`] holds.
 #[derive(Debug)]
 pub struct ConnState {
-    stream: TcpStream,
+    stream: UpstreamStream,
     /// Bytes read and not yet used.
     buf: BytesMut,
     /// The request head being written (kept to reuse its allocation).
@@ -94,10 +95,10 @@ impl std::ops::DerefMut for RawConn {
 }
 
 impl RawConn {
-    /// A fresh connection over `stream`.
-    pub fn new(stream: TcpStream) -> RawConn {
+    /// A fresh connection over `stream` (TCP, or TLS over TCP).
+    pub fn new(stream: impl Into<UpstreamStream>) -> RawConn {
         RawConn(Box::new(ConnState {
-            stream,
+            stream: stream.into(),
             buf: BytesMut::new(),
             out: Vec::new(),
             reused: false,
@@ -113,22 +114,21 @@ impl RawConn {
     /// answer; an end of stream means the upstream closed it. Either way it must go.
     ///
     /// Nearly free: tokio keeps the socket's readiness, so while no event came since the last
-    /// read drained it, this makes no system call.
+    /// read drained it, this makes no system call (see [`UpstreamStream::idle_state`]).
     pub fn is_quiet(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.0.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            Ok(0) => {
+        match self.0.stream.idle_state() {
+            Idle::Quiet => true,
+            Idle::Closed => {
                 tracing::debug!("idle upstream connection was closed by the upstream");
                 false
             }
-            Ok(_) => {
+            Idle::Stray => {
                 tracing::debug!(
                     "idle upstream connection got bytes no request asked for: closing it"
                 );
                 false
             }
-            Err(e) => {
+            Idle::Failed(e) => {
                 tracing::debug!(error = %e, "idle upstream connection failed");
                 false
             }
@@ -206,7 +206,12 @@ impl RawConn {
     /// Writes `request` and reads up to a complete final response head (left in the buffer).
     async fn roundtrip(&mut self, request: &[u8], method: &Method) -> Result<Head, RawError> {
         let state = &mut *self.0;
-        if let Err(e) = state.stream.write_all(request).await {
+        // Over TLS the records are written by the flush (a no-op over TCP).
+        let written = match state.stream.write_all(request).await {
+            Ok(()) => state.stream.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             return Err(if state.reused {
                 RawError::Stale
             } else {
@@ -818,7 +823,7 @@ mod tests {
     /// A connection to an [`upstream`] answering `answers`, whose record is not looked at.
     async fn connected(answers: Vec<&'static [u8]>, close: bool) -> RawConn {
         let (addr, _seen) = upstream(answers, close).await;
-        RawConn::new(TcpStream::connect(addr).await.unwrap())
+        RawConn::new(tokio::net::TcpStream::connect(addr).await.unwrap())
     }
 
     fn parts(method: Method, target: &str) -> request::Parts {
@@ -873,7 +878,7 @@ mod tests {
             false,
         )
         .await;
-        let conn = RawConn::new(TcpStream::connect(addr).await.unwrap());
+        let conn = RawConn::new(tokio::net::TcpStream::connect(addr).await.unwrap());
         let (r, body, _, conn) = fetch(conn, Method::GET).await;
         assert_eq!((r.status(), &body[..]), (StatusCode::OK, &b"hello"[..]));
         assert_eq!(r.headers()["x-a"], "1");

@@ -57,14 +57,19 @@ struct Clients {
     main: UpstreamClient,
     /// HTTP/1.1 `Upgrade` (WebSocket) requests, which cannot ride an HTTP/2 connection.
     upgrade: UpstreamClient,
+    /// The same TLS settings for the pool's lean connections: ALPN `http/1.1` only.
+    lean: Arc<rustls::ClientConfig>,
 }
 
 impl Clients {
     fn build(route: &RouteConfig) -> Result<Clients, tls::TlsError> {
         let tls = tls::client_config(route.ca_file.as_deref(), route.client_identity.as_ref())?;
+        let mut lean = tls.clone();
+        lean.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Clients {
             main: upstream_client(route, tls.clone(), true),
             upgrade: upstream_client(route, tls, false),
+            lean: Arc::new(lean),
         })
     }
 }
@@ -87,7 +92,8 @@ struct Inner {
     /// Forwarded requests carry our `Via`.
     via: bool,
     slot: Arc<TokenSlot>,
-    /// Plain `http` upstreams: the per-thread HTTP/1.1 pool, the fast path.
+    /// The per-thread HTTP/1.1 pool, the fast path: every request to a plain `http`
+    /// upstream; the bodiless ones to an `https` upstream (not through a forward proxy).
     pool: Option<Http1Pool>,
     /// The forward proxy to the upstream: a plain-http upstream's requests go to it in
     /// absolute form with its credentials; errors name it.
@@ -161,6 +167,9 @@ pub enum FrontAnswer {
     },
     /// A response of the proxy's own (an error), written as it is.
     Response(Response<ProxyBody>),
+    /// Nothing was sent (the upstream refused `http/1.1` by ALPN): hyper serves the request,
+    /// and the route's lean path is off from now on.
+    ToHyper,
 }
 
 /// Forwards requests of one route to its upstream with its credential's token. One clone
@@ -202,7 +211,8 @@ fn upstream_client(route: &RouteConfig, tls: rustls::ClientConfig, http2: bool) 
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .set_host(false)
+        // `Host` from the URI on HTTP/1.1 only; HTTP/2 carries it as `:authority`.
+        .set_host(true)
         .build(connector)
 }
 
@@ -215,20 +225,42 @@ impl ProxyService {
         tunnels: TaskTracker,
         cancel: CancellationToken,
     ) -> Result<ProxyService, tls::TlsError> {
-        let clients = Arc::new(ArcSwap::from_pointee(Clients::build(route)?));
+        let built = Clients::build(route)?;
         let upstream = &route.upstream;
-        let pool = (upstream.scheme == http::uri::Scheme::HTTP).then(|| {
+        let host = upstream.authority.host();
+        let lean_tls = Arc::new(ArcSwap::new(built.lean.clone()));
+        let pool = if upstream.scheme == http::uri::Scheme::HTTP {
             // Through a forward proxy, the pool's connections go to the proxy, and requests
             // carry the absolute URI (and the proxy's credentials).
             let (host, port) = match &route.proxy {
                 Some(p) => p.host_port(),
-                None => (
-                    upstream.authority.host(),
-                    upstream.authority.port_u16().unwrap_or(80),
-                ),
+                None => (host, upstream.authority.port_u16().unwrap_or(80)),
             };
-            Http1Pool::new(host, port, route.connect_timeout, POOL_IDLE_TIMEOUT)
-        });
+            Some(Http1Pool::new(
+                host,
+                port,
+                route.connect_timeout,
+                POOL_IDLE_TIMEOUT,
+            ))
+        } else {
+            // HTTPS: lean TLS connections, unless a forward proxy's tunnel is needed.
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(bare.to_owned()).ok();
+            match (&route.proxy, name) {
+                (None, Some(server_name)) => Some(Http1Pool::with_tls(
+                    host,
+                    upstream.authority.port_u16().unwrap_or(443),
+                    route.connect_timeout,
+                    POOL_IDLE_TIMEOUT,
+                    pool::PoolTls {
+                        config: lean_tls.clone(),
+                        server_name,
+                    },
+                )),
+                _ => None,
+            }
+        };
+        let clients = Arc::new(ArcSwap::from_pointee(built));
         let inner = Arc::new(Inner {
             metrics,
             access_log: route.access_log,
@@ -265,6 +297,7 @@ impl ProxyService {
                 tls_files,
                 route.clone(),
                 inner.clients.clone(),
+                lean_tls,
                 inner.retired.clone(),
             ));
         }
@@ -305,9 +338,13 @@ impl ProxyService {
     }
 
     /// Whether the front door (`front.rs`) may take this route's bodiless HTTP/1.1 requests:
-    /// they can go through the lean exchange (a plain-`http` upstream).
+    /// they can go through the lean exchange (a plain-`http` upstream, or an `https` one that
+    /// has not refused `http/1.1`).
     pub fn has_lean_path(&self) -> bool {
-        self.inner.pool.is_some()
+        self.inner
+            .pool
+            .as_ref()
+            .is_some_and(Http1Pool::takes_bodiless)
     }
 
     /// Handles a bodiless `GET`, `HEAD`, `DELETE` or `OPTIONS` read by the front door, as
@@ -335,7 +372,8 @@ impl ProxyService {
                 body.finish_with(access, status);
                 FrontAnswer::Streaming { body, framing }
             }
-            Err(e) => {
+            Err(Bodiless::Http11Refused) => FrontAnswer::ToHyper,
+            Err(Bodiless::Failed(e)) => {
                 client.out.clear();
                 FrontAnswer::Response(self.respond(access, Err(e)))
             }
@@ -487,19 +525,40 @@ impl ProxyService {
             && size.is_some_and(|n| n <= inner.replay_max_body_bytes);
 
         let (mut parts, body) = req.into_parts();
+        // The commonest request, bodiless and idempotent, takes the lean exchange (raw.rs)
+        // where the route has it. Its head stays here, so a 401 replay needs no copy.
+        let bodiless_idempotent = size == Some(0) && is_bodiless_method(&parts.method);
+        let lean = (!upgrade && bodiless_idempotent)
+            .then_some(inner.pool.as_ref())
+            .flatten()
+            .filter(|p| p.takes_bodiless());
         // The pool speaks to one upstream and sends the origin-form target; hyper-util's
         // client takes the absolute URI and does the same on the wire.
-        let pooled = !upgrade && inner.pool.is_some();
+        let pooled = lean.is_some() || (!upgrade && self.hyper_pool().is_some());
         self.prepare(&mut parts, authorization.clone(), pooled, upgrade, streamed)?;
 
-        // The commonest request, bodiless and idempotent to a plain-http upstream, takes the
-        // lean exchange (raw.rs). Its head stays here, so a 401 replay needs no copy.
-        let bodiless_idempotent = size == Some(0) && is_bodiless_method(&parts.method);
-        if let (true, Some(pool)) = (pooled && bodiless_idempotent, &inner.pool) {
-            drop(body);
-            let mut response = self.exchange_bodiless(pool, parts, &authorization).await?;
-            self.relocate(response.headers_mut(), client_host.as_ref());
-            return Ok(response);
+        if let Some(pool) = lean {
+            match self
+                .exchange_bodiless(pool, &mut parts, &authorization)
+                .await
+            {
+                Err(Bodiless::Http11Refused) => {
+                    // Nothing was sent: the request goes through hyper-util's client, which
+                    // takes the absolute URI (an `https` pool has no forward proxy).
+                    parts.uri = http::Uri::builder()
+                        .scheme(inner.upstream.scheme.clone())
+                        .authority(inner.upstream.authority.clone())
+                        .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+                        .build()
+                        .map_err(|e| ProxyError::BadRequest(format!("target: {e}")))?;
+                    parts.headers.remove(http::header::HOST);
+                }
+                Err(Bodiless::Failed(e)) => return Err(e),
+                Ok(mut response) => {
+                    self.relocate(response.headers_mut(), client_host.as_ref());
+                    return Ok(response);
+                }
+            }
         }
 
         let (body, replay) = if replayable {
@@ -604,7 +663,7 @@ impl ProxyService {
         client: &mut ClientHead<'_>,
         timer: &mut Deadline,
         now: Instant,
-    ) -> Result<(StatusCode, RawBody, ClientFraming), ProxyError> {
+    ) -> Result<(StatusCode, RawBody, ClientFraming), Bodiless> {
         let inner = &*self.inner;
         self.admit_client(req.values(b"proxy-authorization").next())?;
         let hosts = req.values(b"host").count();
@@ -613,7 +672,8 @@ impl ProxyService {
             // The front door only serves routes with a pool (`has_lean_path`).
             return Err(ProxyError::BadRequest(
                 "this route takes no requests through the front door".into(),
-            ));
+            )
+            .into());
         };
         // The token is written from the slot without a clone; only when none is valid does
         // the request wait for one (and own it).
@@ -724,12 +784,13 @@ impl ProxyService {
         client: &mut ClientHead<'_>,
         timer: &mut Deadline,
         now: Instant,
-    ) -> Result<(StatusCode, RawBody, ClientFraming), ProxyError> {
+    ) -> Result<(StatusCode, RawBody, ClientFraming), Bodiless> {
         let inner = &*self.inner;
         let sent = pin!(pool.send_for_client(head, method, client));
         match timer.bound(now, sent).await {
-            Some(r) => r.map_err(|e| pool_error(inner, &e)),
-            None => Err(self.response_timed_out()),
+            Some(Err(pool::SendError::Http11Refused)) => Err(Bodiless::Http11Refused),
+            Some(r) => r.map_err(|e| Bodiless::Failed(pool_error(inner, &e))),
+            None => Err(Bodiless::Failed(self.response_timed_out())),
         }
     }
 
@@ -773,7 +834,7 @@ impl ProxyService {
         headers::prepare_request(
             &mut parts.headers,
             authorization,
-            &inner.upstream.host_header,
+            pooled.then_some(&inner.upstream.host_header),
             upgrade,
             streamed,
             inner.via,
@@ -824,17 +885,17 @@ impl ProxyService {
     async fn exchange_bodiless(
         &self,
         pool: &Http1Pool,
-        mut parts: http::request::Parts,
+        parts: &mut http::request::Parts,
         authorization: &http::HeaderValue,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, Bodiless> {
         let inner = &*self.inner;
-        let mut response = self.send_bodiless(pool, &parts).await?;
+        let mut response = self.send_bodiless(pool, parts).await?;
         if response.status() == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
             if let Some(fresh) = self.token_after_401(authorization.as_bytes()).await {
                 debug!("upstream answered 401: replaying once with a new token");
                 inner.metrics.replay_401();
                 parts.headers.insert(http::header::AUTHORIZATION, fresh);
-                response = self.send_bodiless(pool, &parts).await?;
+                response = self.send_bodiless(pool, parts).await?;
             }
         }
         // Its hop-by-hop fields are already out (see raw.rs).
@@ -863,12 +924,19 @@ impl ProxyService {
         &self,
         pool: &Http1Pool,
         parts: &http::request::Parts,
-    ) -> Result<Response<super::raw::RawBody>, ProxyError> {
+    ) -> Result<Response<super::raw::RawBody>, Bodiless> {
         let inner = &*self.inner;
         match tokio::time::timeout(inner.response_timeout, pool.send_bodiless(parts)).await {
-            Ok(r) => r.map_err(|e| pool_error(inner, &e)),
-            Err(_) => Err(self.response_timed_out()),
+            Ok(Err(pool::SendError::Http11Refused)) => Err(Bodiless::Http11Refused),
+            Ok(r) => r.map_err(|e| Bodiless::Failed(pool_error(inner, &e))),
+            Err(_) => Err(Bodiless::Failed(self.response_timed_out())),
         }
+    }
+
+    /// The pool that takes this route's requests through hyper's HTTP/1.1 connections: a
+    /// plain-`http` upstream's (an `https` pool holds lean connections only).
+    fn hyper_pool(&self) -> Option<&Http1Pool> {
+        self.inner.pool.as_ref().filter(|p| !p.is_tls())
     }
 
     /// The answer when the upstream sent no response head in time.
@@ -896,7 +964,7 @@ impl ProxyService {
             stale: false,
         };
         let sent = async {
-            match &inner.pool {
+            match self.hyper_pool() {
                 Some(pool) if !upgrade => pool.send(req, fresh).await.map_err(|e| SendFailed {
                     stale: matches!(e, pool::SendError::Stale(_)),
                     error: pool_error(inner, &e),
@@ -946,6 +1014,21 @@ impl ProxyService {
     }
 }
 
+/// Why the lean exchange of a bodiless request gave no response.
+enum Bodiless {
+    /// The upstream refused `http/1.1` by ALPN before anything was sent: hyper's client
+    /// takes the request instead.
+    Http11Refused,
+    /// The answer to the client.
+    Failed(ProxyError),
+}
+
+impl From<ProxyError> for Bodiless {
+    fn from(e: ProxyError) -> Bodiless {
+        Bodiless::Failed(e)
+    }
+}
+
 /// A failed send; `stale` when a kept-alive connection turned out closed after the request
 /// went out on it, so that an idempotent request may be sent again.
 struct SendFailed {
@@ -987,6 +1070,7 @@ async fn watch_tls_files(
     files: Vec<PathBuf>,
     route: RouteConfig,
     clients: Arc<ArcSwap<Clients>>,
+    lean: Arc<ArcSwap<rustls::ClientConfig>>,
     stop: CancellationToken,
 ) {
     let stamp = || files.iter().map(|f| tls::file_stamp(f)).collect::<Vec<_>>();
@@ -1006,6 +1090,7 @@ async fn watch_tls_files(
             Ok(Ok(new)) => {
                 seen = now;
                 failing = false;
+                lean.store(new.lean.clone());
                 clients.store(Arc::new(new));
                 tracing::info!("upstream TLS files changed: new connections use them");
             }
@@ -1098,7 +1183,10 @@ fn client_error(inner: &Inner, e: &hyper_util::client::legacy::Error) -> ProxyEr
 fn pool_error(inner: &Inner, e: &pool::SendError) -> ProxyError {
     let connect = matches!(
         e,
-        pool::SendError::Connect(_) | pool::SendError::ConnectTimeout(_)
+        pool::SendError::Connect(_)
+            | pool::SendError::ConnectTimeout(_)
+            | pool::SendError::Tls(_)
+            | pool::SendError::Http11Refused
     );
     upstream_error(inner, e, connect)
 }
