@@ -2,9 +2,10 @@
 """token-proxy benchmark: token-proxy against direct access, nginx, HAProxy and Caddy.
 
 One command (`python3 benches/run.py`) builds the release binary, starts one shared upstream
-(nginx, 1 worker) and every proxy on 127.0.0.1 only, runs the loads in alternating rounds
-(A B A B) and writes the results to target/bench/ (results.json, results.md, chart.png, and
-every configuration it used). Everything it starts is stopped again, also on Ctrl-C or failure.
+(nginx, 1 worker: plain http, and unless `--upstreams http` also HTTPS, HTTP/1.1 only and
+offering h2, with a certificate from a private CA every proxy verifies) and every proxy on
+127.0.0.1 only, runs the loads in alternating rounds (A B A B) and writes the results to
+target/bench/ (results.json, results.md, chart.png, and every configuration it used). Everything it starts is stopped again, also on Ctrl-C or failure.
 
 Python 3.11 standard library only. See benches/README.md and the Performance section of the
 top-level README.
@@ -20,9 +21,11 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -39,6 +42,18 @@ WRK_CONNS = 64
 # The interleaved comparisons alternate their load between two processes in slices this long.
 SLICE_S = 1
 H2_STREAMS = 10
+# The kinds of upstream the small-GET loads run against (--upstreams). `http`: the plain-http
+# upstream every other load uses. `https`: the same nginx over TLS, HTTP/1.1 only (its ALPN
+# offers http/1.1 alone), the production shape of an API. `h2tls`: a second TLS port that also
+# offers h2 by ALPN, so a peer that can speak HTTP/2 to an upstream does.
+UPSTREAMS = ["http", "https", "h2tls"]
+UPSTREAM_TITLE = {
+    "http": "plain http upstream",
+    "https": "HTTPS upstream (TLS, HTTP/1.1 only)",
+    "h2tls": "HTTPS upstream offering h2 (ALPN h2 and http/1.1)",
+}
+# The name the upstream's certificate is for, and that every peer verifies.
+TLS_NAME = "localhost"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 APT_LINE = ["wrk", "nghttp2-client", "nginx-light", "haproxy", "caddy", "gnuplot-nox"]
 # tool -> Debian package
@@ -50,6 +65,7 @@ TOOL_PACKAGE = {
     "caddy": "caddy",
     "gnuplot": "gnuplot-nox",
     "curl": "curl",
+    "openssl": "openssl",
 }
 
 
@@ -254,6 +270,88 @@ def mib(kib: float | None) -> float | None:
     return None if kib is None else kib / 1024
 
 
+def load_name(base: str, kind: str) -> str:
+    """The load's name in the results for an upstream kind: `h1` for the plain upstream (the
+    name every earlier result used), `h1-https`, `h1-h2tls` for the others."""
+    return base if kind == "http" else f"{base}-{kind}"
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS material for the HTTPS upstream: a private CA and a server certificate for localhost,
+# made with openssl once per run in OUT/tls. Every peer trusts this CA and nothing else is
+# needed: verification stays on everywhere, as it must against a real API.
+# ---------------------------------------------------------------------------------------------
+
+
+def openssl(*argv: str) -> None:
+    r = subprocess.run(["openssl", *argv], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"openssl {argv[0]} failed: {(r.stderr + r.stdout).strip()[-400:]}")
+
+
+def make_tls(out: Path) -> dict:
+    """Makes OUT/tls/ca.pem (the CA), server.pem and server.key (for DNS:localhost and
+    IP:127.0.0.1, signed by the CA) and returns their paths.
+
+    Choices: ECDSA P-256 keys, which every peer's TLS library supports, for the CA and the
+    server (handshakes are rare in these loads: every peer keeps its upstream connections).
+    The CA is a proper v3 CA (basicConstraints CA:TRUE, keyCertSign) and the server
+    certificate a proper leaf (CA:FALSE, serverAuth, subjectAltName), because rustls (through
+    webpki) refuses certificates that are not, where OpenSSL-based peers might accept them. Both
+    are valid for 2 days only, and the CA's key is deleted as soon as it has signed the server
+    certificate: nothing else can ever be signed by this CA.
+    """
+    d = out / "tls"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    ca_key, ca, key, csr, cert = (d / "ca.key", d / "ca.pem", d / "server.key",
+                                  d / "server.csr", d / "server.pem")
+    ext = d / "server-ext.cnf"
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", "-new", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+            "-subj", "/CN=token-proxy benchmark CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", "subjectKeyIdentifier=hash")
+    openssl("req", "-new", *ec, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={TLS_NAME}")
+    ext.write_text(f"""\
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:{TLS_NAME}, IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+""")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-set_serial", str(secrets.randbits(63)), "-days", "2", "-extfile", str(ext),
+            "-out", str(cert))
+    ca_key.unlink()
+    csr.unlink()
+    openssl("verify", "-CAfile", str(ca), "-verify_hostname", TLS_NAME, str(cert))
+    for f in (ca, cert, key):
+        f.chmod(0o644 if f != key else 0o600)
+    return {"dir": d, "ca": ca, "cert": cert, "key": key}
+
+
+def tls_fetch(port: int, path: str, ca: Path, alpn: list[str] | None = None,
+              timeout: float = 2.0) -> tuple[int, bytes, str | None]:
+    """GET path over TLS from 127.0.0.1:port, verifying the certificate for `localhost` against
+    the harness's CA (Python's own verifier: a fourth opinion on the certificates, besides
+    OpenSSL's, rustls' and Go's). Returns the status, the body and the ALPN protocol chosen.
+    Offers `alpn` if given; the request itself is always HTTP/1.1."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    with ctx.wrap_socket(raw, server_hostname=TLS_NAME) as s:
+        chosen = s.selected_alpn_protocol()
+        if chosen not in (None, "http/1.1"):
+            return 0, b"", chosen  # the server chose h2: nothing more to ask in HTTP/1.1
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {TLS_NAME}\r\nConnection: close\r\n\r\n".encode())
+        status, body = read_close_delimited(s)
+        return status, body, chosen
+
+
 # ---------------------------------------------------------------------------------------------
 # Configurations: written once per worker count into OUT/configs and kept for reading.
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +371,33 @@ def nginx_common(prefix: Path) -> str:
 """
 
 
-def write_upstream_conf(out: Path, h1: int, h2: int, blob: Path) -> tuple[Path, Path]:
+def upstream_tls_block(ports: dict, tls: dict | None) -> str:
+    """The upstream's TLS listeners (for the `https` and `h2tls` kinds), or nothing when no TLS
+    kind is selected."""
+    if tls is None:
+        return ""
+    return f"""
+    # HTTPS, HTTP/1.1 only (ALPN: http/1.1): the `https` upstream kind.
+    listen 127.0.0.1:{ports["https"]} ssl;
+    # HTTPS with HTTP/2 (ALPN: h2, then http/1.1): the `h2tls` upstream kind. nginx 1.22 turns
+    # HTTP/2 on per address:port, so this must be a port of its own.
+    listen 127.0.0.1:{ports["h2tls"]} ssl http2;
+    # A certificate for DNS:localhost and IP:127.0.0.1 from the harness's private CA
+    # ({tls["ca"]}), which every peer is configured to verify.
+    ssl_certificate     {tls["cert"]};
+    ssl_certificate_key {tls["key"]};
+    # TLS 1.2 and 1.3, as an API's front end offers them. nginx 1.22's default is TLSv1 TLSv1.1
+    # TLSv1.2 (1.3 joined the default in 1.23.4): without this line every client would get 1.2.
+    ssl_protocols TLSv1.2 TLSv1.3;
+    # Otherwise nginx's defaults: the client's cipher preference, session tickets on. GET /proto
+    # shows what each peer negotiated. keepalive_requests and keepalive_timeout above hold for
+    # HTTP/2 connections too (nginx >= 1.19.7).
+"""
+
+
+def write_upstream_conf(out: Path, ports: dict, blob: Path,
+                        tls: dict | None) -> tuple[Path, Path]:
+    h1, h2 = ports["http"], ports["h2c"]
     prefix = out / "run" / "upstream-nginx"
     prefix.mkdir(parents=True, exist_ok=True)
     conf = out / "configs" / "upstream-nginx.conf"
@@ -309,11 +433,19 @@ http {{
     # h2c (prior knowledge) for the direct HTTP/2 baseline; nginx 1.22 serves only HTTP/2 on an
     # `http2` listener without TLS, hence the second port.
     listen 127.0.0.1:{h2} http2;
-
+{upstream_tls_block(ports, tls)}
     # Small GETs.
     location / {{
       default_type text/plain;
       return 200 "hello\\n";
+    }}
+
+    # What this upstream saw of the connection a request came on: the HTTP version, and the TLS
+    # version and cipher (empty over plain http). The harness asks once through each peer and
+    # upstream kind, so the tables say which peers really spoke h2 to the upstream.
+    location = /proto {{
+      default_type text/plain;
+      return 200 "$server_protocol $ssl_protocol $ssl_cipher\\n";
     }}
 
     # 256 MiB download (a file created once under the out dir, read from the page cache).
@@ -359,12 +491,71 @@ http {{
     return conf, prefix
 
 
-def write_nginx_peer_conf(out: Path, w: int, h1: int, h2: int, up: int) -> tuple[Path, Path]:
-    prefix = out / "run" / f"nginx-w{w}"
+def nginx_peer_upstream(kind: str, up: int, tls: dict | None) -> tuple[str, str]:
+    """The `upstream` block and the proxy_* lines of the nginx peer for an upstream kind."""
+    if kind == "http":
+        return f"""\
+  upstream up {{
+    server 127.0.0.1:{up};
+    keepalive 64;                  # reuse upstream connections, as the other peers do
+    keepalive_requests 1000000;    # ... without a request limit
+  }}
+""", """\
+      proxy_pass http://up;
+      proxy_http_version 1.1;      # needed for upstream keep-alive
+      proxy_set_header Connection "";
+"""
+    h2_note = ("""\
+      # This upstream offers h2, but nginx 1.22's proxy_pass speaks HTTP/1.x only (the
+      # `proxy_http_version` values are 1.0 and 1.1): nginx talks HTTP/1.1 to it, over TLS.
+""" if kind == "h2tls" else "")
+    return f"""\
+  # Dialled by address; the name verified is proxy_ssl_name's, below.
+  upstream upstream_tls {{
+    server 127.0.0.1:{up};
+    keepalive 64;                  # reuse upstream connections, as the other peers do
+    keepalive_requests 1000000;    # ... without a request limit
+  }}
+""", f"""\
+      proxy_pass https://upstream_tls;
+{h2_note}      proxy_http_version 1.1;      # needed for upstream keep-alive
+      proxy_set_header Connection "";
+      # Verification on, against the harness's CA, for the name localhost (by default nginx
+      # verifies nothing, and would check the upstream block's name).
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate {tls["ca"]};
+      proxy_ssl_name {TLS_NAME};
+      proxy_ssl_server_name on;    # send SNI, as every other peer does
+      proxy_ssl_session_reuse on;  # the default, written out: resume sessions on new connections
+      # nginx 1.22's default is TLSv1 TLSv1.1 TLSv1.2 (1.3 joined the default in 1.23.4); every
+      # other peer uses TLS 1.3 with this upstream, so nginx may too.
+      proxy_ssl_protocols TLSv1.2 TLSv1.3;
+"""
+
+
+def write_nginx_peer_conf(out: Path, w: int, h1: int, h2: int | None, up: int, kind: str,
+                          tls: dict | None) -> tuple[Path, Path]:
+    tag = load_name(f"nginx-w{w}", kind)
+    prefix = out / "run" / tag
     prefix.mkdir(parents=True, exist_ok=True)
-    conf = out / "configs" / f"nginx-w{w}.conf"
+    conf = out / "configs" / f"{tag}.conf"
+    upstream_block, proxy_lines = nginx_peer_upstream(kind, up, tls)
+    if h2 is not None:
+        listen = f"""\
+    listen 127.0.0.1:{h1};
+    # h2c (prior knowledge): nginx 1.22 serves only HTTP/2 on a plaintext `http2` listener, so
+    # it gets its own port.
+    listen 127.0.0.1:{h2} http2;
+"""
+    else:
+        listen = f"""\
+    # Clients speak HTTP/1.1 to the proxy; the HTTP/2 client load runs on the plain upstream
+    # only, so this configuration has no h2c port.
+    listen 127.0.0.1:{h1};
+"""
     conf.write_text(f"""\
-# nginx as a reverse proxy that sets the same static Authorization header.
+# nginx as a reverse proxy that sets the same static Authorization header, to the
+# {UPSTREAM_TITLE[kind]}.
 # Defaults are kept except where fairness needs a change; each change is commented.
 daemon off;
 master_process on;
@@ -392,23 +583,11 @@ http {{
   # when the client reads slower than the upstream sends).
   client_max_body_size 0;
 
-  upstream up {{
-    server 127.0.0.1:{up};
-    keepalive 64;                  # reuse upstream connections, as the other peers do
-    keepalive_requests 1000000;    # ... without a request limit
-  }}
-
+{upstream_block}
   server {{
-    listen 127.0.0.1:{h1};
-    # h2c (prior knowledge): nginx 1.22 serves only HTTP/2 on a plaintext `http2` listener, so
-    # it gets its own port.
-    listen 127.0.0.1:{h2} http2;
-
+{listen}
     location / {{
-      proxy_pass http://up;
-      proxy_http_version 1.1;      # needed for upstream keep-alive
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer {TOKEN}";
+{proxy_lines}      proxy_set_header Authorization "Bearer {TOKEN}";
     }}
   }}
 }}
@@ -416,10 +595,22 @@ http {{
     return conf, prefix
 
 
-def write_haproxy_conf(out: Path, w: int, h1: int, up: int) -> Path:
-    conf = out / "configs" / f"haproxy-w{w}.cfg"
+def write_haproxy_conf(out: Path, w: int, h1: int, up: int, kind: str,
+                       tls: dict | None) -> Path:
+    conf = out / "configs" / f"{load_name(f'haproxy-w{w}', kind)}.cfg"
+    if kind == "http":
+        server = f"server up 127.0.0.1:{up}"
+    else:
+        server = f"""\
+  # TLS to the upstream, verified (`verify required`) against the harness's CA only, for the
+  # name localhost: the SNI sent is also the name checked against the certificate. ALPN offers
+  # h2 and http/1.1, as token-proxy and Caddy do, and the upstream picks: h2 on the h2tls
+  # port, HTTP/1.1 on the https port. Dialled by address (no resolver). TLS session reuse
+  # is on by default (ssl-reuse).
+  server up 127.0.0.1:{up} ssl verify required ca-file {tls['ca']} sni str({TLS_NAME}) alpn h2,http/1.1"""
     conf.write_text(f"""\
-# HAProxy as a reverse proxy that sets the same static Authorization header.
+# HAProxy as a reverse proxy that sets the same static Authorization header, to the
+# {UPSTREAM_TITLE[kind]}.
 # Runs in the foreground (-db), one process with `nbthread` threads. No logging.
 global
   nbthread {w}                     # = token-proxy's `workers`
@@ -442,15 +633,29 @@ frontend bench
 
 backend upstream
   http-reuse always                # share idle upstream connections between clients
-  server up 127.0.0.1:{up}
+{server if kind != "http" else "  " + server}
 """)
     return conf
 
 
-def write_caddy_conf(out: Path, w: int, h1: int, up: int) -> Path:
-    conf = out / "configs" / f"caddy-w{w}.Caddyfile"
+def write_caddy_conf(out: Path, w: int, h1: int, up: int, kind: str, tls: dict | None) -> Path:
+    conf = out / "configs" / f"{load_name(f'caddy-w{w}', kind)}.Caddyfile"
+    if kind == "http":
+        target, tls_lines = f"127.0.0.1:{up}", ""
+    else:
+        target = f"https://127.0.0.1:{up}"
+        tls_lines = f"""\
+			# https:// above turns TLS on, dialled by address. Verified (Caddy always verifies
+			# unless told not to) against the harness's CA only, for the name localhost.
+			tls_trusted_ca_certs {tls["ca"]}
+			tls_server_name {TLS_NAME}
+			# `versions` left at its default, "1.1 2": ALPN offers h2 and http/1.1 and the
+			# upstream picks, so Caddy speaks h2 where the upstream offers it, as token-proxy
+			# and HAProxy do.
+"""
     conf.write_text(f"""\
-# Caddy as a reverse proxy that sets the same static Authorization header.
+# Caddy as a reverse proxy that sets the same static Authorization header, to the
+# {UPSTREAM_TITLE[kind]}.
 # Started with GOMAXPROCS={w} (= token-proxy's `workers`). No access log (Caddy logs requests
 # only with a `log` directive). Its own data and autosave files go under the out dir.
 {{
@@ -464,10 +669,10 @@ def write_caddy_conf(out: Path, w: int, h1: int, up: int) -> Path:
 
 http://:{h1} {{
 	bind 127.0.0.1
-	reverse_proxy 127.0.0.1:{up} {{
+	reverse_proxy {target} {{
 		header_up Authorization "Bearer {TOKEN}"
 		transport http {{
-			# Keep as many idle upstream connections as nginx's `keepalive 64` (default 32).
+{tls_lines}			# Keep as many idle upstream connections as nginx's `keepalive 64` (default 32).
 			keepalive_idle_conns_per_host 64
 		}}
 	}}
@@ -477,13 +682,25 @@ http://:{h1} {{
 
 
 def write_token_proxy_conf(out: Path, w: int, h1: int, up: int, token_path: str,
-                           tag: str) -> Path:
-    conf = out / "configs" / f"{tag}-w{w}.toml"
+                           tag: str, kind: str = "http", up_tls: int | None = None,
+                           tls: dict | None = None) -> Path:
+    conf = out / "configs" / f"{load_name(f'{tag}-w{w}', kind)}.toml"
     lifetime = "2 s" if token_path.endswith("-2s") else "3600 s"
+    if kind == "http":
+        upstream = f'upstream = "http://127.0.0.1:{up}"\n'
+    else:
+        upstream = f"""\
+# HTTPS, verified (token-proxy always verifies) for the name localhost against its built-in
+# roots plus the harness's CA. ALPN offers h2 and http/1.1, so token-proxy speaks h2 where the
+# upstream offers it, as HAProxy and Caddy do.
+upstream = "https://{TLS_NAME}:{up_tls}"
+ca_file = "{tls["ca"]}"
+"""
     conf.write_text(f"""\
 # token-proxy: one credential on the upstream's token endpoint ({lifetime} tokens), one route to
-# the upstream, no admin listener, no access log (as every peer runs with `access_log off`).
-# Everything else at its default.
+# the {UPSTREAM_TITLE[kind]}, no admin listener, no access log (as every peer runs with
+# `access_log off`). Everything else at its default. The token endpoint is on the plain-http
+# port for every upstream kind: the small-GET loads measure requests, not token fetches.
 workers = {w}
 access_log = false
 
@@ -494,8 +711,7 @@ client_secret = "bench-secret"
 
 [[routes]]
 listen = "127.0.0.1:{h1}"
-upstream = "http://127.0.0.1:{up}"
-credential = "bench"
+{upstream}credential = "bench"
 """)
     return conf
 
@@ -557,8 +773,11 @@ class Server:
     """One started peer (or the upstream). `pids()` lists the processes to measure."""
 
     def __init__(self, name: str, proc: subprocess.Popen | None, h1: int, h2: int | None,
-                 log_path: Path | None):
+                 log_path: Path | None, url: str | None = None):
         self.name, self.proc, self.h1, self.h2, self.log_path = name, proc, h1, h2, log_path
+        # Where the HTTP/1.1 load goes: the peer's plain port, or for direct to an HTTPS
+        # upstream, that upstream itself (then wrk does the TLS).
+        self.url = url or f"http://127.0.0.1:{h1}"
 
     def pids(self) -> list[int]:
         return proc_tree(self.proc.pid) if self.proc else []
@@ -569,32 +788,61 @@ class Server:
             self.proc = None
 
 
-def http_get(port: int, path: str = "/", timeout: float = 2.0) -> int:
+def http_fetch(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET path from 127.0.0.1:port with `Connection: close`; returns the status and the body."""
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+        return read_close_delimited(s)
     finally:
         s.close()
 
 
+def read_close_delimited(s) -> tuple[int, bytes]:
+    """Reads the response to a `Connection: close` request until the server closes, and
+    returns the status and the body (de-chunked: a proxy may re-frame a small body)."""
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ssl.SSLEOFError:  # closed without close_notify: the end all the same
+            break
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/"):
+        return 0, b""
+    if re.search(rb"(?im)^transfer-encoding:.*chunked", head):
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        body = out
+    return int(head.split(b" ", 2)[1]), body
+
+
 def wait_ready(server: Server, timeout: float = 20.0) -> None:
+    """Waits until GET / through the server answers 200. A 4xx ends the wait at once: that is
+    the proxy or the upstream refusing the request as sent (an HTTPS upstream rejecting what a
+    proxy sends it, say), which waiting does not change; connection errors and 5xx (a proxy
+    still starting, a token not yet fetched) are retried until `timeout`."""
     deadline = time.time() + timeout
     last = "no answer"
     while time.time() < deadline:
         if server.proc and server.proc.poll() is not None:
             break
         try:
-            status = http_get(server.h1)
+            status, body = http_fetch(server.h1, "/")
             if status == 200:
                 return
-            last = f"HTTP {status}"
+            text = " ".join(re.sub(rb"<[^>]*>", b" ", body).decode(errors="replace").split())
+            last = f"HTTP {status}" + (f": {text[:120]}" if text else "")
+            if 400 <= status < 500:
+                break
         except OSError as e:
             last = str(e)
         time.sleep(0.05)
@@ -616,6 +864,9 @@ class Bench:
         self.raw: list[dict] = []
         self.errors: list[str] = []
         self.placement: Placement | None = None
+        self.tls: dict | None = None  # the HTTPS upstream's CA and certificate (make_tls)
+        self.up_ports: dict = {}      # upstream kind (and "h2c") -> the upstream's port
+        self.upstream_alpn: dict | None = None
 
     def place(self, w: int) -> Placement:
         """Pins the harness, its clients and the upstream for the runs with `w` workers."""
@@ -625,7 +876,7 @@ class Bench:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def setup(self, workers: list[int], cases: list[str]) -> None:
+    def setup(self, workers: list[int], cases: list[str], kinds: list[str]) -> None:
         (self.out / "configs").mkdir(parents=True, exist_ok=True)
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         data = self.out / "data"
@@ -639,57 +890,111 @@ class Bench:
                     f.write(chunk)
         self.blob.chmod(0o644)
 
-        up_h1, up_h2 = free_port(), free_port()
-        conf, prefix = write_upstream_conf(self.out, up_h1, up_h2, self.blob)
+        # The TLS listeners and their certificate exist only when a TLS kind is selected.
+        self.tls = make_tls(self.out) if set(kinds) - {"http"} else None
+        up = {"http": free_port(), "h2c": free_port()}
+        if self.tls:
+            up.update(https=free_port(), h2tls=free_port())
+        self.up_ports = up
+        conf, prefix = write_upstream_conf(self.out, up, self.blob, self.tls)
         self.upstream_prefix = prefix
-        self.upstream = self.start_nginx("upstream", conf, prefix, up_h1, up_h2)
+        self.upstream = self.start_nginx("upstream", conf, prefix, up["http"], up["h2c"])
+        if self.tls:
+            self.upstream_alpn = self.check_upstream_tls()
         for w in workers:
             for case in cases:
                 if case == "direct":
                     continue
-                h1 = free_port()
-                if case == "nginx":
-                    h2 = free_port()
-                    c, p = write_nginx_peer_conf(self.out, w, h1, h2, up_h1)
-                    self.confs[(case, w)] = (c, p)
-                    self.ports[(case, w)] = (h1, h2)
-                elif case == "haproxy":
-                    self.confs[(case, w)] = (write_haproxy_conf(self.out, w, h1, up_h1), None)
-                    self.ports[(case, w)] = (h1, h1)
-                elif case == "caddy":
-                    self.confs[(case, w)] = (write_caddy_conf(self.out, w, h1, up_h1), None)
-                    self.ports[(case, w)] = (h1, h1)
-                elif case == "token-proxy":
-                    self.confs[(case, w)] = (write_token_proxy_conf(
-                        self.out, w, h1, up_h1, "/oauth2/token", "token-proxy"), None)
-                    self.ports[(case, w)] = (h1, h1)
+                # The plain upstream's configuration always: the loads other than the small
+                # GETs (h2c, idle, transfers, refresh) run on it whatever --upstreams says.
+                for kind in [k for k in UPSTREAMS if k == "http" or k in kinds]:
+                    self.write_peer(case, w, kind)
+                if case == "token-proxy":
+                    # The refresh load runs on the plain upstream only.
                     h1r = free_port()
-                    self.confs[("token-proxy-2s", w)] = (write_token_proxy_conf(
-                        self.out, w, h1r, up_h1, "/oauth2/token-2s", "token-proxy-2s-token"), None)
-                    self.ports[("token-proxy-2s", w)] = (h1r, h1r)
+                    self.confs[("token-proxy-2s", w, "http")] = (write_token_proxy_conf(
+                        self.out, w, h1r, up["http"], "/oauth2/token-2s", "token-proxy-2s-token"),
+                        None)
+                    self.ports[("token-proxy-2s", w, "http")] = (h1r, h1r)
+
+    def write_peer(self, case: str, w: int, kind: str) -> None:
+        """Writes the case's configuration for `w` workers and the upstream kind, on new ports.
+        Only the plain-upstream nginx gets an h2c port of its own (the HTTP/2 client load runs
+        there only); the others share h1 and h2c on one port."""
+        up, tls = self.up_ports[kind], self.tls
+        h1 = free_port()
+        h2 = h1
+        if case == "nginx":
+            h2 = free_port() if kind == "http" else None
+            c, p = write_nginx_peer_conf(self.out, w, h1, h2, up, kind, tls)
+            self.confs[(case, w, kind)] = (c, p)
+        elif case == "haproxy":
+            self.confs[(case, w, kind)] = (write_haproxy_conf(self.out, w, h1, up, kind, tls), None)
+        elif case == "caddy":
+            self.confs[(case, w, kind)] = (write_caddy_conf(self.out, w, h1, up, kind, tls), None)
+        elif case == "token-proxy":
+            self.confs[(case, w, kind)] = (write_token_proxy_conf(
+                self.out, w, h1, self.up_ports["http"], "/oauth2/token", "token-proxy", kind,
+                up, tls), None)
+        self.ports[(case, w, kind)] = (h1, h2)
+
+    def check_upstream_tls(self) -> dict:
+        """Checks the upstream's TLS ports before any case runs: the certificate verifies for
+        localhost against the CA (with Python's verifier), the `https` port answers over
+        HTTP/1.1 and chooses no h2 when offered it, and the `h2tls` port chooses h2. Returns
+        the ALPN protocol each port chose when offered h2 and http/1.1."""
+        chosen = {}
+        for kind, want in (("https", "http/1.1"), ("h2tls", "h2")):
+            port = self.up_ports[kind]
+            status, body, _ = tls_fetch(port, "/", self.tls["ca"])
+            if status != 200 or body != b"hello\n":
+                raise RuntimeError(f"upstream {kind} port {port}: HTTP {status} {body[:60]!r}")
+            _, _, alpn = tls_fetch(port, "/", self.tls["ca"], alpn=["h2", "http/1.1"])
+            if alpn != want:
+                raise RuntimeError(f"upstream {kind} port {port} chose ALPN {alpn}, not {want}")
+            chosen[kind] = alpn
+        return chosen
 
     def start_nginx(self, name: str, conf: Path, prefix: Path, h1: int, h2: int | None) -> Server:
         log_path = prefix / "stderr.log"
         proc = REG.spawn(["nginx", "-p", str(prefix), "-c", str(conf), "-e",
                           str(prefix / "error.log")], log_path=log_path, cpus=self.server_cpus())
         server = Server(name, proc, h1, h2, prefix / "error.log")
-        wait_ready(server)
+        self.ready(server)
         return server
+
+    def ready(self, server: Server) -> None:
+        """Waits for the server; if it never gets ready, stops it before raising, so that the
+        next case that uses its ports (the interleaved run, say) finds them free."""
+        try:
+            wait_ready(server)
+        except BaseException:
+            server.stop()
+            raise
 
     def server_cpus(self) -> set[int] | None:
         """The server side's CPUs now; None before the first placement, when the upstream
         starts (`Placement.enter` moves it)."""
         return self.placement.server if self.placement else None
 
-    def start(self, case: str, w: int) -> Server:
-        """Starts a fresh process for the case (direct: the shared upstream)."""
+    def start(self, case: str, w: int, kind: str = "http") -> Server:
+        """Starts a fresh process for the case and upstream kind (direct: the shared upstream).
+
+        direct to an HTTPS upstream sends wrk to it over TLS (to `localhost`, so SNI names the
+        certificate's host; wrk verifies nothing): the client then pays for TLS, where behind
+        a proxy it speaks plain HTTP/1.1, so that row is a different shape, not a limit."""
         if case == "direct":
-            return Server("direct", None, self.upstream.h1, self.upstream.h2, None)
-        conf, prefix = self.confs[(case, w)]
-        h1, h2 = self.ports[(case, w)]
+            if kind == "http":
+                return Server("direct", None, self.upstream.h1, self.upstream.h2, None)
+            port = self.up_ports[kind]
+            return Server(load_name("direct", kind), None, port, None, None,
+                          url=f"https://{TLS_NAME}:{port}")
+        conf, prefix = self.confs[(case, w, kind)]
+        h1, h2 = self.ports[(case, w, kind)]
+        name = load_name(f"{case}-w{w}", kind)
         if case == "nginx":
-            return self.start_nginx(f"nginx-w{w}", conf, prefix, h1, h2)
-        log_path = self.out / "logs" / f"{case}-w{w}.log"
+            return self.start_nginx(name, conf, prefix, h1, h2)
+        log_path = self.out / "logs" / f"{name}.log"
         env = dict(os.environ)
         if case == "haproxy":
             argv = ["haproxy", "-db", "-f", str(conf)]
@@ -705,15 +1010,14 @@ class Bench:
             env["RUST_LOG"] = "info"
             argv = [str(self.binary), "run", "--config", str(conf)]
         proc = REG.spawn(argv, log_path=log_path, env=env, cpus=self.server_cpus())
-        server = Server(f"{case}-w{w}", proc, h1, h2, log_path)
-        wait_ready(server)
+        server = Server(name, proc, h1, h2, log_path)
+        self.ready(server)
         return server
 
     # -- loads ---------------------------------------------------------------------------------
 
-    def wrk(self, port: int, duration: int, conns: int) -> dict:
-        argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency",
-                f"http://127.0.0.1:{port}/"]
+    def wrk(self, server: Server, duration: int, conns: int) -> dict:
+        argv = ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency", server.url + "/"]
         rc, out, err = REG.run(argv, timeout=duration + 60)
         if rc != 0:
             raise RuntimeError(f"wrk exited {rc}: {(err + out).strip()[-300:]}")
@@ -739,24 +1043,41 @@ class Bench:
         cpu = cpu_seconds(pids) - c0 if pids else None  # direct: no proxy process
         return result, cpu, cpu_seconds(up_pids) - u0
 
-    def run_get(self, case: str, w: int, rnd: int) -> None:
+    def run_get(self, case: str, w: int, rnd: int, kind: str = "http") -> None:
         d = self.args.duration
-        server = self.start(case, w)
+        server = self.start(case, w, kind)
         try:
             time.sleep(0.3)
             pids = server.pids()
             idle_rss = mem_kib(pids, "VmRSS") if pids else None
-            self.wrk(server.h1, 1, WRK_CONNS)  # warm-up: pools, caches, lazy allocations
-            r, cpu, up_cpu = self.measured(server, lambda: self.wrk(server.h1, d, WRK_CONNS))
+            saw = self.upstream_saw(server, kind)
+            self.wrk(server, 1, WRK_CONNS)  # warm-up: pools, caches, lazy allocations
+            r, cpu, up_cpu = self.measured(server, lambda: self.wrk(server, d, WRK_CONNS))
             peak = mem_kib(pids, "VmHWM") if pids else None
-            self.record("h1", case, w, rnd, r, cpu=cpu, upstream_cpu=up_cpu,
-                        rss_idle_kib=idle_rss, rss_peak_kib=peak)
+            self.record(load_name("h1", kind), case, w, rnd, r, cpu=cpu, upstream_cpu=up_cpu,
+                        rss_idle_kib=idle_rss, rss_peak_kib=peak, upstream=kind,
+                        upstream_saw=saw)
             # Latency of one request at a time: the proxy's added latency over direct.
             d1 = max(2, d // 2)
-            r1, cpu1, up1 = self.measured(server, lambda: self.wrk(server.h1, d1, 1))
-            self.record("h1c1", case, w, rnd, r1, cpu=cpu1, upstream_cpu=up1)
+            r1, cpu1, up1 = self.measured(server, lambda: self.wrk(server, d1, 1))
+            self.record(load_name("h1c1", kind), case, w, rnd, r1, cpu=cpu1, upstream_cpu=up1,
+                        upstream=kind)
         finally:
             server.stop()
+
+    def upstream_saw(self, server: Server, kind: str) -> str:
+        """What the upstream saw of a request through this server (GET /proto, once, before the
+        load): the HTTP version and TLS cipher it arrived with, e.g. "HTTP/2.0 TLSv1.3
+        TLS_AES_256_GCM_SHA384". This is how the tables know, rather than assume, which peers
+        speak h2 to an upstream that offers it. direct over TLS asks with Python's client, which
+        offers no ALPN, as wrk offers none."""
+        if server.proc is None and kind != "http":
+            status, body, _ = tls_fetch(server.h1, "/proto", self.tls["ca"])
+        else:
+            status, body = http_fetch(server.h1, "/proto")
+        if status != 200:
+            raise RuntimeError(f"{server.name}: GET /proto answered HTTP {status}")
+        return " ".join(body.decode(errors="replace").split())
 
     def run_h2(self, case: str, w: int, rnd: int) -> None:
         d = self.args.duration
@@ -875,7 +1196,7 @@ class Bench:
                         "up_cpu": 0.0, "p99": []} for name in servers}
         for name in (a, b, b, a) * max(1, self.args.duration // SLICE_S):
             server = servers[name]
-            r, cpu, up_cpu = self.measured(server, lambda: self.wrk(server.h1, SLICE_S, WRK_CONNS))
+            r, cpu, up_cpu = self.measured(server, lambda: self.wrk(server, SLICE_S, WRK_CONNS))
             t = total[name]
             t["requests"] += r.get("requests") or 0
             t["elapsed_s"] += r.get("elapsed_s") or 0.0
@@ -890,18 +1211,20 @@ class Bench:
                        "errors": t["errors"], "cpu": t["cpu"], "up_cpu": t["up_cpu"]}
                 for name, t in total.items()}
 
-    def run_interleaved_get(self, w: int, rnd: int) -> None:
-        """token-proxy and nginx side by side, the small-GET load alternating between them in
-        1 s slices (`interleave`): the sharpest measure of their req/s and p99 ratios."""
+    def run_interleaved_get(self, w: int, rnd: int, kind: str = "http") -> None:
+        """token-proxy and nginx side by side, both to the same upstream kind, the small-GET
+        load alternating between them in 1 s slices (`interleave`): the sharpest measure of
+        their req/s, p99 and CPU ratios, and the headline figure of the targets table."""
         servers: dict = {}
         try:
             for case in ("token-proxy", "nginx"):
-                servers[case] = self.start(case, w)
+                servers[case] = self.start(case, w, kind)
             for server in servers.values():
-                self.wrk(server.h1, 1, WRK_CONNS)  # warm-up
+                self.wrk(server, 1, WRK_CONNS)  # warm-up
             for case, r in self.interleave(servers).items():
                 cpu, up_cpu = r.pop("cpu"), r.pop("up_cpu")
-                self.record("h1x", case, w, rnd, r, cpu=cpu, upstream_cpu=up_cpu)
+                self.record(load_name("h1x", kind), case, w, rnd, r, cpu=cpu,
+                            upstream_cpu=up_cpu, upstream=kind)
         finally:
             for server in servers.values():
                 server.stop()
@@ -920,7 +1243,7 @@ class Bench:
                 servers[v] = self.start("token-proxy" if v == "3600s" else "token-proxy-2s", w)
             tokens_log = self.upstream_prefix / "tokens.log"
             for v in variants:
-                self.wrk(servers[v].h1, 1, WRK_CONNS)  # warm-up
+                self.wrk(servers[v], 1, WRK_CONNS)  # warm-up
             t0 = count_lines(tokens_log)
             logs0 = {v: servers[v].log_path.stat().st_size if servers[v].log_path.exists() else 0
                      for v in variants}
@@ -942,7 +1265,7 @@ class Bench:
                 server.stop()
 
     def record(self, load: str, case: str, w: int, rnd: int, r: dict, **extra) -> None:
-        entry = {"load": load, "case": case, "workers": w, "round": rnd}
+        entry = {"load": load, "case": case, "workers": w, "round": rnd, "upstream": "http"}
         entry.update({k: v for k, v in r.items() if k != "raw_output"})
         entry.update(extra)
         reqs = r.get("requests")
@@ -960,7 +1283,7 @@ class Bench:
 
 
 def short(e: dict) -> str:
-    bits = [f"{e['load']:<8} {e['case']:<26} w{e['workers']}"]
+    bits = [f"{e['load']:<10} {e['case']:<26} w{e['workers']}"]
     for key, label, f in (("rps", "req/s", "{:.0f}"), ("p50_ms", "p50", "{:.2f}ms"),
                           ("p99_ms", "p99", "{:.2f}ms"), ("mean_ms", "mean", "{:.2f}ms"),
                           ("mb_s", "MB/s", "{:.0f}"), ("cpu_s_per_10k", "cpu/10k", "{:.3f}s"),
@@ -1103,8 +1426,8 @@ def median_of(entries: list[dict]) -> dict:
             out[k] = sum(vals)  # totals over rounds, not medians
         elif vals:
             out[k] = statistics.median(vals)
-        elif k in ("load", "case", "workers", "variant"):
-            out[k] = entries[0][k]
+        elif k in ("load", "case", "workers", "variant", "upstream", "upstream_saw"):
+            out[k] = entries[0].get(k)
     texts = [e["error_text"] for e in entries if e.get("error_text")]
     if texts:
         out["error_text"] = " | ".join(texts)
@@ -1129,22 +1452,30 @@ def fmt(v, spec: str) -> str:
 
 
 class Table:
+    """A titled table. A row {"section": label} opens a section: a line of its own in the text
+    and a bold row in Markdown (the targets table has one section per upstream kind)."""
+
     def __init__(self, title: str, columns: list[tuple[str, str, str]], note: str = ""):
         self.title, self.columns, self.note = title, columns, note
         self.rows: list[dict] = []
 
+    def section(self, label: str) -> None:
+        self.rows.append({"section": label})
+
     def cells(self) -> list[list[str]]:
-        return [[fmt(r.get(k), f) if f != "str" else str(r.get(k, "-")) for _, k, f in
+        return [[r["section"]] + [""] * (len(self.columns) - 1) if "section" in r else
+                [fmt(r.get(k), f) if f != "str" else str(r.get(k, "-")) for _, k, f in
                  self.columns] for r in self.rows]
 
     def text(self) -> str:
         heads = [h for h, _, _ in self.columns]
         rows = self.cells()
-        widths = [max(len(x) for x in col) for col in zip(heads, *rows)]
+        plain = [c for r, c in zip(self.rows, rows) if "section" not in r]
+        widths = [max(len(x) for x in col) for col in zip(heads, *plain)]
         line = lambda cells: "  ".join(c.ljust(wd) if i == 0 else c.rjust(wd)
                                        for i, (c, wd) in enumerate(zip(cells, widths)))
         out = [self.title, line(heads), "  ".join("-" * wd for wd in widths)]
-        out += [line(r) for r in rows]
+        out += [f"[{c[0]}]" if "section" in r else line(c) for r, c in zip(self.rows, rows)]
         if self.note:
             out.append(self.note)
         return "\n".join(out)
@@ -1153,7 +1484,8 @@ class Table:
         heads = [h for h, _, _ in self.columns]
         out = [f"### {self.title}", "", "| " + " | ".join(heads) + " |",
                "| " + " | ".join(["---"] + ["---:"] * (len(heads) - 1)) + " |"]
-        out += ["| " + " | ".join(r) + " |" for r in self.cells()]
+        out += ["| " + " | ".join([f"**{c[0]}**"] + c[1:] if "section" in r else c) + " |"
+                for r, c in zip(self.rows, self.cells())]
         if self.note:
             out += ["", self.note]
         return "\n".join(out)
@@ -1204,7 +1536,38 @@ def refresh_summary(agg: dict, raw: list[dict], w: int) -> dict | None:
             "ok": "yes" if loss is not None and loss <= 2 and errs == 0 else "no"}
 
 
-def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int]) -> list[Table]:
+# What each upstream kind means for the peers, for the notes under its tables.
+KIND_NOTE = {
+    "http": "",
+    "https": ("Clients speak plain HTTP/1.1 to the proxy; every proxy speaks HTTP/1.1 over TLS "
+              "to the upstream and verifies its certificate (private CA, name localhost). "
+              "direct: wrk itself speaks TLS to the upstream, so the client pays for TLS: a "
+              "different shape, not a limit the proxies are held to."),
+    "h2tls": ("Clients speak plain HTTP/1.1 to the proxy; the upstream offers h2 and http/1.1 "
+              "by ALPN, and every proxy verifies its certificate. nginx: HTTP/1.1 to this "
+              "upstream, proxy_pass cannot speak h2 (nginx 1.22). direct: wrk speaks HTTP/1.1 "
+              "over TLS itself (it offers no ALPN), so the client pays for TLS: a different "
+              "shape."),
+}
+
+
+def saw_note(agg: dict, cases: list[str], workers: list[int], kind: str) -> str:
+    """Which HTTP version the upstream saw through each case, from GET /proto (not assumed)."""
+    by_proto: dict[str, list[str]] = {}
+    for c in cases:
+        saw = next((agg[k].get("upstream_saw") for w in workers
+                    if (k := (load_name("h1", kind), c, w)) in agg and agg[k].get("upstream_saw")),
+                   None)
+        if saw:
+            by_proto.setdefault(saw.split()[0], []).append(c)
+    if not by_proto:
+        return ""
+    return ("The upstream saw (GET /proto): " + "; ".join(
+        f"{proto} from {', '.join(cs)}" for proto, cs in sorted(by_proto.items())) + ".")
+
+
+def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int],
+                 kinds: list[str]) -> list[Table]:
     tables = []
 
     def rows(load: str):
@@ -1222,26 +1585,35 @@ def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int
             ("p50 ms", "p50_ms", ".2f"), ("p99 ms", "p99_ms", ".2f"), ("MB/s", "mb_s", ".1f"),
             ("CPU s/10k req", "cpu_s_per_10k", ".3f"), ("RSS idle MiB", "rss_idle_kib", "mib"),
             ("RSS peak MiB", "rss_peak_kib", "mib"), ("tp/peer req/s", "ratio", ".2f"),
-            ("errors", "errors", "d")]
-    t = Table(f"HTTP/1.1 keep-alive small GETs, {WRK_CONNS} connections (wrk -t1 -c{WRK_CONNS})",
-              cols, ratio_note + " CPU and RSS are the proxy's processes; direct has none.")
-    for c, w, a in rows("h1"):
-        t.rows.append(dict(a, case=c, workers=w, ratio=ratio(tp("h1", w).get("rps"), a.get("rps"))))
-    tables.append(t)
-
+            ("upstream saw", "upstream_saw", "str"), ("errors", "errors", "d")]
     cols1 = [("case", "case", "str"), ("workers", "workers", "d"), ("req/s", "rps", ".0f"),
              ("p50 ms", "p50_ms", ".3f"), ("p99 ms", "p99_ms", ".3f"),
              ("added p50 ms", "added_p50", ".3f"), ("added p99 ms", "added_p99", ".3f"),
              ("CPU s/10k req", "cpu_s_per_10k", ".3f"), ("tp/peer req/s", "ratio", ".2f"),
              ("errors", "errors", "d")]
-    t = Table("HTTP/1.1 one connection, one request at a time (wrk -t1 -c1): added latency",
-              cols1, "added = this row minus direct, same workers.")
-    for c, w, a in rows("h1c1"):
-        d = agg.get(("h1c1", "direct", w), {})
-        t.rows.append(dict(a, case=c, workers=w, ratio=ratio(tp("h1c1", w).get("rps"), a.get("rps")),
-                           added_p50=sub(a.get("p50_ms"), d.get("p50_ms")) if c != "direct" else None,
-                           added_p99=sub(a.get("p99_ms"), d.get("p99_ms")) if c != "direct" else None))
-    tables.append(t)
+    for kind in kinds:
+        load, load1 = load_name("h1", kind), load_name("h1c1", kind)
+        note = " ".join(x for x in (KIND_NOTE[kind], saw_note(agg, cases, workers, kind)) if x)
+        t = Table(f"HTTP/1.1 keep-alive small GETs, {WRK_CONNS} connections (wrk -t1 "
+                  f"-c{WRK_CONNS}), {UPSTREAM_TITLE[kind]} [{load}]", cols,
+                  " ".join(x for x in (ratio_note, "CPU and RSS are the proxy's processes; "
+                                       "direct has none.", note) if x))
+        for c, w, a in rows(load):
+            t.rows.append(dict(a, case=c, workers=w,
+                               ratio=ratio(tp(load, w).get("rps"), a.get("rps"))))
+        tables.append(t)
+
+        t = Table("HTTP/1.1 one connection, one request at a time (wrk -t1 -c1): added latency, "
+                  f"{UPSTREAM_TITLE[kind]} [{load1}]", cols1,
+                  " ".join(x for x in ("added = this row minus direct, same workers and upstream.",
+                                       KIND_NOTE[kind]) if x))
+        for c, w, a in rows(load1):
+            d = agg.get((load1, "direct", w), {})
+            t.rows.append(dict(a, case=c, workers=w,
+                               ratio=ratio(tp(load1, w).get("rps"), a.get("rps")),
+                               added_p50=sub(a.get("p50_ms"), d.get("p50_ms")) if c != "direct" else None,
+                               added_p99=sub(a.get("p99_ms"), d.get("p99_ms")) if c != "direct" else None))
+        tables.append(t)
 
     cols2 = [("case", "case", "str"), ("workers", "workers", "d"), ("req/s", "rps", ".0f"),
              ("mean ms", "mean_ms", ".2f"), ("max ms", "max_ms", ".2f"), ("MB/s", "mb_s", ".1f"),
@@ -1304,79 +1676,145 @@ def build_tables(agg: dict, raw: list[dict], cases: list[str], workers: list[int
     return tables
 
 
+def round_ratios(raw: list[dict], load: str, w: int, key: str) -> list[float]:
+    """token-proxy / nginx for `key` within each round of `load`, in round order."""
+    by_round: dict[int, dict[str, float]] = {}
+    for e in raw:
+        if e["load"] == load and e["workers"] == w and e.get(key) is not None:
+            by_round.setdefault(e["round"], {})[e["case"]] = e[key]
+    return [r["token-proxy"] / r["nginx"] for _, r in sorted(by_round.items())
+            if r.get("token-proxy") and r.get("nginx")]
+
+
 def paired_row(label: str, raw: list[dict], load: str, w: int, key: str,
                min_rounds: int = 2) -> list[dict]:
     """token-proxy / nginx within each round, where the two ran back to back (so drift over the
     run cancels): the ratios, and their median in the ratio column. No row for fewer than
     `min_rounds` rounds (one round of back-to-back runs says no more than the medians do)."""
-    by_round: dict[int, dict[str, float]] = {}
-    for e in raw:
-        if e["load"] == load and e["workers"] == w and e.get(key) is not None:
-            by_round.setdefault(e["round"], {})[e["case"]] = e[key]
-    ratios = [r["token-proxy"] / r["nginx"] for _, r in sorted(by_round.items())
-              if r.get("token-proxy") and r.get("nginx")]
+    ratios = round_ratios(raw, load, w, key)
     if len(ratios) < min_rounds:
         return []
     return [{"target": label, "workers": w, "tp": " ".join(f"{x:.2f}" for x in ratios),
              "ng": "-", "ratio": statistics.median(ratios)}]
 
 
-def targets_table(agg: dict, raw: list[dict], workers: list[int]) -> Table:
+def fmt_or_dash(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def interleaved_rows(agg: dict, raw: list[dict], load: str, w: int) -> list[dict]:
+    """The headline rows: token-proxy and nginx side by side on one upstream kind, the load
+    alternating between them in 1 s slices (`h1x`, `h1x-https`, `h1x-h2tls`). Each one's value
+    is its median over rounds; the ratio is the median of the ratios within each round (drift
+    over the run cancels in those), with the ratios round by round when there are several."""
+    tp, ng = agg.get((load, "token-proxy", w)), agg.get((load, "nginx", w))
+    if not tp or not ng:
+        return []
+    out = []
+    for key, label, spec in (("rps", "req/s", ".0f"), ("p99_ms", "p99 ms", ".2f"),
+                             ("cpu_s_per_10k", "CPU s per 10,000 requests", ".3f")):
+        rr = round_ratios(raw, load, w, key)
+        out.append({"target": f"* small GETs {label}, interleaved 1 s slices", "workers": w,
+                    "tp": fmt_or_dash(tp.get(key), spec), "ng": fmt_or_dash(ng.get(key), spec),
+                    "ratio": statistics.median(rr) if rr else ratio(tp.get(key), ng.get(key))})
+        if len(rr) >= 2:
+            out.append({"target": "  ... round by round", "workers": w,
+                        "tp": " ".join(f"{x:.2f}" for x in rr), "ng": "-",
+                        "ratio": statistics.median(rr)})
+    return out
+
+
+def separate_rows(agg: dict, raw: list[dict], kind: str, w: int) -> list[dict]:
+    """token-proxy against nginx from the separate runs on one upstream kind (`h1*`, `h1c1*`),
+    and the latency each adds over direct to the same upstream."""
+    load, load1 = load_name("h1", kind), load_name("h1c1", kind)
+    g = lambda ld, case: agg.get((ld, case, w), {})
+    tp, ng, dr = g(load, "token-proxy"), g(load, "nginx"), g(load, "direct")
+    tp1, ng1, dr1 = g(load1, "token-proxy"), g(load1, "nginx"), g(load1, "direct")
+    s = fmt_or_dash
+    if not tp:
+        return []
+    rows = [
+        {"target": "small GETs req/s (64 conns), separate runs", "workers": w,
+         "tp": s(tp.get("rps"), ".0f"), "ng": s(ng.get("rps"), ".0f"),
+         "ratio": ratio(tp.get("rps"), ng.get("rps"))},
+        *paired_row("  ... round by round", raw, load, w, "rps"),
+        {"target": "small GETs p99 ms (64 conns), separate runs", "workers": w,
+         "tp": s(tp.get("p99_ms"), ".2f"), "ng": s(ng.get("p99_ms"), ".2f"),
+         "ratio": ratio(tp.get("p99_ms"), ng.get("p99_ms"))},
+        {"target": "CPU s per 10,000 requests, separate runs", "workers": w,
+         "tp": s(tp.get("cpu_s_per_10k"), ".3f"), "ng": s(ng.get("cpu_s_per_10k"), ".3f"),
+         "ratio": ratio(tp.get("cpu_s_per_10k"), ng.get("cpu_s_per_10k"))},
+    ]
+    over = "direct" if kind == "http" else "direct (wrk doing TLS)"
+    if tp1 and dr1:
+        a_tp, a_ng = sub(tp1.get("p50_ms"), dr1.get("p50_ms")), sub(ng1.get("p50_ms"), dr1.get("p50_ms"))
+        rows.append({"target": f"added p50 latency over {over}, 1 conn (ms)", "workers": w,
+                     "tp": s(a_tp, ".3f"), "ng": s(a_ng, ".3f"), "ratio": ratio(a_tp, a_ng)})
+    if dr:
+        a_tp, a_ng = sub(tp.get("p99_ms"), dr.get("p99_ms")), sub(ng.get("p99_ms"), dr.get("p99_ms"))
+        rows.append({"target": f"added p99 latency over {over}, 64 conns (ms)", "workers": w,
+                     "tp": s(a_tp, ".2f"), "ng": s(a_ng, ".2f"), "ratio": ratio(a_tp, a_ng)})
+    return rows
+
+
+def plain_only_rows(agg: dict, raw: list[dict], w: int) -> list[dict]:
+    """Memory and token refresh, measured on the plain upstream only."""
+    g = lambda load, case: agg.get((load, case, w), {})
+    m = lambda v: "-" if v is None else f"{v / 1024:.1f} MiB"
+    rows = []
+    tp, ng = g("h1", "token-proxy"), g("h1", "nginx")
+    if tp:
+        rows.append({"target": "idle RSS", "workers": w, "tp": m(tp.get("rss_idle_kib")),
+                     "ng": m(ng.get("rss_idle_kib")),
+                     "ratio": ratio(tp.get("rss_idle_kib"), ng.get("rss_idle_kib"))})
+    ti, ni = g("idle", "token-proxy"), g("idle", "nginx")
+    if ti:
+        rows.append({"target": f"RSS with {IDLE_CONNS:,} idle keep-alive conns", "workers": w,
+                     "tp": m(ti.get("rss_held_kib")), "ng": m(ni.get("rss_held_kib")),
+                     "ratio": ratio(ti.get("rss_held_kib"), ni.get("rss_held_kib"))})
+    tu, nu = g("upload", "token-proxy"), g("upload", "nginx")
+    if tu:
+        rows.append({"target": "RSS increase during a 256 MiB upload", "workers": w,
+                     "tp": m(tu.get("rss_increase_kib")), "ng": m(nu.get("rss_increase_kib")),
+                     "ratio": rss_ratio(tu.get("rss_increase_kib"), nu.get("rss_increase_kib"))})
+    rs = refresh_summary(agg, raw, w)
+    if rs:
+        rr, errs = rs["ratio"], rs["errors"]
+        met = "met" if rs["ok"] == "yes" else "NOT met"
+        rows.append({"target": "2 s tokens under load: req/s kept (>= 0.98, no error)",
+                     "workers": w, "tp": f"{rr:.3f}, {errs} errors ({met})",
+                     "ng": "-", "ratio": None})
+    return rows
+
+
+def targets_table(agg: dict, raw: list[dict], workers: list[int], kinds: list[str]) -> Table:
+    """One section per upstream kind, its headline first: token-proxy / nginx from the
+    interleaved slices (rows marked *); then the separate runs; then a section for what is
+    measured on the plain upstream only (memory, token refresh)."""
     t = Table("Targets: token-proxy against nginx and direct",
               [("target", "target", "str"), ("workers", "workers", "d"), ("token-proxy", "tp", "str"),
-               ("nginx", "ng", "str"), ("token-proxy/nginx", "ratio", ".2f")])
-    for w in workers:
-        g = lambda load, case: agg.get((load, case, w), {})
-        tp, ng, dr = g("h1", "token-proxy"), g("h1", "nginx"), g("h1", "direct")
-        tp1, ng1, dr1 = g("h1c1", "token-proxy"), g("h1c1", "nginx"), g("h1c1", "direct")
-        s = lambda v, f: "-" if v is None else format(v, f)
-        m = lambda v: "-" if v is None else f"{v / 1024:.1f} MiB"
-        if tp:
-            t.rows += [
-                {"target": "small GETs req/s (64 conns)", "workers": w, "tp": s(tp.get("rps"), ".0f"),
-                 "ng": s(ng.get("rps"), ".0f"), "ratio": ratio(tp.get("rps"), ng.get("rps"))},
-                *paired_row("small GETs req/s, round by round", raw, "h1", w, "rps"),
-                *paired_row("small GETs req/s, interleaved 1 s slices, round by round", raw,
-                            "h1x", w, "rps", 1),
-                {"target": "small GETs p99 ms (64 conns)", "workers": w, "tp": s(tp.get("p99_ms"), ".2f"),
-                 "ng": s(ng.get("p99_ms"), ".2f"), "ratio": ratio(tp.get("p99_ms"), ng.get("p99_ms"))},
-                *paired_row("small GETs p99, interleaved 1 s slices, round by round", raw, "h1x",
-                            w, "p99_ms", 1),
-                {"target": "CPU s per 10,000 requests", "workers": w,
-                 "tp": s(tp.get("cpu_s_per_10k"), ".3f"), "ng": s(ng.get("cpu_s_per_10k"), ".3f"),
-                 "ratio": ratio(tp.get("cpu_s_per_10k"), ng.get("cpu_s_per_10k"))},
-                *paired_row("CPU per request, interleaved 1 s slices, round by round", raw, "h1x",
-                            w, "cpu_s_per_10k", 1),
-            ]
-            if tp1 and dr1:
-                a_tp = sub(tp1.get("p50_ms"), dr1.get("p50_ms"))
-                a_ng = sub(ng1.get("p50_ms"), dr1.get("p50_ms"))
-                t.rows.append({"target": "added p50 latency over direct, 1 conn (ms)", "workers": w,
-                               "tp": s(a_tp, ".3f"), "ng": s(a_ng, ".3f"), "ratio": ratio(a_tp, a_ng)})
-            if dr:
-                a_tp, a_ng = sub(tp.get("p99_ms"), dr.get("p99_ms")), sub(ng.get("p99_ms"), dr.get("p99_ms"))
-                t.rows.append({"target": "added p99 latency over direct, 64 conns (ms)", "workers": w,
-                               "tp": s(a_tp, ".2f"), "ng": s(a_ng, ".2f"), "ratio": ratio(a_tp, a_ng)})
-            t.rows.append({"target": "idle RSS", "workers": w, "tp": m(tp.get("rss_idle_kib")),
-                           "ng": m(ng.get("rss_idle_kib")),
-                           "ratio": ratio(tp.get("rss_idle_kib"), ng.get("rss_idle_kib"))})
-        ti, ni = g("idle", "token-proxy"), g("idle", "nginx")
-        if ti:
-            t.rows.append({"target": f"RSS with {IDLE_CONNS:,} idle keep-alive conns", "workers": w,
-                           "tp": m(ti.get("rss_held_kib")), "ng": m(ni.get("rss_held_kib")),
-                           "ratio": ratio(ti.get("rss_held_kib"), ni.get("rss_held_kib"))})
-        tu, nu = g("upload", "token-proxy"), g("upload", "nginx")
-        if tu:
-            t.rows.append({"target": "RSS increase during a 256 MiB upload", "workers": w,
-                           "tp": m(tu.get("rss_increase_kib")), "ng": m(nu.get("rss_increase_kib")),
-                           "ratio": rss_ratio(tu.get("rss_increase_kib"), nu.get("rss_increase_kib"))})
-        rs = refresh_summary(agg, raw, w)
-        if rs:
-            rr, errs = rs["ratio"], rs["errors"]
-            met = "met" if rs["ok"] == "yes" else "NOT met"
-            t.rows.append({"target": "2 s tokens under load: req/s kept (>= 0.98, no error)",
-                           "workers": w, "tp": f"{rr:.3f}, {errs} errors ({met})",
-                           "ng": "-", "ratio": None})
+               ("nginx", "ng", "str"), ("token-proxy/nginx", "ratio", ".2f")],
+              "* headline: token-proxy and nginx running side by side, the load alternating "
+              f"between them in {SLICE_S} s slices (A B B A); values are medians over rounds, "
+              "the ratio the median of the ratios within each round. Other rows come from the "
+              "separate runs of each case. Clients always speak plain HTTP/1.1 to the proxy.")
+    for kind in kinds:
+        label = f"upstream {kind}: {UPSTREAM_TITLE[kind]}"
+        if kind == "h2tls":
+            label += " (nginx: HTTP/1.1 to this upstream, proxy_pass cannot speak h2)"
+        t.section(label)
+        n = len(t.rows)
+        for w in workers:
+            t.rows += interleaved_rows(agg, raw, load_name("h1x", kind), w)
+            t.rows += separate_rows(agg, raw, kind, w)
+        if len(t.rows) == n:
+            t.rows.append({"target": "no token-proxy result on this upstream: see the problems",
+                           "workers": None, "tp": "-", "ng": "-", "ratio": None})
+    rest = [r for w in workers for r in plain_only_rows(agg, raw, w)]
+    if rest:
+        t.section("memory and token refresh (plain http upstream)")
+        t.rows += rest
     return t
 
 
@@ -1385,21 +1823,28 @@ def targets_table(agg: dict, raw: list[dict], workers: list[int]) -> Table:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_chart(out: Path, agg: dict, cases: list[str], workers: list[int]) -> Path | None:
+def write_chart(out: Path, agg: dict, cases: list[str], workers: list[int],
+                kinds: list[str]) -> Path | None:
+    """One cluster of bars per case and upstream kind ("nginx", "nginx https", ...). With more
+    than one kind the two panels are stacked, so that 15 clusters stay readable."""
     dat = out / "chart.dat"
     lines = ["# case " + " ".join(f"rps_w{w}" for w in workers) + " " +
              " ".join(f"p99ms_w{w}" for w in workers)]
-    for c in cases:
-        rps = [agg.get(("h1", c, w), {}).get("rps") for w in workers]
-        p99 = [agg.get(("h1", c, w), {}).get("p99_ms") for w in workers]
-        if all(v is None for v in rps):
-            continue
-        vals = ["NaN" if v is None else f"{v:.3f}" for v in rps + p99]
-        lines.append(f'"{c}" ' + " ".join(vals))
+    for kind in kinds:
+        for c in cases:
+            rps = [agg.get((load_name("h1", kind), c, w), {}).get("rps") for w in workers]
+            p99 = [agg.get((load_name("h1", kind), c, w), {}).get("p99_ms") for w in workers]
+            if all(v is None for v in rps):
+                continue
+            vals = ["NaN" if v is None else f"{v:.3f}" for v in rps + p99]
+            label = c if kind == "http" else f"{c} {kind}"
+            lines.append(f'"{label}" ' + " ".join(vals))
     dat.write_text("\n".join(lines) + "\n")
+    stacked = len(kinds) > 1
+    size, layout = ("1800,1100", "2,1") if stacked else ("1400,560", "1,2")
     terms = subprocess.run(["gnuplot", "-e", "set terminal"], capture_output=True, text=True)
-    term = "pngcairo size 1400,560 font 'Sans,11'" if "pngcairo" in (terms.stdout + terms.stderr) \
-        else "png size 1400,560"
+    term = f"pngcairo size {size} font 'Sans,11'" if "pngcairo" in (terms.stdout + terms.stderr) \
+        else f"png size {size}"
     png = out / "chart.png"
     n = len(workers)
 
@@ -1422,7 +1867,7 @@ def write_chart(out: Path, agg: dict, cases: list[str], workers: list[int]) -> P
     gp.write_text(f"""\
 set terminal {term}
 set output '{png}'
-set multiplot layout 1,2 title "token-proxy benchmark: HTTP/1.1 small GETs, {WRK_CONNS} keep-alive connections (wrk), median of rounds, {os.cpu_count()} cores"
+set multiplot layout {layout} title "token-proxy benchmark: HTTP/1.1 small GETs, {WRK_CONNS} keep-alive connections (wrk), median of rounds, {os.cpu_count()} cores; upstream kinds: {', '.join(kinds)}"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.85 border -1
@@ -1431,7 +1876,7 @@ set grid ytics
 set key outside bottom center horizontal
 set yrange [0:*]
 set offsets 0, 0, graph 0.08, 0
-set xtics nomirror
+set xtics nomirror{" rotate by -25" if stacked else ""}
 set ytics nomirror
 set title "requests per second (higher is better)"
 set ylabel "req/s"
@@ -1482,6 +1927,11 @@ def parse_args(argv=None):
     p.add_argument("--only", default=",".join(CASES),
                    help="cases to run, comma-separated, from: " + ",".join(CASES) +
                         " (default all; the upstream nginx always runs)")
+    p.add_argument("--upstreams", default=",".join(UPSTREAMS),
+                   help="upstream kinds the HTTP/1.1 small-GET loads (separate and interleaved) "
+                        "run against, comma-separated, from: http (plain), https (TLS, "
+                        "HTTP/1.1), h2tls (TLS offering h2) (default all three; the other loads "
+                        "always use the plain upstream)")
     p.add_argument("--out", default="target/bench",
                    help="output directory, relative to the repository (default target/bench)")
     p.add_argument("--no-pin", action="store_true",
@@ -1502,6 +1952,12 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unknown case(s) {', '.join(bad)}; choose from {', '.join(CASES)}")
     args.cases = [c for c in CASES if c in args.cases]  # fixed order
+    kinds = [k.strip() for k in args.upstreams.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in UPSTREAMS]
+    if bad or not kinds:
+        p.error(f"unknown upstream kind(s) {', '.join(bad) or '(none)'}; "
+                f"choose from {', '.join(UPSTREAMS)}")
+    args.kinds = [k for k in UPSTREAMS if k in kinds]  # fixed order
     if args.quick:
         args.workers_list, args.duration, args.rounds = [1], 2, 1
     if args.duration <= 0 or args.rounds < 1:
@@ -1511,6 +1967,8 @@ def parse_args(argv=None):
 
 def preflight(args) -> None:
     needed = ["wrk", "h2load", "nginx", "curl", "gnuplot"]
+    if set(args.kinds) - {"http"}:
+        needed.append("openssl")  # the private CA of the HTTPS upstream
     needed += [c for c in ("haproxy", "caddy") if c in args.cases]
     missing = [t for t in needed if shutil.which(t) is None]
     if missing:
@@ -1557,7 +2015,7 @@ def main(argv=None) -> int:
     if not out.is_absolute():
         out = REPO / out
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("run", "logs", "configs"):
+    for sub in ("run", "logs", "configs", "tls"):
         shutil.rmtree(out / sub, ignore_errors=True)
     for stale in ("results.json", "results.md", "chart.png", "chart.gp", "chart.dat"):
         (out / stale).unlink(missing_ok=True)
@@ -1577,21 +2035,28 @@ def main(argv=None) -> int:
     bench = Bench(args, out)
     bench.binary = binary
 
-    cases, workers = args.cases, args.workers_list
+    cases, workers, kinds = args.cases, args.workers_list, args.kinds
     big = not args.quick
-    log(f"cases: {', '.join(cases)}; workers: {workers}; {args.rounds} round(s) of "
-        f"{args.duration:g} s runs; out: {out}")
+    log(f"cases: {', '.join(cases)}; workers: {workers}; upstreams: {', '.join(kinds)}; "
+        f"{args.rounds} round(s) of {args.duration:g} s runs; out: {out}")
     placements: dict[str, str] = {}
     try:
-        bench.setup(workers, cases)
-        log(f"upstream nginx (1 worker) on 127.0.0.1:{bench.upstream.h1} (h2c :{bench.upstream.h2})")
+        bench.setup(workers, cases, kinds)
+        up = bench.up_ports
+        log(f"upstream nginx (1 worker) on 127.0.0.1:{up['http']} (h2c :{up['h2c']}"
+            + (f", https :{up['https']}, h2tls :{up['h2tls']}" if bench.tls else "") + ")")
         for rnd in range(1, args.rounds + 1):
             for w in workers:
                 placements[str(w)] = bench.place(w).describe()
                 log(f"-- round {rnd}/{args.rounds}, workers {w}; {placements[str(w)]}")
                 steps = []
+                # The small GETs kind by kind, the cases alternating within each kind, so that
+                # the figures compared with each other (same kind) run close together.
+                for kind in kinds:
+                    for c in cases:
+                        steps.append((c, load_name("GET", kind),
+                                      lambda c=c, kind=kind: bench.run_get(c, w, rnd, kind)))
                 for c in cases:
-                    steps.append((c, "GET", lambda c=c: bench.run_get(c, w, rnd)))
                     steps.append((c, "h2c", lambda c=c: bench.run_h2(c, w, rnd)))
                     if big:
                         if c != "direct":
@@ -1599,8 +2064,9 @@ def main(argv=None) -> int:
                         steps.append((c, "upload", lambda c=c: bench.run_transfer("upload", c, w, rnd)))
                         steps.append((c, "download", lambda c=c: bench.run_transfer("download", c, w, rnd)))
                 if "token-proxy" in cases and "nginx" in cases:
-                    steps.append(("token-proxy and nginx", "interleaved GET",
-                                  lambda: bench.run_interleaved_get(w, rnd)))
+                    for kind in kinds:
+                        steps.append(("token-proxy and nginx", load_name("interleaved GET", kind),
+                                      lambda kind=kind: bench.run_interleaved_get(w, rnd, kind)))
                 if "token-proxy" in cases:
                     steps.append(("token-proxy", "refresh", lambda: bench.run_refresh(w, rnd)))
                 for c, what, fn in steps:
@@ -1616,10 +2082,10 @@ def main(argv=None) -> int:
 
     total_secs = time.time() - t_start
     agg = aggregate(bench.raw)
-    tables = build_tables(agg, bench.raw, cases, workers)
+    tables = build_tables(agg, bench.raw, cases, workers, kinds)
     if "token-proxy" in cases:
-        tables.append(targets_table(agg, bench.raw, workers))
-    png = write_chart(out, agg, cases, workers)
+        tables.append(targets_table(agg, bench.raw, workers, kinds))
+    png = write_chart(out, agg, cases, workers, kinds)
 
     versions = {
         "token-proxy": tool_version([str(binary), "--version"]),
@@ -1630,6 +2096,7 @@ def main(argv=None) -> int:
         "wrk": tool_version(["wrk", "-v"]),
         "h2load": tool_version(["h2load", "--version"]),
         "curl": tool_version(["curl", "--version"]),
+        "openssl": tool_version(["openssl", "version"]) if shutil.which("openssl") else None,
         "gnuplot": tool_version(["gnuplot", "--version"]),
         "python": sys.version.split()[0],
     }
@@ -1645,8 +2112,14 @@ def main(argv=None) -> int:
         "options": {"workers": workers, "duration_s": args.duration, "rounds": args.rounds,
                     "quick": args.quick, "cases": cases, "wrk_connections": WRK_CONNS,
                     "h2_streams_per_conn": H2_STREAMS, "idle_connections": IDLE_CONNS,
-                    "transfer_bytes": BLOB_SIZE, "pinned": not args.no_pin},
+                    "transfer_bytes": BLOB_SIZE, "pinned": not args.no_pin,
+                    "upstreams": kinds},
         "placement": placements,
+        "upstream_tls": None if not bench.tls else {
+            "ca": str(bench.tls["ca"]), "certificate": str(bench.tls["cert"]),
+            "key": "ECDSA P-256", "names": [f"DNS:{TLS_NAME}", "IP:127.0.0.1"],
+            "ports": {k: bench.up_ports[k] for k in ("https", "h2tls")},
+            "alpn_chosen_when_offered_h2": bench.upstream_alpn},
         "versions": versions,
         "configs": sorted(str(p.relative_to(out)) for p in (out / "configs").iterdir()),
     }
