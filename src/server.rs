@@ -343,33 +343,38 @@ pub async fn serve<S, B, F>(
                 },
                 None => Rewind::new(stream, Bytes::new()),
             };
-            // Every HTTP/1.1 request hyper reads passes the codec first (see `gate.rs`).
-            let refused = CancellationToken::new();
-            let stream = Gate::new(stream, limits, front, refused.clone());
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                // A refused head: the response in flight finishes, then the refusal is
-                // written and the connection closes.
-                _ = refused.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            // Boxed: hyper's connection state is large, and a connection the front door
+            // keeps (most of them, idle ones included) would otherwise carry room for it.
+            Box::pin(async move {
+                // Every HTTP/1.1 request hyper reads passes the codec first (see `gate.rs`).
+                let refused = CancellationToken::new();
+                let stream = Gate::new(stream, limits, front, refused.clone());
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    // A refused head: the response in flight finishes, then the refusal is
+                    // written and the connection closes.
+                    _ = refused.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                    _ = cancel.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                    _ = retire.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(error = %e, "connection ended with an error");
                 }
-                _ = cancel.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                _ = retire.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                debug!(error = %e, "connection ended with an error");
-            }
+            })
+            .await
         };
         match Workers::next() {
             None => {

@@ -37,7 +37,7 @@ use std::io::{self, Write as _};
 use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::header::{DATE, TRAILER};
 use http::{HeaderMap, HeaderName, Method, Response};
 use http_body::Body;
@@ -49,6 +49,7 @@ use super::codec::{self, Field, Parsed, RequestBody};
 use super::deadline::Deadline;
 use super::raw::{ClientFraming, ClientHead};
 use super::service::{FrontAnswer, FrontRequest, ProxyService};
+use super::spare;
 use super::{ProxyBody, ProxyError};
 use crate::config::ClientLimits;
 
@@ -84,10 +85,8 @@ where
     // `cancelled()`) locks a mutex in it. On a shared token, each request would pull those
     // cache lines from core to core; on a child, they stay on this connection's core.
     let stop = &stop.child_token();
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    let mut up = Vec::new();
-    let mut fields = Vec::new();
+    // Held only from the first byte of a request to the end of its response (see `spare.rs`).
+    let mut b = spare::Buffers::default();
     let mut stopped = pin!(stop.cancelled());
     let mut header_timer = Deadline::new(limits.header_read_timeout);
     let mut response_timer = service.response_deadline();
@@ -97,8 +96,7 @@ where
         let lean = service.has_lean_path();
         let request = match read_head(
             &mut io,
-            &mut buf,
-            &mut fields,
+            &mut b,
             limits,
             stopped.as_mut(),
             &mut header_timer,
@@ -108,7 +106,7 @@ where
         .await
         {
             Next::Head(request) => request,
-            Next::Handoff => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
+            Next::Handoff => return Outcome::Handoff(Rewind::new(io, b.buf.freeze())),
             Next::Close => return Outcome::Closed,
             Next::Refuse(e) => {
                 if io.write_all(&service.refuse(e)).await.is_ok() {
@@ -119,39 +117,47 @@ where
         };
         served = true;
         let close = request.close || stop.is_cancelled();
+        let spare::Buffers {
+            buf,
+            out,
+            up,
+            fields,
+        } = &mut b;
         let head = &buf[..request.len];
         let view = FrontRequest::new(
             &request.method,
             &head[request.target.0..request.target.1],
             head,
-            &fields,
+            fields,
             request.te,
         );
         out.clear();
         up.clear();
         let mut client = ClientHead {
-            out: &mut out,
+            out: &mut *out,
             close,
             te: request.te,
             trailers: Vec::new(),
             relocate: service.relocation(view.values(b"host").next()),
         };
         let answer = service
-            .handle_front(&view, &mut up, &mut client, &mut response_timer)
+            .handle_front(&view, up, &mut client, &mut response_timer)
             .await;
         let trailers = std::mem::take(&mut client.trailers);
         let head_only = request.method == Method::HEAD;
         let written = match answer {
             FrontAnswer::Streaming { body, framing } => {
                 buf.advance(request.len);
-                write_body(&mut io, &mut out, body, framing, &trailers).await
+                write_body(&mut io, out, body, framing, &trailers).await
             }
             FrontAnswer::Response(response) => {
                 buf.advance(request.len);
-                write_response(&mut io, &mut out, response, head_only, request.te, close).await
+                write_response(&mut io, out, response, head_only, request.te, close).await
             }
             // Nothing went upstream: hyper reads this request again, from its first byte.
-            FrontAnswer::ToHyper => return Outcome::Handoff(Rewind::new(io, buf.freeze())),
+            FrontAnswer::ToHyper => {
+                return Outcome::Handoff(Rewind::new(io, std::mem::take(buf).freeze()))
+            }
         };
         if written.is_err() {
             return Outcome::Closed;
@@ -159,13 +165,6 @@ where
         if close {
             let _ = io.shutdown().await;
             return Outcome::Closed;
-        }
-        // An idle connection keeps no large buffers.
-        if out.capacity() > GATHER * 4 {
-            out = Vec::new();
-        }
-        if up.capacity() > GATHER * 4 {
-            up = Vec::new();
         }
     }
 }
@@ -198,8 +197,7 @@ enum Next {
 #[allow(clippy::too_many_arguments)]
 async fn read_head<T>(
     io: &mut T,
-    buf: &mut BytesMut,
-    fields: &mut Vec<Field>,
+    b: &mut spare::Buffers,
     limits: &ClientLimits,
     mut stopped: Pin<&mut impl Future<Output = ()>>,
     timer: &mut Deadline,
@@ -211,18 +209,26 @@ where
 {
     let mut armed = false;
     loop {
-        if !buf.is_empty() {
-            match judge(buf, limits, fields, served, lean) {
+        if !b.buf.is_empty() {
+            match judge(&b.buf, limits, &mut b.fields, served, lean) {
                 Judged::Partial => {}
                 Judged::Head(request) => return Next::Head(request),
                 Judged::Handoff => return Next::Handoff,
                 Judged::Refuse(e) => return Next::Refuse(e),
             }
         }
-        buf.reserve(READ_CHUNK);
         let read = poll_fn(|cx| {
-            if let Poll::Ready(r) = tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+            // A buffer is lent only while there is something to read (see `spare.rs`).
+            // Buffers are borrowed when bytes may come, and given back while none do.
+            b.borrow();
+            b.buf.reserve(READ_CHUNK);
+            if let Poll::Ready(r) =
+                tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, &mut b.buf)
+            {
                 return Poll::Ready(Some(r));
+            }
+            if b.buf.is_empty() {
+                b.give_back();
             }
             // Only a connection that has to wait reads the clock.
             if !armed {
@@ -232,7 +238,7 @@ where
             if timer.poll_expired(cx).is_ready() {
                 return Poll::Ready(None);
             }
-            if buf.is_empty() && stopped.as_mut().poll(cx).is_ready() {
+            if b.buf.is_empty() && stopped.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(None);
             }
             Poll::Pending

@@ -12,7 +12,8 @@
 //! - [`upload`]: the request body on its way upstream;
 //! - [`headers`]: header hygiene as pure functions; [`codec`]: HTTP/1.1 syntax and framing,
 //!   the rules both paths follow;
-//! - [`access`] and [`deadline`]: the record a request leaves, and a connection's timers.
+//! - [`access`] and [`deadline`]: the record a request leaves, and a connection's timers;
+//!   [`spare`]: the buffers a client connection borrows only while it serves a request.
 
 pub mod access;
 pub mod body;
@@ -24,6 +25,7 @@ pub mod headers;
 pub mod pool;
 pub mod raw;
 pub mod service;
+pub mod spare;
 pub mod stream;
 pub mod upload;
 

@@ -422,7 +422,13 @@ impl Http1Pool {
     async fn raw_conn(&self) -> Result<(RawConn, bool, Done), SendError> {
         Ok(match self.checkout_raw() {
             (Some(conn), done) => (conn, true, done),
-            (None, done) => (RawConn::new(self.connect_lean().await?), false, done),
+            // Boxed: a TLS handshake's state is large, and a connection is made rarely, while
+            // every client connection's task would otherwise be sized for it.
+            (None, done) => (
+                RawConn::new(Box::pin(self.connect_lean()).await?),
+                false,
+                done,
+            ),
         })
     }
 
