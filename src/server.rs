@@ -299,6 +299,9 @@ pub async fn serve<S, B, F>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // Shared: every connection's task would otherwise carry its own copy (hundreds of bytes,
+    // idle connections included).
+    let builder = Arc::new(builder);
     let listener: Listener = listener.into();
     let local = listener
         .bound_addr()

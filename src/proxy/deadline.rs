@@ -1,6 +1,6 @@
-//! A connection's timer for a wait that recurs with the same length: each request head the
-//! front door reads (`header_read_timeout`), each upstream response it waits for
-//! (`response_timeout`).
+//! A connection's timer for the waits that recur on it: each request head the front door
+//! reads (`header_read_timeout`), each upstream response it waits for (`response_timeout`).
+//! One timer serves both, as the waits never overlap: a connection holds one, not two.
 //!
 //! `tokio::time::timeout` per request registers a timer in tokio's wheel and removes it again
 //! (a lock and a wheel slot each way, about 8 % of the front door's instructions per request).
@@ -49,7 +49,12 @@ impl Deadline {
     /// would fire later than that (as before the first wait); when it fires earlier,
     /// [`poll_expired`](Self::poll_expired) sets it again.
     pub fn start(&mut self, now: Instant) {
-        self.due = now + self.length;
+        self.start_for(now, self.length);
+    }
+
+    /// [`start`](Self::start) for a wait of `length`, not the deadline's own.
+    pub fn start_for(&mut self, now: Instant, length: Duration) {
+        self.due = now + length;
         if self.sleep.deadline() > self.due {
             self.sleep.as_mut().reset(self.due);
             self.registered = None;
@@ -82,9 +87,19 @@ impl Deadline {
     pub async fn bound<F: Future>(
         &mut self,
         now: Instant,
+        future: Pin<&mut F>,
+    ) -> Option<F::Output> {
+        self.bound_for(now, self.length, future).await
+    }
+
+    /// [`bound`](Self::bound) for a wait of `length`, not the deadline's own.
+    pub async fn bound_for<F: Future>(
+        &mut self,
+        now: Instant,
+        length: Duration,
         mut future: Pin<&mut F>,
     ) -> Option<F::Output> {
-        self.start(now);
+        self.start_for(now, length);
         poll_fn(|cx| {
             if let Poll::Ready(v) = future.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
@@ -117,6 +132,28 @@ mod tests {
             .await;
         assert_eq!(never, None);
         assert_eq!(Instant::now() - started, Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_timer_serves_waits_of_two_lengths_each_to_its_own_deadline() {
+        let mut deadline = Deadline::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        let short = Duration::from_secs(3);
+        // A long wait that finishes leaves the timer set late; a short one still ends on time.
+        assert_eq!(deadline.bound(t0, pin!(async { 1 })).await, Some(1));
+        let t1 = Instant::now();
+        let cut = deadline
+            .bound_for(t1, short, pin!(std::future::pending::<()>()))
+            .await;
+        assert_eq!(cut, None);
+        assert_eq!(Instant::now() - t1, short);
+        // And a long wait after a short one lasts its whole length.
+        let t2 = Instant::now();
+        assert_eq!(
+            deadline.bound(t2, pin!(std::future::pending::<()>())).await,
+            None
+        );
+        assert_eq!(Instant::now() - t2, Duration::from_secs(30));
     }
 
     #[tokio::test(start_paused = true)]

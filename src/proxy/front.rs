@@ -88,8 +88,8 @@ where
     // Held only from the first byte of a request to the end of its response (see `spare.rs`).
     let mut b = spare::Buffers::default();
     let mut stopped = pin!(stop.cancelled());
-    let mut header_timer = Deadline::new(limits.header_read_timeout);
-    let mut response_timer = service.response_deadline();
+    // One timer for the header reads and the upstream waits, which never overlap.
+    let mut timer = Deadline::new(limits.header_read_timeout);
     let mut served = false;
     loop {
         // Looked at per request: an `https` upstream that refuses `http/1.1` turns it off.
@@ -99,7 +99,7 @@ where
             &mut b,
             limits,
             stopped.as_mut(),
-            &mut header_timer,
+            &mut timer,
             served,
             lean,
         )
@@ -141,7 +141,7 @@ where
             relocate: service.relocation(view.values(b"host").next()),
         };
         let answer = service
-            .handle_front(&view, up, &mut client, &mut response_timer)
+            .handle_front(&view, up, &mut client, &mut timer)
             .await;
         let trailers = std::mem::take(&mut client.trailers);
         let head_only = request.method == Method::HEAD;
@@ -232,7 +232,7 @@ where
             }
             // Only a connection that has to wait reads the clock.
             if !armed {
-                timer.start(Instant::now());
+                timer.start_for(Instant::now(), limits.header_read_timeout);
                 armed = true;
             }
             if timer.poll_expired(cx).is_ready() {

@@ -787,16 +787,11 @@ impl ProxyService {
     ) -> Result<(StatusCode, RawBody, ClientFraming), Bodiless> {
         let inner = &*self.inner;
         let sent = pin!(pool.send_for_client(head, method, client));
-        match timer.bound(now, sent).await {
+        match timer.bound_for(now, inner.response_timeout, sent).await {
             Some(Err(pool::SendError::Http11Refused)) => Err(Bodiless::Http11Refused),
             Some(r) => r.map_err(|e| Bodiless::Failed(pool_error(inner, &e))),
             None => Err(Bodiless::Failed(self.response_timed_out())),
         }
-    }
-
-    /// The timer for the responses of one front-door connection.
-    pub fn response_deadline(&self) -> Deadline {
-        Deadline::new(self.inner.response_timeout)
     }
 
     /// The `Authorization` value to send: the token valid at `now`, lock-free and without
