@@ -143,6 +143,13 @@ enum Conn {
     Unix(UnixStream),
 }
 
+/// An accepted connection as its task gets it: on the runtime that accepted it, or detached
+/// for another (registered there when its task first runs).
+enum Arriving {
+    Here(Conn),
+    Moved(StdConn),
+}
+
 /// An accepted connection detached from its runtime, on its way to another.
 enum StdConn {
     Tcp(std::net::TcpStream),
@@ -337,8 +344,18 @@ pub async fn serve<S, B, F>(
         let cancel = cancel.clone();
         let span = tracing::debug_span!("conn", listener = name, local = %local, peer = ?peer);
         let builder = builder.clone();
-        let serve = move |stream: Conn| async move {
+        let serve = move |arriving: Arriving| async move {
             let _permit = permit;
+            let stream = match arriving {
+                Arriving::Here(stream) => stream,
+                Arriving::Moved(detached) => match Conn::from_std(detached) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        warn!(error = %e, "could not move a connection to its worker");
+                        return;
+                    }
+                },
+            };
             let stream = match &front {
                 Some(front) => match front::serve(stream, front, &limits, &retire).await {
                     Outcome::Closed => return,
@@ -379,27 +396,18 @@ pub async fn serve<S, B, F>(
             })
             .await
         };
+        // The task's future is made here and first polled on its worker, where the moved
+        // connection is registered: one future, so the captures are not held twice.
         match Workers::next() {
             None => {
-                connections.spawn(serve(stream).instrument(span));
+                connections.spawn(serve(Arriving::Here(stream)).instrument(span));
             }
-            Some(handle) => {
-                match stream.into_std() {
-                    Ok(detached) => {
-                        connections.spawn_on(
-                        async move {
-                            match Conn::from_std(detached) {
-                                Ok(stream) => serve(stream).await,
-                                Err(e) => warn!(error = %e, "could not move a connection to its worker"),
-                            }
-                        }
-                        .instrument(span),
-                        handle,
-                    );
-                    }
-                    Err(e) => warn!(listener = name, error = %e, "could not detach a connection"),
+            Some(handle) => match stream.into_std() {
+                Ok(detached) => {
+                    connections.spawn_on(serve(Arriving::Moved(detached)).instrument(span), handle);
                 }
-            }
+                Err(e) => warn!(listener = name, error = %e, "could not detach a connection"),
+            },
         }
     }
     drop(listener);

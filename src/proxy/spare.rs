@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use super::codec::Field;
 
 /// Sets of spares kept per thread; more are freed.
-const MAX_SPARES: usize = 256;
+const MAX_SPARES: usize = 64;
 /// A set holding a larger buffer is freed rather than kept (a large response head, a large
 /// gathered body).
 const MAX_KEPT: usize = 64 * 1024;
