@@ -115,6 +115,24 @@ async fn tls_front_with(
     (addr, cancel.drop_guard())
 }
 
+/// A credential on `idp` (plain http) and a route to the `https` upstream at `api_tls` (base
+/// path `/base`) that trusts `ca_file`.
+fn https_route_config(
+    idp: &token_proxy::demo::DemoServer<token_proxy::demo::IdpState>,
+    api_tls: SocketAddr,
+    ca_file: &std::path::Path,
+) -> String {
+    format!(
+        "{}{}",
+        credential("api", &token_proxy::demo::token_url(idp), ""),
+        route(
+            &format!("https://localhost:{}/base", api_tls.port()),
+            "api",
+            &format!("ca_file = \"{}\"", ca_file.display())
+        )
+    )
+}
+
 /// The fake IdP and upstream, each also behind TLS with a certificate from a private CA.
 struct TlsStack {
     ca_file: std::path::PathBuf,
@@ -460,15 +478,7 @@ async fn a_changed_ca_file_is_picked_up_without_a_restart() {
     let (api_tls, _front) = tls_front(&pki, api.addr()).await;
     // The route starts with the wrong CA: the upstream's certificate is refused.
     let ca_file = temp_file("ca.pem", &other.ca_pem);
-    let text = format!(
-        "{}{}",
-        credential("api", &token_proxy::demo::token_url(&idp), ""),
-        route(
-            &format!("https://localhost:{}/base", api_tls.port()),
-            "api",
-            &format!("ca_file = \"{}\"", ca_file.display())
-        )
-    );
+    let text = https_route_config(&idp, api_tls, &ca_file);
     let proxy = start_proxy(&text).await;
     let addr = proxy.route_addrs()[0];
     assert_eq!(get(addr, "/x").await.status, StatusCode::BAD_GATEWAY);
@@ -500,15 +510,7 @@ async fn an_upstream_that_speaks_only_h2_gets_bodiless_requests_over_h2() {
     let api = start_upstream(&idp).await;
     let (api_tls, _front) = tls_front_with(&pki, api.addr(), false, &[b"h2"]).await;
     let ca_file = temp_file("ca.pem", &pki.ca_pem);
-    let text = format!(
-        "{}{}",
-        credential("api", &token_proxy::demo::token_url(&idp), ""),
-        route(
-            &format!("https://localhost:{}/base", api_tls.port()),
-            "api",
-            &format!("ca_file = \"{}\"", ca_file.display())
-        )
-    );
+    let text = https_route_config(&idp, api_tls, &ca_file);
     let proxy = start_proxy(&text).await;
     for path in ["/first", "/second", "/third"] {
         let reply = get(proxy.route_addrs()[0], path).await;
