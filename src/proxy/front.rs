@@ -218,7 +218,6 @@ where
             }
         }
         let read = poll_fn(|cx| {
-            // A buffer is lent only while there is something to read (see `spare.rs`).
             // Buffers are borrowed when bytes may come, and given back while none do.
             b.borrow();
             b.buf.reserve(READ_CHUNK);

@@ -291,6 +291,27 @@ impl Http1Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Http1Pool {
+        Http1Pool::build(host, port, connect_timeout, idle_timeout, None)
+    }
+
+    /// A pool of lean TLS connections to the `https` upstream `host:port`.
+    pub fn with_tls(
+        host: &str,
+        port: u16,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        tls: PoolTls,
+    ) -> Http1Pool {
+        Http1Pool::build(host, port, connect_timeout, idle_timeout, Some(tls))
+    }
+
+    fn build(
+        host: &str,
+        port: u16,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        tls: Option<PoolTls>,
+    ) -> Http1Pool {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let target = match bare.parse::<IpAddr>() {
@@ -306,25 +327,10 @@ impl Http1Pool {
                 epoch: Instant::now(),
                 closed: CancellationToken::new(),
                 dropped: AtomicBool::new(false),
-                tls: None,
+                tls,
                 http11_refused: AtomicBool::new(false),
             }),
         }
-    }
-
-    /// A pool of lean TLS connections to the `https` upstream `host:port`.
-    pub fn with_tls(
-        host: &str,
-        port: u16,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-        tls: PoolTls,
-    ) -> Http1Pool {
-        let mut pool = Http1Pool::new(host, port, connect_timeout, idle_timeout);
-        Arc::get_mut(&mut pool.shared)
-            .expect("a new pool is not shared")
-            .tls = Some(tls);
-        pool
     }
 
     /// Whether this pool's connections are TLS (then only bodiless requests use it).
