@@ -278,6 +278,32 @@ mod tests {
         }
     }
 
+    /// A refresher running on a script, with the slot it fills and when it started.
+    struct Running {
+        slot: Arc<TokenSlot>,
+        t0: Instant,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    /// Starts the refresher on `script` with `refresh_before`, in a fresh slot.
+    fn start(script: &Arc<Script>, refresh_before: Duration) -> Running {
+        let slot = Arc::new(TokenSlot::new("c"));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            script.clone(),
+            slot.clone(),
+            refresh_before,
+            cancel.clone(),
+        ));
+        Running {
+            slot,
+            t0: Instant::now(),
+            cancel,
+            task,
+        }
+    }
+
     /// Runs the refresher on `script` for `secs` of paused time; the attempt times.
     async fn attempts(script: &Arc<Script>, slot: &Arc<TokenSlot>, secs: u64) -> Vec<f64> {
         let t0 = Instant::now();
@@ -307,10 +333,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn short_tokens_are_refreshed_before_they_expire() {
         let script = Script::new((0..10).map(|_| Ok(S(2))).collect());
-        let slot = Arc::new(TokenSlot::new("c"));
-        let t0 = Instant::now();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        let Running {
+            slot,
+            t0,
+            cancel,
+            task,
+        } = start(&script, S(300));
         // Check every 10 ms for 6 s that a valid token is held.
         let mut gaps = 0;
         for _ in 0..600 {
@@ -391,10 +419,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_requests_do_not_override_retry_after() {
         let script = Script::new(vec![Err(rejected(503, Some(20))), Ok(S(600))]);
-        let slot = Arc::new(TokenSlot::new("c"));
-        let t0 = Instant::now();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        let Running {
+            slot,
+            t0,
+            cancel,
+            task,
+        } = start(&script, S(300));
         // Requests keep arriving during the Retry-After window; each is answered at once
         // (waiting up to 10 s could not reach the retry).
         for _ in 0..10 {
@@ -417,10 +447,12 @@ mod tests {
         let mut answers: Vec<_> = (0..5).map(|_| Err(rejected(500, None))).collect();
         answers.extend([Err(rejected(500, None)), Ok(S(600))]);
         let script = Script::new(answers);
-        let slot = Arc::new(TokenSlot::new("c"));
-        let t0 = Instant::now();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        let Running {
+            slot,
+            t0,
+            cancel,
+            task,
+        } = start(&script, S(300));
         until_calls(&script, 5, S(400)).await;
         let fifth = *script.calls(t0).last().unwrap();
         // A request waits from just after the fifth failure: the next attempt comes within
@@ -445,10 +477,12 @@ mod tests {
         let mut answers: Vec<_> = (0..4).map(|_| Err(rejected(500, None))).collect();
         answers.push(Ok(S(600)));
         let script = Script::new(answers);
-        let slot = Arc::new(TokenSlot::new("c"));
-        let t0 = Instant::now();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(script.clone(), slot.clone(), S(300), cancel.clone()));
+        let Running {
+            slot,
+            t0,
+            cancel,
+            task,
+        } = start(&script, S(300));
         until_calls(&script, 4, S(200)).await;
         // Long after the fourth failure (backoff 24-72 s), one request arrives and waits.
         let fourth = *script.calls(t0).last().unwrap();
@@ -470,10 +504,12 @@ mod tests {
             Err(rejected(429, Some(30))),
             Ok(S(600)),
         ]);
-        let slot = Arc::new(TokenSlot::new("c"));
-        let t0 = Instant::now();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(script.clone(), slot.clone(), S(1), cancel.clone()));
+        let Running {
+            slot,
+            t0,
+            cancel,
+            task,
+        } = start(&script, S(1));
         until_calls(&script, 1, S(1)).await;
         tokio::time::sleep(S(5)).await;
         slot.retry_failing();
