@@ -63,7 +63,7 @@ def make_ca(d: Path) -> Path:
     return d / "ca.pem"
 
 
-def upstream_conf(d: Path, plain: int, tls: int) -> Path:
+def upstream_conf(d: Path, plain: int, tls: int, h2tls: int) -> Path:
     conf = d / "nginx.conf"
     conf.write_text(f"""\
 daemon off;
@@ -80,6 +80,7 @@ http {{
   server {{
     listen 127.0.0.1:{plain};
     listen 127.0.0.1:{tls} ssl;
+    listen 127.0.0.1:{h2tls} ssl http2;
     ssl_certificate {d}/server.pem;
     ssl_certificate_key {d}/server.key;
     location / {{ default_type text/plain; return 200 "hello\\n"; }}
@@ -93,9 +94,10 @@ http {{
     return conf
 
 
-def proxy_conf(d: Path, kind: str, listen: int, plain: int, tls: int, ca: Path) -> Path:
-    upstream = f"http://127.0.0.1:{plain}" if kind == "http" else f"https://localhost:{tls}"
-    extra = f'ca_file = "{ca}"\n' if kind == "https" else ""
+def proxy_conf(d: Path, kind: str, listen: int, ports: dict, ca: Path) -> Path:
+    plain = ports["http"]
+    upstream = f"http://127.0.0.1:{plain}" if kind == "http" else f"https://localhost:{ports[kind]}"
+    extra = f'ca_file = "{ca}"\n' if kind != "http" else ""
     conf = d / f"token-proxy-{kind}.toml"
     conf.write_text(f"""\
 workers = 1
@@ -114,19 +116,21 @@ credential = "bench"
     return conf
 
 
-def h2load(port: int, n: int, c: int) -> None:
+def h2load(port: int, n: int, c: int, client: str) -> None:
+    # h1: HTTP/1.1 keep-alive; h2c: HTTP/2 with prior knowledge, 10 streams per connection.
+    mode = ["--h1"] if client == "h1" else ["-m", "10"]
     out = subprocess.run(
-        ["h2load", "--h1", "-n", str(n), "-c", str(c), "-t", "1", f"http://127.0.0.1:{port}/"],
+        ["h2load", *mode, "-n", str(n), "-c", str(c), "-t", "1", f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, timeout=600)
     m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out.stdout)
     if out.returncode != 0 or not m or int(m.group(3)) != n:
         sys.exit(f"h2load did not complete {n} requests:\n{out.stdout}\n{out.stderr}")
 
 
-def measure(kind: str, d: Path, binary: Path, plain: int, tls: int, ca: Path,
-            n: int, c: int, top: int) -> int:
+def measure(kind: str, d: Path, binary: Path, ports: dict, ca: Path,
+            n: int, c: int, top: int, client: str) -> int:
     listen = free_port()
-    conf = proxy_conf(d, kind, listen, plain, tls, ca)
+    conf = proxy_conf(d, kind, listen, ports, ca)
     out = d / f"callgrind-{kind}.out"
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
@@ -135,10 +139,10 @@ def measure(kind: str, d: Path, binary: Path, plain: int, tls: int, ca: Path,
         start_new_session=True)
     try:
         wait_port(listen)
-        h2load(listen, max(1000, n // 10), c)  # warm-up: connections, token, caches
+        h2load(listen, max(1000, n // 10), c, client)  # warm-up: connections, token, caches
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
                        capture_output=True)
-        h2load(listen, n, c)
+        h2load(listen, n, c, client)
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
                        capture_output=True)
     finally:
@@ -160,7 +164,7 @@ def measure(kind: str, d: Path, binary: Path, plain: int, tls: int, ca: Path,
     if total is None:
         sys.exit(f"no instruction total in {out}")
     print(f"{kind:5} upstream: {total / n:,.0f} instructions per proxied GET "
-          f"({n} requests, {c} keep-alive connections, 1 worker)")
+          f"({n} requests, {c} keep-alive connections, clients {client}, 1 worker)")
     if top:
         for title, listing in (("self", rows), ("inclusive", annotate(inclusive=True))):
             print(f"  the {top} costliest functions ({title}), instructions per request:")
@@ -172,7 +176,10 @@ def measure(kind: str, d: Path, binary: Path, plain: int, tls: int, ca: Path,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--upstream", default="http,https", help="comma list of http, https")
+    p.add_argument("--upstream", default="http,https",
+                   help="comma list of http, https, h2tls (TLS offering h2 and http/1.1)")
+    p.add_argument("--client", choices=("h1", "h2c"), default="h1",
+                   help="what the clients speak to the proxy: HTTP/1.1 (default) or h2c")
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--top", type=int, default=0, help="print the N costliest functions")
@@ -190,15 +197,17 @@ def main() -> None:
         d = Path(args.keep) if args.keep else Path(tmp)
         d.mkdir(parents=True, exist_ok=True)
         ca = make_ca(d)
-        plain, tls = free_port(), free_port()
-        nginx = subprocess.Popen(["nginx", "-p", str(d), "-c", str(upstream_conf(d, plain, tls))],
+        ports = {"http": free_port(), "https": free_port(), "h2tls": free_port()}
+        conf = upstream_conf(d, ports["http"], ports["https"], ports["h2tls"])
+        nginx = subprocess.Popen(["nginx", "-p", str(d), "-c", str(conf)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         try:
-            wait_port(plain)
-            wait_port(tls)
+            for port in ports.values():
+                wait_port(port)
             for kind in args.upstream.split(","):
-                measure(kind, d, binary, plain, tls, ca, args.requests, args.connections, args.top)
+                measure(kind, d, binary, ports, ca, args.requests, args.connections, args.top,
+                        args.client)
         finally:
             os.killpg(nginx.pid, signal.SIGTERM)
             nginx.wait(timeout=30)

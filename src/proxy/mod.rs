@@ -21,6 +21,7 @@ pub mod codec;
 pub mod deadline;
 pub mod front;
 pub mod gate;
+pub mod h2;
 pub mod headers;
 pub mod pool;
 pub mod raw;
