@@ -460,6 +460,8 @@ pub struct EchoRecord {
     pub version: http::Version,
     /// Path and query, exactly as received.
     pub target: String,
+    /// The authority the request named: HTTP/2's `:authority`, else `Host`.
+    pub authority: String,
     /// Headers, as received (the `authorization` value included: tests compare it).
     pub headers: HeaderMap,
     /// Body bytes received.
@@ -551,6 +553,13 @@ async fn echo(
         method: req.method().clone(),
         version: req.version(),
         target: target.clone(),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok())
+            .unwrap_or_default()
+            .to_owned(),
         headers: req.headers().clone(),
         body_bytes: 0,
         token_was_current: current,

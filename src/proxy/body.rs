@@ -10,7 +10,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::access::Access;
-use super::pool::Checkin;
+use super::h2::conn::H2Body;
+use super::pool::{Checkin, LeanBody};
 use super::raw::RawBody;
 use super::upload::drop_forbidden_trailers;
 
@@ -33,6 +34,8 @@ enum Source {
     Hyper(Incoming),
     /// The lean exchange of a bodiless request (`raw.rs`), which returns its own connection.
     Raw(RawBody),
+    /// A stream of one of the thread's HTTP/2 connections (`h2/conn.rs`).
+    H2(H2Body),
 }
 
 impl Source {
@@ -40,6 +43,7 @@ impl Source {
         match self {
             Source::Hyper(b) => b.is_end_stream(),
             Source::Raw(b) => b.is_end_stream(),
+            Source::H2(b) => b.is_end_stream(),
         }
     }
 }
@@ -48,6 +52,14 @@ impl ResponseBody {
     /// From the lean exchange.
     pub fn raw(body: RawBody) -> Self {
         Self::with(Source::Raw(body), None)
+    }
+
+    /// From the lean exchange, over HTTP/1.1 or HTTP/2.
+    pub fn lean(body: LeanBody) -> Self {
+        match body {
+            LeanBody::Http1(b) => Self::raw(b),
+            LeanBody::H2(b) => Self::with(Source::H2(b), None),
+        }
     }
 
     /// `inner`, returning `checkin` to its pool at the end.
@@ -97,6 +109,7 @@ impl Body for ResponseBody {
         let polled = match &mut self.inner {
             Source::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Source::Raw(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Source::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         };
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
@@ -127,6 +140,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Source::Hyper(b) => b.size_hint(),
             Source::Raw(b) => b.size_hint(),
+            Source::H2(b) => b.size_hint(),
         }
     }
 }

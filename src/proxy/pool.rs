@@ -21,15 +21,17 @@
 //! the next client's answer, and each later client would get the answer of the one before.
 //! (hyper's client connections watch for this themselves: their task reads while idle.)
 //!
-//! For an `https` upstream the pool keeps only lean connections (TLS over TCP, ALPN
-//! `http/1.1`, see `stream.rs`), for bodiless requests; requests with bodies, which may ride
-//! HTTP/2, and upgrades (WebSocket) keep hyper-util's client. An upstream that refuses
-//! `http/1.1` by ALPN (one that speaks only HTTP/2) turns the lean path off for the route:
-//! that request, and every later one, goes through hyper-util's client.
+//! For an `https` upstream the pool keeps only lean connections (TLS over TCP, see
+//! `stream.rs`), for bodiless requests; requests with bodies, and upgrades (WebSocket), keep
+//! hyper-util's client. The front door's requests offer `h2` and `http/1.1` by ALPN: when the
+//! upstream chooses `h2`, the thread's requests share HTTP/2 connections (`h2/conn.rs`), else
+//! they take lean HTTP/1.1 connections. The requests hyper's server read offer `http/1.1`
+//! only; an upstream that refuses it (one that speaks only HTTP/2) sends those through
+//! hyper-util's client from then on.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +47,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::h2::conn::{self as h2conn, H2Body};
+use super::h2::session::StreamError;
 use super::raw::{ClientFraming, ClientHead, Done, RawBody, RawConn, RawError, Reuse};
 use super::stream::UpstreamStream;
 use super::upload::UpstreamBody;
@@ -81,15 +85,39 @@ pub enum SendError {
     /// now off, so the request goes through hyper-util's client.
     #[error("the upstream refused HTTP/1.1 (ALPN)")]
     Http11Refused,
+    /// An HTTP/2 stream gave no response, or an invalid one.
+    #[error("{0}")]
+    H2(#[source] StreamError),
 }
+
+/// A lean exchange's response body: HTTP/1.1 on its own connection, or an HTTP/2 stream.
+#[derive(Debug)]
+pub enum LeanBody {
+    Http1(RawBody),
+    H2(H2Body),
+}
+
+/// The route's TLS client settings for lean connections, by what they offer by ALPN.
+#[derive(Debug)]
+pub struct LeanTls {
+    /// `http/1.1` only: for the requests hyper's server read.
+    pub http11: Arc<rustls::ClientConfig>,
+    /// `h2`, then `http/1.1`: for the front door's requests.
+    pub h2: Arc<rustls::ClientConfig>,
+}
+
+/// What the upstream chose by ALPN when offered `h2` (`Shared::chose`).
+const CHOSE_UNKNOWN: u8 = 0;
+const CHOSE_H2: u8 = 1;
+const CHOSE_HTTP11: u8 = 2;
 
 /// TLS for an `https` pool: the client settings (swapped when the route's TLS files change)
 /// and the name the upstream's certificate must hold.
 #[derive(Debug)]
 pub struct PoolTls {
-    /// The route's TLS client settings, ALPN `http/1.1` only; swapped by the watcher of the
-    /// route's TLS files, for new connections.
-    pub config: Arc<ArcSwap<rustls::ClientConfig>>,
+    /// The route's TLS client settings; swapped by the watcher of the route's TLS files, for
+    /// new connections.
+    pub config: Arc<ArcSwap<LeanTls>>,
     /// The upstream's host, as its certificate names it.
     pub server_name: ServerName<'static>,
 }
@@ -119,6 +147,8 @@ struct Shared {
     tls: Option<PoolTls>,
     /// The upstream refused `http/1.1` by ALPN: no more lean connections.
     http11_refused: AtomicBool,
+    /// What the upstream last chose when offered `h2` (`CHOSE_*`).
+    chose: AtomicU8,
 }
 
 /// Where to connect: an address as configured, or a host name resolved at each connect.
@@ -329,6 +359,7 @@ impl Http1Pool {
                 dropped: AtomicBool::new(false),
                 tls,
                 http11_refused: AtomicBool::new(false),
+                chose: AtomicU8::new(CHOSE_UNKNOWN),
             }),
         }
     }
@@ -338,10 +369,16 @@ impl Http1Pool {
         self.shared.tls.is_some()
     }
 
-    /// Whether bodiless requests may take the lean exchange: not after the upstream refused
-    /// `http/1.1` by ALPN.
+    /// Whether bodiless requests may take the lean HTTP/1.1 exchange: not after the upstream
+    /// refused `http/1.1` by ALPN.
     pub fn takes_bodiless(&self) -> bool {
         !self.shared.http11_refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether the front door's bodiless requests may take the lean path: over HTTP/1.1, or
+    /// over HTTP/2 where the upstream chose it.
+    pub fn serves_front(&self) -> bool {
+        self.takes_bodiless() || self.shared.chose.load(Ordering::Relaxed) == CHOSE_H2
     }
 
     /// Sends `req` (origin-form target, `Host` set) on an idle connection of this thread, or
@@ -407,18 +444,79 @@ impl Http1Pool {
 
     /// [`send_bodiless`](Self::send_bodiless) for a request head already written for the
     /// upstream (`head`, for `method`), the response head written for the front door's client
-    /// (see [`RawConn::exchange_for_client`]).
+    /// (see [`RawConn::exchange_for_client`]). To an `https` upstream that chooses `h2`, the
+    /// request goes on one of the thread's HTTP/2 connections; one that was not processed
+    /// there (`GOAWAY`, `REFUSED_STREAM`) is sent again, as a stale HTTP/1.1 one is.
     pub async fn send_for_client(
         &self,
         head: &[u8],
         method: &http::Method,
         client: &mut ClientHead<'_>,
-    ) -> Result<(http::StatusCode, RawBody, ClientFraming), SendError> {
+    ) -> Result<(http::StatusCode, LeanBody, ClientFraming), SendError> {
+        let shared = &self.shared;
+        if shared.tls.is_some() && shared.chose.load(Ordering::Relaxed) != CHOSE_HTTP11 {
+            let (mut refused, mut made) = (0, 0);
+            loop {
+                if let Some(key) = h2conn::pick(shared.id) {
+                    match h2conn::send_for_client(key, head, method, client).await {
+                        Err(StreamError::Refused(why)) if refused < 2 => {
+                            debug!(error = %why, "HTTP/2 stream not processed: sending on another");
+                            refused += 1;
+                            continue;
+                        }
+                        answer => {
+                            return answer
+                                .map(|(s, b, f)| (s, LeanBody::H2(b), f))
+                                .map_err(SendError::H2)
+                        }
+                    }
+                }
+                if h2conn::wait_for_connect(shared.id).await {
+                    continue;
+                }
+                // A new connection that has no room either (the upstream allows no stream
+                // now): not one more.
+                if made == 2 {
+                    return Err(SendError::H2(StreamError::Refused(
+                        "the upstream's HTTP/2 connections allow no new stream".into(),
+                    )));
+                }
+                made += 1;
+                let connecting = h2conn::connecting(shared.id);
+                // Boxed: see `raw_conn`.
+                let stream = Box::pin(self.connect_lean(true)).await?;
+                if h2conn::chose_h2(&stream) {
+                    shared.chose.store(CHOSE_H2, Ordering::Relaxed);
+                    h2conn::start(
+                        shared.id,
+                        stream,
+                        shared.idle_timeout,
+                        shared.closed.clone(),
+                    );
+                    drop(connecting);
+                    continue;
+                }
+                drop(connecting);
+                // The upstream chose `http/1.1`: this connection serves the request, and the
+                // route's front door takes HTTP/1.1 connections from now on.
+                shared.chose.store(CHOSE_HTTP11, Ordering::Relaxed);
+                let done = IDLE.with_borrow_mut(|locals| local(locals, shared).done.clone());
+                return RawConn::new(stream)
+                    .exchange_for_client(head, method, client, done)
+                    .await
+                    .map(|(s, b, f)| (s, LeanBody::Http1(b), f))
+                    .map_err(SendError::Raw);
+            }
+        }
         loop {
             let (conn, pooled, done) = self.raw_conn().await?;
             match conn.exchange_for_client(head, method, client, done).await {
                 Err(RawError::Stale) if pooled => stale(),
-                answer => return answer.map_err(SendError::Raw),
+                answer => {
+                    return answer
+                        .map(|(s, b, f)| (s, LeanBody::Http1(b), f))
+                        .map_err(SendError::Raw)
+                }
             }
         }
     }
@@ -431,7 +529,7 @@ impl Http1Pool {
             // Boxed: a TLS handshake's state is large, and a connection is made rarely, while
             // every client connection's task would otherwise be sized for it.
             (None, done) => (
-                RawConn::new(Box::pin(self.connect_lean()).await?),
+                RawConn::new(Box::pin(self.connect_lean(false)).await?),
                 false,
                 done,
             ),
@@ -489,16 +587,22 @@ impl Http1Pool {
         Ok(stream)
     }
 
-    /// A new connection for the lean exchange: TCP, then TLS for an `https` upstream, both
-    /// within the connect timeout.
-    async fn connect_lean(&self) -> Result<UpstreamStream, SendError> {
+    /// A new connection for the lean exchange: TCP, then TLS for an `https` upstream (ALPN
+    /// `h2` and `http/1.1` if `offer_h2`, else `http/1.1`), both within the connect timeout.
+    async fn connect_lean(&self, offer_h2: bool) -> Result<UpstreamStream, SendError> {
         let shared = &self.shared;
         let Some(tls) = &shared.tls else {
             return Ok(self.connect_stream().await?.into());
         };
         let handshake = async {
             let tcp = self.connect_stream().await?;
-            let connector = tokio_rustls::TlsConnector::from(tls.config.load_full());
+            let configs = tls.config.load();
+            let config = if offer_h2 {
+                &configs.h2
+            } else {
+                &configs.http11
+            };
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
             connector
                 .connect(tls.server_name.clone(), tcp)
                 .await

@@ -458,16 +458,50 @@ pub struct ClientHead<'a> {
     pub relocate: Option<headers::Relocation<'a>>,
 }
 
+/// How the upstream delimits a response body, as far as the client's copy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFraming {
+    /// None follows (or its length is 0).
+    Empty,
+    /// Its `Content-Length`.
+    Length,
+    /// Chunked, by the end of the connection, or (HTTP/2) by the end of the stream.
+    Streamed,
+}
+
 impl ClientHead<'_> {
-    /// Writes the response head `head` (its bytes in `bytes`) for the client: the status line,
-    /// the fields that go on, as they came, then the framing, `date` and `connection` fields
-    /// the front door's answer needs.
+    /// Writes the response head `head` (its bytes in `bytes`) for the client.
     fn write(&mut self, bytes: &[u8], head: &Head, method: &Method) -> ClientFraming {
+        let fields = head
+            .fields
+            .iter()
+            .filter(|f| f.kept)
+            .map(|f| (&bytes[f.name.0..f.name.1], &bytes[f.value.0..f.value.1]));
+        let framing = match head.framing {
+            Framing::Empty => UpstreamFraming::Empty,
+            Framing::Length(_) => UpstreamFraming::Length,
+            Framing::Chunked(_) | Framing::Close => UpstreamFraming::Streamed,
+        };
+        self.write_response(head.status, fields, framing, head.length, head.date, method)
+    }
+
+    /// Writes a response head for the client, whichever protocol brought it: the status
+    /// line, the `fields` that go on, as they came (a `Trailer` among them is collected when
+    /// the client accepts trailers), then the framing, `date` and `connection` fields the
+    /// front door's answer needs. `length` is the valid `Content-Length` (not among the
+    /// fields), `date` whether the fields hold one.
+    pub fn write_response<'f>(
+        &mut self,
+        status: StatusCode,
+        fields: impl Iterator<Item = (&'f [u8], &'f [u8])>,
+        framing: UpstreamFraming,
+        length: Option<u64>,
+        date: bool,
+        method: &Method,
+    ) -> ClientFraming {
         let out = &mut *self.out;
-        codec::write_status_line(out, head.status);
-        for field in head.fields.iter().filter(|f| f.kept) {
-            let name = &bytes[field.name.0..field.name.1];
-            let value = &bytes[field.value.0..field.value.1];
+        codec::write_status_line(out, status);
+        for (name, value) in fields {
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
             match self.relocate.filter(|_| headers::is_location(name)) {
@@ -478,9 +512,8 @@ impl ClientHead<'_> {
                 None => out.extend_from_slice(value),
             }
             out.extend_from_slice(b"\r\n");
-            if field.trailer && self.te {
-                let names =
-                    std::str::from_utf8(&bytes[field.value.0..field.value.1]).unwrap_or_default();
+            if self.te && name.eq_ignore_ascii_case(b"trailer") {
+                let names = std::str::from_utf8(value).unwrap_or_default();
                 self.trailers.extend(
                     names
                         .split(',')
@@ -488,24 +521,22 @@ impl ClientHead<'_> {
                 );
             }
         }
-        let framing = match head.framing {
-            _ if !codec::response_has_body(method, head.status) => ClientFraming::None,
-            Framing::Empty | Framing::Length(_) => ClientFraming::Length,
-            Framing::Chunked(_) | Framing::Close => {
+        let framing = match framing {
+            _ if !codec::response_has_body(method, status) => ClientFraming::None,
+            UpstreamFraming::Empty | UpstreamFraming::Length => ClientFraming::Length,
+            UpstreamFraming::Streamed => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 ClientFraming::Chunked
             }
         };
-        match (framing, head.length) {
+        match (framing, length) {
             // The length, once (an empty body delimited by the status alone says 0).
             (ClientFraming::Length, n) => codec::write_length(out, n.unwrap_or(0)),
             // After `HEAD` or for a `304`, the length of the body not sent.
-            (ClientFraming::None, Some(n)) if passes_length(head.status) => {
-                codec::write_length(out, n)
-            }
+            (ClientFraming::None, Some(n)) if passes_length(status) => codec::write_length(out, n),
             _ => {}
         }
-        if !head.date {
+        if !date {
             out.extend_from_slice(b"date: ");
             codec::date(out);
             out.extend_from_slice(b"\r\n");

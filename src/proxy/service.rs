@@ -35,7 +35,7 @@ use super::codec::Field;
 use super::deadline::Deadline;
 use super::headers;
 use super::pool::{self, Checkin, Http1Pool};
-use super::raw::{ClientFraming, ClientHead, RawBody};
+use super::raw::{ClientFraming, ClientHead};
 use super::upload::{BodyTooLarge, UpstreamBody};
 use super::{ProxyBody, ProxyError};
 use crate::config::{Cidr, RouteConfig, Upstream};
@@ -57,19 +57,24 @@ struct Clients {
     main: UpstreamClient,
     /// HTTP/1.1 `Upgrade` (WebSocket) requests, which cannot ride an HTTP/2 connection.
     upgrade: UpstreamClient,
-    /// The same TLS settings for the pool's lean connections: ALPN `http/1.1` only.
-    lean: Arc<rustls::ClientConfig>,
+    /// The same TLS settings for the pool's lean connections.
+    lean: Arc<pool::LeanTls>,
 }
 
 impl Clients {
     fn build(route: &RouteConfig) -> Result<Clients, tls::TlsError> {
         let tls = tls::client_config(route.ca_file.as_deref(), route.client_identity.as_ref())?;
-        let mut lean = tls.clone();
-        lean.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut http11 = tls.clone();
+        http11.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut h2 = tls.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Clients {
             main: upstream_client(route, tls.clone(), true),
             upgrade: upstream_client(route, tls, false),
-            lean: Arc::new(lean),
+            lean: Arc::new(pool::LeanTls {
+                http11: Arc::new(http11),
+                h2: Arc::new(h2),
+            }),
         })
     }
 }
@@ -344,7 +349,7 @@ impl ProxyService {
         self.inner
             .pool
             .as_ref()
-            .is_some_and(Http1Pool::takes_bodiless)
+            .is_some_and(Http1Pool::serves_front)
     }
 
     /// Handles a bodiless `GET`, `HEAD`, `DELETE` or `OPTIONS` read by the front door, as
@@ -368,7 +373,7 @@ impl ProxyService {
         let access = Access::started_at(inner.metrics, req.method.clone(), uri, now);
         match self.forward_front(req, up, client, timer, now).await {
             Ok((status, body, framing)) => {
-                let mut body = ResponseBody::raw(body);
+                let mut body = ResponseBody::lean(body);
                 body.finish_with(access, status);
                 FrontAnswer::Streaming { body, framing }
             }
@@ -663,7 +668,7 @@ impl ProxyService {
         client: &mut ClientHead<'_>,
         timer: &mut Deadline,
         now: Instant,
-    ) -> Result<(StatusCode, RawBody, ClientFraming), Bodiless> {
+    ) -> Result<(StatusCode, pool::LeanBody, ClientFraming), Bodiless> {
         let inner = &*self.inner;
         self.admit_client(req.values(b"proxy-authorization").next())?;
         let hosts = req.values(b"host").count();
@@ -784,7 +789,7 @@ impl ProxyService {
         client: &mut ClientHead<'_>,
         timer: &mut Deadline,
         now: Instant,
-    ) -> Result<(StatusCode, RawBody, ClientFraming), Bodiless> {
+    ) -> Result<(StatusCode, pool::LeanBody, ClientFraming), Bodiless> {
         let inner = &*self.inner;
         let sent = pin!(pool.send_for_client(head, method, client));
         match timer.bound_for(now, inner.response_timeout, sent).await {
@@ -1065,7 +1070,7 @@ async fn watch_tls_files(
     files: Vec<PathBuf>,
     route: RouteConfig,
     clients: Arc<ArcSwap<Clients>>,
-    lean: Arc<ArcSwap<rustls::ClientConfig>>,
+    lean: Arc<ArcSwap<pool::LeanTls>>,
     stop: CancellationToken,
 ) {
     let stamp = || files.iter().map(|f| tls::file_stamp(f)).collect::<Vec<_>>();

@@ -2,8 +2,10 @@
 //!
 //! Why one type for both: the lean exchange and its codec are the same whatever carries the
 //! bytes, so an `https` upstream takes the same fast path, and the same rules, as a plain one.
-//! TLS connections offer only `http/1.1` by ALPN (the lean exchange speaks nothing else);
-//! requests with bodies keep going through hyper's client, which offers `h2` too.
+//! TLS connections for the front door's requests offer `h2` and `http/1.1` by ALPN, and
+//! carry whichever the upstream chooses (`h2/` or `raw.rs`); those for the requests hyper's
+//! server read offer `http/1.1` only. Requests with bodies keep going through hyper's client,
+//! which offers `h2` too.
 
 use std::io;
 use std::pin::Pin;
@@ -48,6 +50,14 @@ pub enum Idle {
 }
 
 impl UpstreamStream {
+    /// The protocol chosen by ALPN, over TLS.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            UpstreamStream::Tcp(_) => None,
+            UpstreamStream::Tls(s) => s.get_ref().1.alpn_protocol(),
+        }
+    }
+
     /// Looks, without waiting, for anything that arrived on an idle connection. Over TCP this
     /// makes no system call while tokio knows the socket has nothing to read. Over TLS the
     /// records that did arrive are processed: a session ticket is taken in silently, a

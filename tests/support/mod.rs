@@ -24,6 +24,8 @@ use token_proxy::demo::{
     self, DemoServer, EchoState, IdpState, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET,
 };
 
+pub mod tls;
+
 pub const LOOPBACK: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 

@@ -1,13 +1,23 @@
-//! HTTP/2 (RFC 9113), as the lean path will speak it to upstreams that offer it: one
-//! codec, like [`super::codec`] for HTTP/1.1, that every HTTP/2 exchange goes through.
+//! HTTP/2 (RFC 9113) as the lean path speaks it to an `https` upstream that chooses it by
+//! ALPN, for the front door's bodiless requests: the thread's requests share one connection
+//! to the upstream, and their frames go out together.
 //!
-//! - [`frame`]: the frame header, each frame type's payload rules, and the frames a client
-//!   writes;
-//! - [`hpack`]: header compression (RFC 7541), over [`huffman`], its string code.
+//! Why not hyper's client, which also speaks HTTP/2: through it, a proxied GET cost 64,000
+//! instructions (callgrind), against 17,000 for the lean HTTP/1.1 exchange over TLS; HTTP/2
+//! lets the upstream and the proxy read and write many requests per system call and TLS
+//! record, which one HTTP/1.1 connection per request in flight cannot.
+//!
+//! Data flows one way: [`conn`] (the thread's connections, their tasks, the request and body
+//! futures) -> [`session`] (one connection's state, no I/O) -> the codec: [`frame`] (the frame
+//! header, each frame type's rules, the frames a client writes) and [`hpack`] (header
+//! compression, RFC 7541, over [`huffman`], its string code). Every rule lives once, here,
+//! as [`super::codec`] holds HTTP/1.1's.
 
+pub mod conn;
 pub mod frame;
 pub mod hpack;
 pub mod huffman;
+pub mod session;
 
 /// The codec against another implementation: hyper's HTTP/2 server (the `h2` crate) reads
 /// the requests [`hpack::encode`] and [`frame`] write, and the responses its encoder writes,
