@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""token-proxy benchmark: token-proxy against direct access, nginx, HAProxy and Caddy.
+"""token-proxy benchmark: token-proxy against direct access, nginx, HAProxy, Caddy and Pingora.
 
-One command (`python3 benches/run.py`) builds the release binary, starts one shared upstream
+One command (`python3 benches/run.py`) builds the release binary (and, on first use, the
+Pingora peer in benches/pingora), starts one shared upstream
 (nginx, 1 worker: plain http, and unless `--upstreams http` also HTTPS, HTTP/1.1 only and
 offering h2, with a certificate from a private CA every proxy verifies) and every proxy on
 127.0.0.1 only, runs the loads in alternating rounds (A B A B) and writes the results to
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASES = ["direct", "token-proxy", "nginx", "haproxy", "caddy"]
+CASES = ["direct", "token-proxy", "nginx", "haproxy", "caddy", "pingora"]
 PROXIES = CASES[1:]
 TOKEN = "bench-token"
 BLOB_SIZE = 256 * 1024 * 1024
@@ -55,7 +56,7 @@ UPSTREAM_TITLE = {
 # The name the upstream's certificate is for, and that every peer verifies.
 TLS_NAME = "localhost"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-APT_LINE = ["wrk", "nghttp2-client", "nginx-light", "haproxy", "caddy", "gnuplot-nox"]
+APT_LINE = ["wrk", "nghttp2-client", "nginx-light", "haproxy", "caddy", "gnuplot-nox", "cmake"]
 # tool -> Debian package
 TOOL_PACKAGE = {
     "wrk": "wrk",
@@ -66,7 +67,18 @@ TOOL_PACKAGE = {
     "gnuplot": "gnuplot-nox",
     "curl": "curl",
     "openssl": "openssl",
+    "cmake": "cmake",  # to build the Pingora peer (zlib-ng, a build dependency of pingora-core)
 }
+# The Pingora peer: a small Cargo project of its own (its own Cargo.lock, not a dependency of
+# token-proxy), built on first use into its own target directory.
+PINGORA_DIR = REPO / "benches" / "pingora"
+PINGORA_TARGET = REPO / "target" / "bench-pingora"
+PINGORA_BIN = PINGORA_TARGET / "release" / "pingora-peer"
+# Concurrent streams per upstream h2 connection for Pingora (its default is 1, which would open
+# one h2 connection per request in flight): nginx's default http2_max_concurrent_streams, the
+# upstream's own limit, so Pingora multiplexes as far as the upstream lets it, as HAProxy, Caddy
+# and token-proxy do.
+PINGORA_H2_STREAMS = 128
 
 
 def log(msg: str) -> None:
@@ -681,6 +693,71 @@ http://:{h1} {{
     return conf
 
 
+def write_pingora_conf(out: Path, w: int, h1: int, up: int, kind: str,
+                       tls: dict | None) -> Path:
+    """The Pingora peer's one file: Pingora's own ServerConf keys, and the `peer:` section that
+    benches/pingora/src/main.rs reads (listen, upstream, TLS, the header)."""
+    tag = load_name(f"pingora-w{w}", kind)
+    conf = out / "configs" / f"{tag}.yaml"
+    run = out / "run" / tag
+    run.mkdir(parents=True, exist_ok=True)
+    if kind == "http":
+        tls_server, tls_peer = "", """\
+  tls: false
+"""
+    else:
+        tls_server = f"""\
+# The roots the upstream's certificate is verified against: the harness's CA only (with
+# ca_file set, Pingora's rustls connector loads it instead of the system's roots).
+ca_file: {tls["ca"]}
+"""
+        tls_peer = f"""\
+  # TLS to the upstream, dialled by address. Verification is Pingora's default and stays on
+  # (verify_cert and verify_hostname), for the name sent as SNI.
+  tls: true
+  sni: {TLS_NAME}
+  # ALPN offers h2 and http/1.1 (ALPN::H2H1), as token-proxy, HAProxy and Caddy do, and the
+  # upstream picks: h2 on the h2tls port, HTTP/1.1 on the https port. Pingora's default
+  # offers http/1.1 only. TLS session resumption: rustls' default client session cache.
+  offer_h2: true
+  # Streams per upstream h2 connection: Pingora's default is 1 (one h2 connection per request
+  # in flight); {PINGORA_H2_STREAMS} is nginx's http2_max_concurrent_streams, the upstream's
+  # own limit, so Pingora multiplexes as far as the upstream allows, as the other h2 peers do.
+  max_h2_streams: {PINGORA_H2_STREAMS}
+"""
+    conf.write_text(f"""\
+# Pingora (pingora-proxy 0.9, the project in benches/pingora) as a reverse proxy that sets the
+# same static Authorization header, to the {UPSTREAM_TITLE[kind]}.
+# The top-level keys are Pingora's own ServerConf, at their defaults except where commented;
+# `peer:` is read by benches/pingora/src/main.rs. No access log: the proxy's logging phase is
+# empty, and only warnings and errors go to stderr.
+version: 1
+# = token-proxy's `workers`: one tokio runtime of this many threads for the proxy service
+# (work stealing on, Pingora's default).
+threads: {w}
+# Upstream keep-alive: Pingora pools upstream connections by default; the pool holds this many
+# idle connections per thread (default 128), sized like nginx's `keepalive 64` per worker.
+upstream_keepalive_pool_size: 64
+# Used only when daemonized or upgrading; kept inside the out dir all the same.
+pid_file: {run}/pingora.pid
+upgrade_sock: {run}/upgrade.sock
+# SIGTERM, as the harness stops every peer: no grace period (the default waits 5 minutes
+# before it stops), then at most 1 s for the runtime to finish.
+grace_period_seconds: 0
+graceful_shutdown_timeout_seconds: 1
+{tls_server}
+peer:
+  # Clients speak plain HTTP/1.1 here, and h2c with prior knowledge on the same port (Pingora
+  # peeks for the HTTP/2 preface), as with token-proxy, HAProxy and Caddy.
+  listen: 127.0.0.1:{h1}
+  h2c: true
+  upstream: 127.0.0.1:{up}
+{tls_peer}  # Set on every forwarded request, replacing any the client sent.
+  authorization: "Bearer {TOKEN}"
+""")
+    return conf
+
+
 def write_token_proxy_conf(out: Path, w: int, h1: int, up: int, token_path: str,
                            tag: str, kind: str = "http", up_tls: int | None = None,
                            tls: dict | None = None) -> Path:
@@ -858,6 +935,7 @@ class Bench:
         self.args = args
         self.out = out
         self.binary: Path | None = None
+        self.pingora: Path | None = None  # the Pingora peer's binary (build_pingora)
         self.upstream: Server | None = None
         self.ports: dict = {}
         self.confs: dict = {}
@@ -932,6 +1010,9 @@ class Bench:
             self.confs[(case, w, kind)] = (write_haproxy_conf(self.out, w, h1, up, kind, tls), None)
         elif case == "caddy":
             self.confs[(case, w, kind)] = (write_caddy_conf(self.out, w, h1, up, kind, tls), None)
+        elif case == "pingora":
+            self.confs[(case, w, kind)] = (write_pingora_conf(self.out, w, h1, up, kind, tls),
+                                           None)
         elif case == "token-proxy":
             self.confs[(case, w, kind)] = (write_token_proxy_conf(
                 self.out, w, h1, self.up_ports["http"], "/oauth2/token", "token-proxy", kind,
@@ -1006,6 +1087,8 @@ class Bench:
             env.update(GOMAXPROCS=str(w), HOME=str(home), XDG_DATA_HOME=str(home / "data"),
                        XDG_CONFIG_HOME=str(home / "config"))
             argv = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+        elif case == "pingora":
+            argv = [str(self.pingora), str(conf)]
         else:  # token-proxy, token-proxy-2s
             env["RUST_LOG"] = "info"
             argv = [str(self.binary), "run", "--config", str(conf)]
@@ -1918,10 +2001,13 @@ def tool_version(argv: list[str]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="benches/run.py",
-        description="Benchmark token-proxy against direct access, nginx, HAProxy and Caddy on "
-                    "127.0.0.1. Builds the release binary, starts everything it needs, alternates "
-                    "the cases (A B A B) and writes results.json, results.md and chart.png.",
-        epilog="Needs: " + " ".join(TOOL_PACKAGE) + " and cargo. "
+        description="Benchmark token-proxy against direct access, nginx, HAProxy, Caddy and "
+                    "Pingora on 127.0.0.1. Builds the release binary (and on first use the "
+                    "Pingora peer in benches/pingora: several minutes), starts everything it "
+                    "needs, alternates the cases (A B A B) and writes results.json, results.md "
+                    "and chart.png.",
+        epilog="Needs: " + " ".join(TOOL_PACKAGE) + " and cargo (cmake and cargo to build the "
+               "Pingora peer, whenever its binary is missing or older than its sources). "
                "Missing tools: apt-get install -y " + " ".join(APT_LINE))
     p.add_argument("--workers", default="1,2",
                    help="worker threads/processes for every proxy, comma-separated (default 1,2)")
@@ -1945,7 +2031,9 @@ def parse_args(argv=None):
                         "than CPUs, the proxy and the upstream run on the last `workers` CPUs "
                         "and the load generator on the others)")
     p.add_argument("--skip-build", action="store_true",
-                   help="use the existing target/release/token-proxy instead of building it")
+                   help="use the existing target/release/token-proxy instead of building it "
+                        "(the Pingora peer is built whenever it is missing or stale, whatever "
+                        "this says)")
     args = p.parse_args(argv)
     try:
         args.workers_list = sorted({int(x) for x in args.workers.split(",") if x.strip()})
@@ -1976,6 +2064,9 @@ def preflight(args) -> None:
     if set(args.kinds) - {"http"}:
         needed.append("openssl")  # the private CA of the HTTPS upstream
     needed += [c for c in ("haproxy", "caddy") if c in args.cases]
+    pingora_build = "pingora" in args.cases and pingora_stale()
+    if pingora_build:
+        needed.append("cmake")  # zlib-ng, built by pingora-core's flate2
     missing = [t for t in needed if shutil.which(t) is None]
     if missing:
         pkgs = [TOOL_PACKAGE[t] for t in missing]
@@ -1987,6 +2078,11 @@ def preflight(args) -> None:
         sys.exit(2)
     if not args.skip_build and shutil.which("cargo") is None:
         print("cargo is missing: install Rust (https://rustup.rs), or pass --skip-build",
+              file=sys.stderr)
+        sys.exit(2)
+    if pingora_build and shutil.which("cargo") is None:
+        print(f"cargo is missing: the Pingora peer ({PINGORA_BIN.relative_to(REPO)}) must be "
+              "built; install Rust (https://rustup.rs), or leave pingora out of --only",
               file=sys.stderr)
         sys.exit(2)
 
@@ -2012,6 +2108,59 @@ def build(args, out: Path) -> tuple[Path, float | None]:
     shutil.copy2(built, copy)
     REG.temp_paths.append(out / "bin")
     return copy, secs
+
+
+def pingora_sources() -> list[Path]:
+    return [PINGORA_DIR / "Cargo.toml", PINGORA_DIR / "Cargo.lock",
+            *sorted((PINGORA_DIR / "src").rglob("*.rs"))]
+
+
+def pingora_stale() -> bool:
+    """Whether the Pingora peer must be built: its binary is missing or older than a source."""
+    if not PINGORA_BIN.exists():
+        return True
+    built = PINGORA_BIN.stat().st_mtime
+    return any(f.stat().st_mtime > built for f in pingora_sources())
+
+
+def build_pingora(out: Path) -> tuple[Path, float | None]:
+    """Builds the Pingora peer (benches/pingora, its own Cargo.lock and target directory) when
+    it is missing or older than its sources, and copies it into the out dir like token-proxy.
+    The first build compiles Pingora and its ~230 dependencies with token-proxy's release
+    profile (fat LTO): about 6 minutes at -j 1 on 2 cores, a rebuild after a change to
+    src/main.rs about 1.5 minutes (see benches/README.md); CARGO_BUILD_JOBS limits the jobs."""
+    secs = None
+    rel = lambda p: p.relative_to(REPO)
+    if pingora_stale():
+        argv = ["cargo", "build", "--release", "--locked", "--manifest-path",
+                str(rel(PINGORA_DIR / "Cargo.toml")), "--target-dir", str(rel(PINGORA_TARGET))]
+        log("$ " + " ".join(argv) + ("" if PINGORA_BIN.exists() else
+                                     "  (first use: builds Pingora, about 6 min at -j 1)"))
+        t0 = time.time()
+        r = subprocess.run(argv, cwd=REPO)
+        secs = time.time() - t0
+        if r.returncode != 0 or not PINGORA_BIN.exists():
+            print(f"building the Pingora peer failed (exit {r.returncode})", file=sys.stderr)
+            sys.exit(1)
+        PINGORA_BIN.touch()  # cargo keeps an unchanged binary's old mtime: mark it fresh
+        log(f"  built the Pingora peer in {secs:.1f} s")
+    else:
+        log(f"{rel(PINGORA_BIN)} is newer than its sources: not rebuilt")
+    (out / "bin").mkdir(parents=True, exist_ok=True)
+    copy = out / "bin" / "pingora-peer"
+    shutil.copy2(PINGORA_BIN, copy)
+    return copy, secs
+
+
+def pingora_version() -> str:
+    """pingora-proxy's version as locked in benches/pingora/Cargo.lock (what was built)."""
+    try:
+        lock = (PINGORA_DIR / "Cargo.lock").read_text()
+    except OSError as e:
+        return f"unavailable: {e}"
+    m = re.search(r'name = "pingora-proxy"\nversion = "([^"]+)"', lock)
+    return (f"pingora-proxy {m.group(1) if m else '?'} (rustls; benches/pingora, "
+            + tool_version([str(PINGORA_BIN), "--version"]) + ")")
 
 
 def main(argv=None) -> int:
@@ -2040,6 +2189,9 @@ def main(argv=None) -> int:
     binary, build_secs = build(args, out)
     bench = Bench(args, out)
     bench.binary = binary
+    pingora_build_secs = None
+    if "pingora" in args.cases:
+        bench.pingora, pingora_build_secs = build_pingora(out)
 
     cases, workers, kinds = args.cases, args.workers_list, args.kinds
     big = not args.quick
@@ -2099,6 +2251,7 @@ def main(argv=None) -> int:
         "nginx": tool_version(["nginx", "-v"]),
         "haproxy": tool_version(["haproxy", "-v"]) if shutil.which("haproxy") else None,
         "caddy": tool_version(["caddy", "version"]) if shutil.which("caddy") else None,
+        "pingora": pingora_version() if "pingora" in cases else None,
         "wrk": tool_version(["wrk", "-v"]),
         "h2load": tool_version(["h2load", "--version"]),
         "curl": tool_version(["curl", "--version"]),
@@ -2111,6 +2264,8 @@ def main(argv=None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "duration_total_s": round(total_secs, 1),
         "cargo_build_s": None if build_secs is None else round(build_secs, 1),
+        # None when the Pingora peer was not built in this run (up to date, or not selected).
+        "pingora_build_s": None if pingora_build_secs is None else round(pingora_build_secs, 1),
         "machine": {"nproc": os.cpu_count(), "kernel": platform.release(),
                     "cpu": cpu_model(), "mem_total_kib": mem_total()},
         "git": {"commit": git("rev-parse", "HEAD"),
