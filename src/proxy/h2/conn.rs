@@ -345,6 +345,7 @@ pub async fn send_for_client(
         ended: false,
         left: response.length,
     };
+    with(key, |s| s.recycle(response));
     Ok((status, body, client_framing))
 }
 

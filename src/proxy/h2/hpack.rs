@@ -326,6 +326,14 @@ pub mod encode {
         literal(out, value);
     }
 
+    /// [`field`] for a name in any case, lowercased as it is written (HTTP/2 names are).
+    pub fn field_lowercased(out: &mut Vec<u8>, name: &[u8], value: &[u8], never: bool) {
+        out.push(if never { 0x10 } else { 0x00 });
+        write_integer(out, 0, 7, name.len());
+        out.extend(name.iter().map(u8::to_ascii_lowercase));
+        literal(out, value);
+    }
+
     /// A string literal as it is (no Huffman coding).
     fn literal(out: &mut Vec<u8>, s: &[u8]) {
         write_integer(out, 0, 7, s.len());
@@ -583,6 +591,7 @@ mod tests {
         encode::with_name(&mut out, 1, b"api.example.cn", false);
         encode::with_name(&mut out, 23, b"Bearer t0ken", true);
         encode::field(&mut out, b"x-request-id", &[b'x'; 300], false);
+        encode::field_lowercased(&mut out, b"X-Mixed-Case", b"v", false);
         let mut d = Decoder::default();
         let fields = decode(&mut d, &out).unwrap();
         assert_eq!(
@@ -594,6 +603,7 @@ mod tests {
                 (":authority", "api.example.cn"),
                 ("authorization", "Bearer t0ken"),
                 ("x-request-id", &"x".repeat(300)),
+                ("x-mixed-case", "v"),
             ])
         );
         assert_eq!(table(&d), (vec![], 0));

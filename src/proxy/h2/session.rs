@@ -171,6 +171,36 @@ fn is_lower_tchar(b: u8) -> bool {
         | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
 }
 
+/// Data received and not yet taken: most bodies are one piece, which needs no queue.
+#[derive(Debug, Default)]
+struct Pieces {
+    first: Option<Bytes>,
+    more: std::collections::VecDeque<Bytes>,
+}
+
+impl Pieces {
+    fn push_back(&mut self, b: Bytes) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(b);
+        } else {
+            self.more.push_back(b);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| self.more.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.more.clear();
+    }
+}
+
 /// Where a stream is.
 #[derive(Debug)]
 enum State {
@@ -189,7 +219,7 @@ struct Stream {
     head_request: bool,
     state: State,
     /// Data received and not yet taken.
-    data: std::collections::VecDeque<Bytes>,
+    data: Pieces,
     /// Trailers received and not yet taken.
     trailers: Option<HeaderMap>,
     /// Nothing more comes from the upstream.
@@ -227,6 +257,8 @@ pub struct Session {
     decoder: hpack::Decoder,
     /// Scratch space for encoding request heads.
     block: Vec<u8>,
+    /// A response head given back, whose buffers the next one reuses.
+    spare: Option<ResponseHead>,
     /// A header block in progress: its stream, bytes so far, and whether it ends the stream.
     continuing: Option<(u32, Vec<u8>, bool)>,
     got_settings: bool,
@@ -278,6 +310,7 @@ impl Session {
             next_id: 1,
             decoder: hpack::Decoder::default(),
             block: Vec::new(),
+            spare: None,
             continuing: None,
             got_settings: false,
             peer_max_streams: u32::MAX,
@@ -315,9 +348,15 @@ impl Session {
         if !self.has_room() {
             return Err(StreamError::Refused("no stream could be opened".into()));
         }
-        let mut storage = [httparse::EMPTY_HEADER; crate::proxy::raw::MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut storage);
-        match req.parse(head) {
+        // Uninitialised, as in `raw.rs`: zeroing 512 fields costs more than the parse.
+        let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+            crate::proxy::raw::MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+            &mut req,
+            head,
+            &mut storage,
+        ) {
             Ok(httparse::Status::Complete(_)) => {}
             _ => {
                 return Err(StreamError::Invalid(
@@ -343,7 +382,6 @@ impl Session {
             .find(|f| f.name.eq_ignore_ascii_case("host"))
             .map_or(&b""[..], |f| f.value);
         encode::with_name(block, 1, host, false);
-        let mut lower = Vec::new();
         for field in req.headers.iter() {
             let name = field.name.as_bytes();
             if name.eq_ignore_ascii_case(b"host") {
@@ -353,10 +391,9 @@ impl Session {
             } else if headers::is_hop_by_hop(name) && !name.eq_ignore_ascii_case(b"te") {
                 // Never written for the upstream; kept out all the same.
             } else {
-                lower.clear();
-                lower.extend(name.iter().map(u8::to_ascii_lowercase));
-                let never = lower == b"proxy-authorization" || lower == b"cookie";
-                encode::field(block, &lower, field.value, never);
+                let never = name.eq_ignore_ascii_case(b"proxy-authorization")
+                    || name.eq_ignore_ascii_case(b"cookie");
+                encode::field_lowercased(block, name, field.value, never);
             }
         }
         let id = self.next_id;
@@ -449,6 +486,17 @@ impl Session {
         }
         s.waker = Some(cx.waker().clone());
         Poll::Pending
+    }
+
+    /// Takes back a response head once written, to reuse its buffers.
+    pub fn recycle(&mut self, mut head: ResponseHead) {
+        head.status = None;
+        head.bytes.clear();
+        head.fields.clear();
+        head.length = None;
+        head.date = false;
+        head.trailer = false;
+        self.spare = Some(head);
     }
 
     /// Whether stream `id` has nothing more to give (its data and trailers taken).
@@ -721,7 +769,10 @@ impl Session {
     fn block_done(&mut self, id: u32, block: &[u8], end_stream: bool) -> Result<(), FrameError> {
         let found = self.find(id);
         let trailers = found.is_some_and(|i| !matches!(self.streams[i].state, State::Waiting));
-        let mut check = HeadCheck::default();
+        let mut check = HeadCheck {
+            head: self.spare.take().unwrap_or_default(),
+            ..HeadCheck::default()
+        };
         self.decoder
             .decode(block, |n, v| check.field(n, v, trailers))
             .map_err(|_| FrameError {
@@ -760,6 +811,7 @@ impl Session {
                 }
             }
             s.trailers = Some(map);
+            self.recycle(check.head);
             self.end(i)?;
             self.streams[i].wake();
             return Ok(());
