@@ -7,8 +7,9 @@
 //!   what the listener hands a connection to;
 //! - [`service`]: client checks, request -> upstream request -> response, the `401` replay;
 //! - [`body`]: the response body on its way to the client;
-//! - [`pool`]: upstream connections; [`raw`]: the lean exchange on them, over [`stream`]
-//!   (TCP, or TLS over TCP);
+//! - [`pool`]: upstream connections; [`raw`]: the lean HTTP/1.1 exchange on them, over
+//!   [`stream`] (TCP, or TLS over TCP); [`h2`]: the lean exchange over HTTP/2, to an `https`
+//!   upstream that chooses it, the thread's requests sharing a connection;
 //! - [`upload`]: the request body on its way upstream;
 //! - [`headers`]: header hygiene as pure functions; [`codec`]: HTTP/1.1 syntax and framing,
 //!   the rules both paths follow;

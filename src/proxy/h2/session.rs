@@ -499,9 +499,10 @@ impl Session {
         self.spare = Some(head);
     }
 
-    /// Whether stream `id` has nothing more to give (its data and trailers taken).
+    /// Whether stream `id` has nothing more to give (its data and trailers taken); not for a
+    /// stream that is gone (its end, or its error, was given already).
     pub fn is_done(&self, id: u32) -> bool {
-        self.find(id).is_none_or(|i| {
+        self.find(id).is_some_and(|i| {
             let s = &self.streams[i];
             s.ended && s.data.is_empty() && s.trailers.is_none() && s.error.is_none()
         })
