@@ -372,6 +372,22 @@ async fn get_in_time(addr: SocketAddr, path: &str) -> Reply {
         .unwrap_or_else(|_| panic!("GET {path}: no whole answer within 10 s"))
 }
 
+/// Reads from `conn` until what came satisfies `done`; fails after 5 s without a byte, or if
+/// the connection closes first.
+async fn read_until(conn: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut wire = Vec::new();
+    while !done(&wire) {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut b))
+            .await
+            .expect("bytes within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&wire));
+        wire.extend_from_slice(&b[..n]);
+    }
+    wire
+}
+
 fn ok(body: &str) -> Vec<Act> {
     vec![
         Act::Head(200, vec![("content-length", body.len().to_string())], false),
@@ -705,17 +721,10 @@ async fn trailers_and_heads_pass_as_http11_frames_them() {
     conn.write_all(b"GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
         .await
         .unwrap();
-    let mut wire = Vec::new();
-    while !wire.ends_with(b"\r\n\r\n") || !String::from_utf8_lossy(&wire).contains("x-checksum: 7")
-    {
-        let mut b = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&wire));
-        wire.extend_from_slice(&b[..n]);
-    }
+    let wire = read_until(&mut conn, |w| {
+        w.ends_with(b"\r\n\r\n") && String::from_utf8_lossy(w).contains("x-checksum: 7")
+    })
+    .await;
     let text = String::from_utf8_lossy(&wire).to_ascii_lowercase();
     assert!(text.contains("transfer-encoding: chunked"), "{text}");
     assert!(
@@ -735,16 +744,7 @@ async fn trailers_and_heads_pass_as_http11_frames_them() {
     conn.write_all(b"GET /nolength HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let mut wire = Vec::new();
-    while !wire.ends_with(b"0\r\n\r\n") {
-        let mut b = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        wire.extend_from_slice(&b[..n]);
-    }
+    let wire = read_until(&mut conn, |w| w.ends_with(b"0\r\n\r\n")).await;
     assert!(String::from_utf8_lossy(&wire).contains("\r\n5\r\nhello\r\n0\r\n\r\n"));
     // The upstream's PING was answered with its payload.
     let pings = up.frames_of(kind::PING);

@@ -19,6 +19,16 @@ pub mod hpack;
 pub mod huffman;
 pub mod session;
 
+/// Bytes from hex digits, spaces ignored: the RFC's examples as printed.
+#[cfg(test)]
+pub(crate) fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// The codec against another implementation: hyper's HTTP/2 server (the `h2` crate) reads
 /// the requests [`hpack::encode`] and [`frame`] write, and the responses its encoder writes,
 /// dynamic table and Huffman coding included, decode here to what it was given.
