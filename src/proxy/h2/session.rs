@@ -118,9 +118,10 @@ impl HeadCheck {
             if trailers || self.regular || pseudo != b"status" || self.head.status.is_some() {
                 return self.fail("a pseudo-field other than one :status before the fields");
             }
+            // Three digits, 100 to 999.
             match StatusCode::from_bytes(value) {
-                Ok(s) if value.len() == 3 => self.head.status = Some(s),
-                _ => self.fail("an invalid :status"),
+                Ok(s) => self.head.status = Some(s),
+                Err(_) => self.fail("an invalid :status"),
             }
             return;
         }
@@ -903,6 +904,33 @@ mod tests {
     }
 
     #[test]
+    fn a_session_starts_with_the_preface_our_settings_and_a_larger_window() {
+        let s = Session::new();
+        let rest = s
+            .out
+            .strip_prefix(frame::PREFACE)
+            .expect("the preface first");
+        let settings = Head::parse(rest).unwrap();
+        assert_eq!(settings.kind, kind::SETTINGS);
+        let ours = frame::settings(&settings, &rest[HEAD_LEN..HEAD_LEN + settings.len])
+            .unwrap()
+            .unwrap();
+        assert_eq!(ours.enable_push, Some(false));
+        assert_eq!(ours.initial_window_size, Some(256 * 1024));
+        assert_eq!(ours.max_header_list_size, Some(64 * 1024));
+        let rest = &rest[HEAD_LEN + settings.len..];
+        let update = Head::parse(rest).unwrap();
+        assert_eq!((update.kind, update.stream), (kind::WINDOW_UPDATE, 0));
+        let increment = frame::window_update(&rest[HEAD_LEN..HEAD_LEN + update.len]).unwrap();
+        assert_eq!(
+            increment + 65_535,
+            16 * 1024 * 1024,
+            "the connection's window: 16 MiB"
+        );
+        assert_eq!(rest.len(), HEAD_LEN + update.len, "nothing else");
+    }
+
+    #[test]
     fn its_debug_shows_no_token() {
         let (mut s, _) = open();
         s.open(GET, &Method::GET).unwrap();
@@ -1066,6 +1094,8 @@ mod tests {
             &[(b":status", b"200"), (b"transfer-encoding", b"chunked")],
             &[(b":status", b"200"), (b"x-a", b"a\rb")],
             &[(b":status", b"2000")],
+            &[(b":status", b"20")],
+            &[(b":status", b"200"), (b":status", b"204")],
             &[(b"x-a", b"1")],
         ] {
             let (mut s, mut cx) = open();
@@ -1078,6 +1108,30 @@ mod tests {
                 "{fields:?}"
             );
             assert!(s.has_room(), "the connection serves on");
+        }
+    }
+
+    /// A head of exactly [`MAX_HEAD`] (names, values and 32 per field, as RFC 9113 counts a
+    /// header list) passes; a byte more resets the stream.
+    #[test]
+    fn a_response_head_may_be_as_large_as_the_limit_and_no_larger() {
+        // `:status: 200` counts 7 + 3 + 32, `x-a` 3 + 32 and its value.
+        let fits = vec![b'v'; MAX_HEAD - 42 - 35];
+        for (value, ok) in [(fits.clone(), true), ([fits, vec![b'v']].concat(), false)] {
+            let (mut s, mut cx) = open();
+            let wire = headers(1, &[(b":status", b"200"), (b"x-a", &value)], true);
+            assert!(feed(&mut s, &wire));
+            match s.poll_head(1, &mut cx) {
+                Poll::Ready(Ok(head)) => {
+                    assert!(ok, "one byte over the limit was taken");
+                    assert_eq!(head.fields().next().unwrap().1.len(), value.len());
+                }
+                Poll::Ready(Err(StreamError::Invalid(why))) => {
+                    assert!(!ok, "refused at the limit: {why}");
+                    assert!(why.contains("too large"), "{why}");
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
