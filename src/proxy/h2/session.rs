@@ -963,6 +963,27 @@ mod tests {
         assert_eq!(s.open_streams(), 0);
     }
 
+    /// A stream the upstream ended is closed: dropping its body sends nothing (no frame but
+    /// PRIORITY may go on a closed stream); one still open is reset.
+    #[test]
+    fn a_dropped_body_resets_its_stream_only_while_it_is_open() {
+        let (mut s, mut cx) = open();
+        s.open(GET, &Method::GET).unwrap();
+        s.out.clear();
+        let mut wire = headers(1, &[(b":status", b"200")], false);
+        wire.extend(data(1, b"all of it", true));
+        wire.extend(headers(3, &[(b":status", b"200")], false));
+        assert!(feed(&mut s, &wire));
+        assert!(matches!(s.poll_head(1, &mut cx), Poll::Ready(Ok(_))));
+        assert!(matches!(s.poll_head(3, &mut cx), Poll::Ready(Ok(_))));
+        s.cancel(1);
+        assert!(s.out.is_empty(), "nothing on a closed stream: {:?}", s.out);
+        s.cancel(3);
+        let rst = Head::parse(&s.out).unwrap();
+        assert_eq!((rst.kind, rst.stream), (kind::RST_STREAM, 3));
+        assert_eq!(s.open_streams(), 0);
+    }
+
     #[test]
     fn lengths_that_disagree_with_the_data_reset_the_stream() {
         for (wire, why) in [
