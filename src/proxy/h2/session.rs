@@ -584,9 +584,7 @@ impl Session {
                 self.connection_error(e);
             }
         }
-        if !self.out.is_empty() {
-            self.wake_driver();
-        }
+        // The driver, which called this, writes what was queued: no wake-up needed.
         self.dead.is_none()
     }
 
@@ -1100,10 +1098,14 @@ mod tests {
             );
             assert!(!s.has_room());
         }
-        // The server's first frame must be its SETTINGS.
-        let mut s = Session::new();
-        assert!(!feed(&mut s, &data(1, b"x", false)));
-        assert_eq!(goaway(&s), Some(Reason::PROTOCOL_ERROR));
+        // The server's first frame must be its SETTINGS, not another frame nor an ack.
+        let mut ack = Vec::new();
+        frame::write_settings_ack(&mut ack);
+        for first in [data(1, b"x", false), ack] {
+            let mut s = Session::new();
+            assert!(!feed(&mut s, &first));
+            assert_eq!(goaway(&s), Some(Reason::PROTOCOL_ERROR));
+        }
     }
 
     #[test]
