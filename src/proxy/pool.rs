@@ -501,22 +501,18 @@ impl Http1Pool {
                 // route's front door takes HTTP/1.1 connections from now on.
                 shared.chose.store(CHOSE_HTTP11, Ordering::Relaxed);
                 let done = IDLE.with_borrow_mut(|locals| local(locals, shared).done.clone());
-                return RawConn::new(stream)
-                    .exchange_for_client(head, method, client, done)
-                    .await
-                    .map(|(s, b, f)| (s, LeanBody::Http1(b), f))
-                    .map_err(SendError::Raw);
+                return http1_answer(
+                    RawConn::new(stream)
+                        .exchange_for_client(head, method, client, done)
+                        .await,
+                );
             }
         }
         loop {
             let (conn, pooled, done) = self.raw_conn().await?;
             match conn.exchange_for_client(head, method, client, done).await {
                 Err(RawError::Stale) if pooled => stale(),
-                answer => {
-                    return answer
-                        .map(|(s, b, f)| (s, LeanBody::Http1(b), f))
-                        .map_err(SendError::Raw)
-                }
+                answer => return http1_answer(answer),
             }
         }
     }
@@ -689,6 +685,15 @@ async fn drive(
 }
 
 /// A pooled raw connection failed before any answer: it had been closed under us.
+/// A lean HTTP/1.1 exchange's answer, as [`Http1Pool::send_for_client`] gives it.
+fn http1_answer(
+    answer: Result<(http::StatusCode, RawBody, ClientFraming), RawError>,
+) -> Result<(http::StatusCode, LeanBody, ClientFraming), SendError> {
+    answer
+        .map(|(s, b, f)| (s, LeanBody::Http1(b), f))
+        .map_err(SendError::Raw)
+}
+
 fn stale() {
     debug!("pooled upstream connection was closed: sending on another");
 }
