@@ -201,6 +201,14 @@ async fn trailers_pass_both_ways() {
         answer.to_ascii_lowercase().contains("x-checksum: abc123"),
         "{answer}"
     );
+    // The message ends where its trailer section does: nothing follows (a stray last chunk
+    // would be read as the start of the next response).
+    let last_chunk = answer.rfind("\r\n0\r\n").expect("a last chunk");
+    let trailer_section = &answer[last_chunk + 5..];
+    assert!(
+        trailer_section.ends_with("\r\n\r\n") && trailer_section.matches("\r\n\r\n").count() == 1,
+        "{answer:?}"
+    );
     // Request trailers over HTTP/1.1 chunked.
     let raw = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nConnection: close\r\n\r\n\
                5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n";

@@ -152,7 +152,13 @@ where
             }
             FrontAnswer::Response(response) => {
                 buf.advance(request.len);
-                write_response(&mut io, out, response, head_only, request.te, close).await
+                // Boxed: its future (a header map, a body, their writes) is the largest of the
+                // connection's, and every connection, idle ones included, would carry room
+                // for it. An error's answer pays an allocation instead.
+                Box::pin(write_response(
+                    &mut io, out, *response, head_only, request.te, close,
+                ))
+                .await
             }
             // Nothing went upstream: hyper reads this request again, from its first byte.
             FrontAnswer::ToHyper => {
@@ -398,28 +404,47 @@ where
     }
     let chunked = framing == ClientFraming::Chunked;
     let mut ended = body.is_end_stream();
+    // Frames are taken apart where they arrive, and only their bytes are held across a write:
+    // a frame, a trailer map and their temporaries kept across the awaits would make this
+    // future (held by every connection, idle ones included) hundreds of bytes larger.
+    let mut terminated = false;
     while !ended {
         // Frames ready now are gathered behind what is pending; the write waits until the
         // body would have to wait.
-        let frame = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
-            Poll::Pending if !out.is_empty() => Poll::Ready(None),
+        let step = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Pending if !out.is_empty() => Poll::Ready(Step::Flush),
             Poll::Pending => Poll::Pending,
-            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Ready(None) => Poll::Ready(Step::End),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Step::Failed(io::Error::other(e))),
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(match frame.into_data() {
+                Ok(data) => Step::Data(data),
+                Err(frame) => {
+                    if let (Ok(fields), true) = (frame.into_trailers(), chunked) {
+                        out.extend_from_slice(b"0\r\n");
+                        write_trailers(out, &fields, trailers);
+                        out.extend_from_slice(b"\r\n");
+                        Step::Trailers
+                    } else {
+                        Step::Data(Bytes::new())
+                    }
+                }
+            }),
         })
         .await;
-        let frame = match frame {
-            None => {
+        match step {
+            Step::Flush => {
                 io.write_all(out).await?;
                 out.clear();
                 continue;
             }
-            Some(None) => break,
-            Some(Some(Err(e))) => return Err(io::Error::other(e)),
-            Some(Some(Ok(frame))) => frame,
-        };
-        match frame.into_data() {
-            Ok(data) if data.is_empty() => {}
-            Ok(data) => {
+            Step::End => break,
+            Step::Failed(e) => return Err(e),
+            Step::Trailers => {
+                terminated = true;
+                break;
+            }
+            Step::Data(data) if data.is_empty() => {}
+            Step::Data(data) => {
                 if chunked {
                     let _ = write!(out, "{:x}\r\n", data.len());
                 }
@@ -433,21 +458,27 @@ where
                     out.extend_from_slice(b"\r\n");
                 }
             }
-            Err(frame) => {
-                if let (Ok(fields), true) = (frame.into_trailers(), chunked) {
-                    out.extend_from_slice(b"0\r\n");
-                    write_trailers(out, &fields, trailers);
-                    out.extend_from_slice(b"\r\n");
-                    return io.write_all(out).await;
-                }
-            }
         }
         ended = body.is_end_stream();
     }
-    if chunked {
+    if chunked && !terminated {
         out.extend_from_slice(b"0\r\n\r\n");
     }
     io.write_all(out).await
+}
+
+/// What [`write_body`] does next.
+enum Step {
+    /// Write what is gathered: the body has nothing more yet.
+    Flush,
+    /// Bytes of the body (perhaps none: a frame with nothing to send).
+    Data(Bytes),
+    /// The trailers, and the end of a chunked body, are in the buffer.
+    Trailers,
+    /// The body ended.
+    End,
+    /// The body broke off.
+    Failed(io::Error),
 }
 
 /// The trailer `fields` whose names the response's `Trailer` header declared.
@@ -651,6 +682,24 @@ mod tests {
             judged,
             Judged::Refuse(ProxyError::HeadersTooLarge(_))
         ));
+    }
+
+    /// Every connection's task holds this future whole, idle ones included: its largest state
+    /// decides its size, so what serving a request needs is kept small, and what is large
+    /// and rare (an error's answer) is boxed. 10,000 idle connections must fit in well under
+    /// 100 MiB; this future was 2,848 bytes (1,808 after) before `write_response` was boxed and
+    /// `write_body` held only bytes across its writes (4.0 KiB of RSS per idle connection,
+    /// 2.9 after).
+    #[test]
+    #[allow(unreachable_code, clippy::diverging_sub_expression)]
+    fn a_connections_future_stays_small() {
+        fn size<F: FnOnce() -> R, R>(_: &F) -> usize {
+            std::mem::size_of::<R>()
+        }
+        // Never called: only the future's type is wanted.
+        let serve = || serve::<tokio::net::TcpStream>(todo!(), todo!(), todo!(), todo!());
+        let bytes = size(&serve);
+        assert!(bytes <= 1_900, "front::serve's future is {bytes} bytes");
     }
 
     #[test]

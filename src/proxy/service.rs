@@ -170,8 +170,9 @@ pub enum FrontAnswer {
         /// How it goes on the wire.
         framing: ClientFraming,
     },
-    /// A response of the proxy's own (an error), written as it is.
-    Response(Response<ProxyBody>),
+    /// A response of the proxy's own (an error), written as it is. Boxed: the answer is held
+    /// while the body is written, in the connection's future, and errors are rare.
+    Response(Box<Response<ProxyBody>>),
     /// Nothing was sent (the upstream refused `http/1.1` by ALPN): hyper serves the request,
     /// and the route's lean path is off from now on.
     ToHyper,
@@ -380,7 +381,7 @@ impl ProxyService {
             Err(Bodiless::Http11Refused) => FrontAnswer::ToHyper,
             Err(Bodiless::Failed(e)) => {
                 client.out.clear();
-                FrontAnswer::Response(self.respond(access, Err(e)))
+                FrontAnswer::Response(Box::new(self.respond(access, Err(e))))
             }
         }
     }
