@@ -307,6 +307,12 @@ impl Decoder {
 pub mod encode {
     use super::write_integer;
 
+    /// A dynamic table size update (RFC 7541 §6.3): the first thing in a block after the
+    /// peer lowered `SETTINGS_HEADER_TABLE_SIZE`.
+    pub fn size_update(out: &mut Vec<u8>, size: usize) {
+        write_integer(out, 0x20, 5, size);
+    }
+
     /// An indexed field of the static table (`:method GET` is 2, `:scheme https` is 7).
     pub fn indexed(out: &mut Vec<u8>, index: usize) {
         write_integer(out, 0x80, 7, index);

@@ -18,6 +18,7 @@ pub mod frame;
 pub mod hpack;
 pub mod huffman;
 pub mod request;
+pub mod server;
 pub mod session;
 
 /// Bytes from hex digits, spaces ignored: the RFC's examples as printed.

@@ -165,6 +165,69 @@ pub fn decode(
     })
 }
 
+/// Decodes a request's trailer section (a header block that ends the stream): regular fields
+/// only, by the same rules as a head's; a `te`, `host` or `content-length` among them is
+/// refused too (RFC 9110 §6.5.1: fields that frame or route the message are not trailers).
+pub fn decode_trailers(
+    decoder: &mut hpack::Decoder,
+    block: &[u8],
+    max_list: usize,
+) -> Result<Result<http::HeaderMap, Refused>, HpackError> {
+    let mut fields = http::HeaderMap::new();
+    let mut size = 0;
+    let mut refused = None;
+    decoder.decode(block, |name, value| {
+        size += name.len() + value.len() + 32;
+        if size > max_list {
+            refused.get_or_insert(Refused::TooLarge);
+        }
+        if refused.is_some() {
+            return;
+        }
+        let why = if name.starts_with(b":") {
+            Some("a pseudo-field in trailers")
+        } else if name.is_empty() || !name.iter().all(|b| is_lower_tchar(*b)) {
+            Some("a field name that is not a lowercase token")
+        } else if value.iter().any(|b| matches!(b, b'\0' | b'\r' | b'\n'))
+            || matches!(value.first(), Some(b' ' | b'\t'))
+            || matches!(value.last(), Some(b' ' | b'\t'))
+        {
+            Some("an invalid field value")
+        } else if matches!(
+            name,
+            b"connection"
+                | b"keep-alive"
+                | b"proxy-connection"
+                | b"transfer-encoding"
+                | b"upgrade"
+                | b"te"
+                | b"host"
+                | b"content-length"
+        ) {
+            Some("a field that may not be a trailer")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            refused = Some(Refused::Malformed(why));
+            return;
+        }
+        match (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            (Ok(n), Ok(v)) => {
+                fields.append(n, v);
+            }
+            _ => refused = Some(Refused::Malformed("an invalid trailer field")),
+        }
+    })?;
+    Ok(match refused {
+        Some(why) => Err(why),
+        None => Ok(fields),
+    })
+}
+
 /// The judging of one head as its fields arrive.
 struct Check<'h> {
     head: &'h mut RequestHead,
