@@ -1669,4 +1669,472 @@ mod tests {
         let (_, head, _) = arrived_request(&mut s);
         assert!(!format!("{head:?}").contains("inbound-secret-2"));
     }
+
+    /// What a server did with a sequence of frames: the connection's end, the streams reset,
+    /// the streams answered.
+    #[derive(Debug, Default, PartialEq)]
+    struct Outcome {
+        goaway: Option<Reason>,
+        resets: std::collections::BTreeMap<u32, Reason>,
+        served: std::collections::BTreeSet<u32>,
+    }
+
+    fn outcome_of(frames: &[(Head, Vec<u8>)], outcome: &mut Outcome) {
+        for (h, p) in frames {
+            match h.kind {
+                kind::GOAWAY => {
+                    outcome.goaway.get_or_insert(frame::goaway(h, p).unwrap().1);
+                }
+                kind::RST_STREAM => {
+                    outcome
+                        .resets
+                        .insert(h.stream, frame::rst_stream(h, p).unwrap());
+                }
+                kind::HEADERS if h.stream != 0 => {
+                    outcome.served.insert(h.stream);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Our session given `case` after the handshake; every request that arrives is answered
+    /// at once, as a service would.
+    fn ours(case: &[u8]) -> Outcome {
+        let mut s = started(&[]);
+        let mut outcome = Outcome::default();
+        feed(&mut s, case);
+        while let Some((id, _)) = s.next_arrived() {
+            let _ = s.send_head(id, StatusCode::OK, std::iter::empty(), true);
+            s.finish(id);
+        }
+        outcome_of(&frames(&mut s), &mut outcome);
+        outcome
+    }
+
+    /// hyper's HTTP/2 server (the `h2` crate) given `case` after the handshake, its service
+    /// answering every request at once. Read until each stream `case` opens has ended (or the
+    /// connection has), then a PING's answer shows nothing more is coming.
+    async fn hypers(case: &[u8], streams: &[u32]) -> Outcome {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let stream = listener.accept().await.unwrap().0;
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(
+                    http_body_util::Empty::<Bytes>::new(),
+                ))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut bytes = frame::PREFACE.to_vec();
+        frame::write_settings(&mut bytes, &[]);
+        frame::write_settings_ack(&mut bytes);
+        conn.write_all(&bytes).await.unwrap();
+        let _ = conn.write_all(case).await;
+        let mut outcome = Outcome::default();
+        let mut buf = Vec::new();
+        let mut pinged = false;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let ended = |o: &Outcome| {
+                streams
+                    .iter()
+                    .all(|id| o.served.contains(id) || o.resets.contains_key(id))
+            };
+            if outcome.goaway.is_none() && ended(&outcome) && !pinged {
+                let mut ping = Vec::new();
+                frame::write_head(&mut ping, 8, kind::PING, 0, 0);
+                ping.extend_from_slice(b"lastping");
+                let _ = conn.write_all(&ping).await;
+                pinged = true;
+            }
+            let mut chunk = [0u8; 65_536];
+            let read = tokio::time::timeout_at(deadline, conn.read(&mut chunk))
+                .await
+                .expect("hyper answered within 5 s");
+            let n = read.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut got = Vec::new();
+            while let Some(h) = Head::parse(&buf).filter(|h| buf.len() >= HEAD_LEN + h.len) {
+                let p = buf[HEAD_LEN..HEAD_LEN + h.len].to_vec();
+                buf.drain(..HEAD_LEN + h.len);
+                got.push((h, p));
+            }
+            outcome_of(&got, &mut outcome);
+            let last_ping = got
+                .iter()
+                .any(|(h, p)| h.kind == kind::PING && h.has(flag::ACK) && p == b"lastping");
+            if outcome.goaway.is_some() || last_ping {
+                break;
+            }
+        }
+        server.abort();
+        outcome
+    }
+
+    fn frame_bytes(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::write_head(&mut out, payload.len(), kind, flags, stream);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Sequences of frames that break (or keep) the rules of RFC 9113's sections 4 to 8, as
+    /// h2spec's cases do, given to hyper's server and to ours: both end the connection with
+    /// the same code, reset the same streams with the same codes, and answer the same ones.
+    /// Where the RFC allows either of two answers and the two differ, the case is listed
+    /// apart with both.
+    #[tokio::test]
+    async fn hyper_and_we_answer_frame_sequences_alike() {
+        let get = |id| request(id, "GET", &[], true);
+        let post = |id| request(id, "POST", &[], false);
+        let cat = |parts: &[Vec<u8>]| parts.concat();
+        let big = vec![0u8; MAX_FRAME + 1];
+        let cases: Vec<(&str, Vec<u8>, Vec<u32>)> = vec![
+            ("a GET", get(1), vec![1]),
+            ("three GETs", cat(&[get(1), get(3), get(5)]), vec![1, 3, 5]),
+            (
+                "a POST with its body",
+                cat(&[post(1), data(1, b"abc", true)]),
+                vec![1],
+            ),
+            (
+                "4.2 a frame over the maximum size",
+                cat(&[post(1), data(1, &big, true)]),
+                vec![],
+            ),
+            (
+                "4.3 a block that does not decode",
+                frame_bytes(
+                    kind::HEADERS,
+                    flag::END_HEADERS | flag::END_STREAM,
+                    1,
+                    &[0x80],
+                ),
+                vec![],
+            ),
+            ("5.1 DATA on an idle stream", data(1, b"x", true), vec![]),
+            (
+                "5.1 DATA after END_STREAM",
+                cat(&[get(1), data(1, b"x", true)]),
+                vec![1],
+            ),
+            (
+                "5.1 RST_STREAM on an idle stream",
+                frame_bytes(kind::RST_STREAM, 0, 1, &[0, 0, 0, 8]),
+                vec![],
+            ),
+            (
+                "5.1 WINDOW_UPDATE on an idle stream",
+                frame_bytes(kind::WINDOW_UPDATE, 0, 1, &[0, 0, 0, 1]),
+                vec![],
+            ),
+            ("5.1.1 an even stream id", get(2), vec![]),
+            (
+                "5.3.1 a PRIORITY on its own stream",
+                frame_bytes(kind::PRIORITY, 0, 1, &[0, 0, 0, 1, 16]),
+                vec![1],
+            ),
+            (
+                "5.5 an unknown frame type",
+                cat(&[frame_bytes(0xfa, 0, 0, b"abc"), get(1)]),
+                vec![1],
+            ),
+            (
+                "5.5 an unknown frame inside a header block",
+                cat(&[
+                    frame_bytes(
+                        kind::HEADERS,
+                        flag::END_STREAM,
+                        1,
+                        &block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]),
+                    ),
+                    frame_bytes(0xfa, 0, 0, b"abc"),
+                ]),
+                vec![],
+            ),
+            (
+                "6.1 DATA on stream 0",
+                frame_bytes(kind::DATA, 0, 0, b"x"),
+                vec![],
+            ),
+            (
+                "6.1 padding longer than the frame",
+                cat(&[
+                    post(1),
+                    frame_bytes(kind::DATA, flag::PADDED, 1, &[9, 1, 2]),
+                ]),
+                vec![],
+            ),
+            (
+                "6.2 HEADERS on stream 0",
+                frame_bytes(
+                    kind::HEADERS,
+                    flag::END_HEADERS,
+                    0,
+                    &block(&[(":method", "GET")]),
+                ),
+                vec![],
+            ),
+            (
+                "6.2 a header block interrupted",
+                cat(&[
+                    frame_bytes(
+                        kind::HEADERS,
+                        flag::END_STREAM,
+                        1,
+                        &block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]),
+                    ),
+                    data(1, b"x", true),
+                ]),
+                vec![],
+            ),
+            (
+                "6.3 PRIORITY on stream 0",
+                frame_bytes(kind::PRIORITY, 0, 0, &[0, 0, 0, 1, 16]),
+                vec![],
+            ),
+            (
+                "6.3 PRIORITY of 4 bytes",
+                frame_bytes(kind::PRIORITY, 0, 1, &[0, 0, 0, 3]),
+                vec![1],
+            ),
+            (
+                "6.4 RST_STREAM on stream 0",
+                frame_bytes(kind::RST_STREAM, 0, 0, &[0, 0, 0, 8]),
+                vec![],
+            ),
+            (
+                "6.4 RST_STREAM of 3 bytes",
+                cat(&[post(1), frame_bytes(kind::RST_STREAM, 0, 1, &[0, 0, 8])]),
+                vec![],
+            ),
+            (
+                "6.5 SETTINGS ack with a payload",
+                frame_bytes(kind::SETTINGS, flag::ACK, 0, &[0, 3, 0, 0, 0, 1]),
+                vec![],
+            ),
+            (
+                "6.5 SETTINGS on a stream",
+                frame_bytes(kind::SETTINGS, 0, 1, &[]),
+                vec![],
+            ),
+            (
+                "6.5 SETTINGS of 5 bytes",
+                frame_bytes(kind::SETTINGS, 0, 0, &[0, 3, 0, 0, 1]),
+                vec![],
+            ),
+            (
+                "6.5.2 ENABLE_PUSH of 2",
+                frame_bytes(kind::SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 2]),
+                vec![],
+            ),
+            (
+                "6.5.2 INITIAL_WINDOW_SIZE over 2^31-1",
+                frame_bytes(kind::SETTINGS, 0, 0, &[0, 4, 0x80, 0, 0, 0]),
+                vec![],
+            ),
+            (
+                "6.5.2 MAX_FRAME_SIZE under 2^14",
+                frame_bytes(kind::SETTINGS, 0, 0, &[0, 5, 0, 0, 0x3f, 0xff]),
+                vec![],
+            ),
+            (
+                "6.5.2 an unknown setting",
+                cat(&[
+                    frame_bytes(kind::SETTINGS, 0, 0, &[0, 0xff, 0, 0, 0, 1]),
+                    get(1),
+                ]),
+                vec![1],
+            ),
+            (
+                "6.7 PING on a stream",
+                frame_bytes(kind::PING, 0, 1, b"12345678"),
+                vec![],
+            ),
+            (
+                "6.7 PING of 7 bytes",
+                frame_bytes(kind::PING, 0, 0, b"1234567"),
+                vec![],
+            ),
+            (
+                "6.8 GOAWAY on a stream",
+                frame_bytes(kind::GOAWAY, 0, 1, &[0; 8]),
+                vec![],
+            ),
+            (
+                "6.9 WINDOW_UPDATE of 0 on the connection",
+                frame_bytes(kind::WINDOW_UPDATE, 0, 0, &[0; 4]),
+                vec![],
+            ),
+            (
+                "6.9 WINDOW_UPDATE of 0 on a stream",
+                cat(&[post(1), frame_bytes(kind::WINDOW_UPDATE, 0, 1, &[0; 4])]),
+                vec![1],
+            ),
+            (
+                "6.9 WINDOW_UPDATE of 3 bytes",
+                frame_bytes(kind::WINDOW_UPDATE, 0, 0, &[0, 0, 1]),
+                vec![],
+            ),
+            (
+                "6.9.1 the connection's window over 2^31-1",
+                frame_bytes(kind::WINDOW_UPDATE, 0, 0, &[0x7f, 0xff, 0xff, 0xff]),
+                vec![],
+            ),
+            (
+                "6.9.1 a stream's window over 2^31-1",
+                cat(&[
+                    post(1),
+                    frame_bytes(kind::WINDOW_UPDATE, 0, 1, &[0x7f, 0xff, 0xff, 0xff]),
+                ]),
+                vec![1],
+            ),
+            (
+                "6.10 CONTINUATION without a block",
+                frame_bytes(kind::CONTINUATION, flag::END_HEADERS, 1, &[]),
+                vec![],
+            ),
+            (
+                "6.10 CONTINUATION of another stream",
+                cat(&[
+                    frame_bytes(
+                        kind::HEADERS,
+                        flag::END_STREAM,
+                        1,
+                        &block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]),
+                    ),
+                    frame_bytes(kind::CONTINUATION, flag::END_HEADERS, 3, &[]),
+                ]),
+                vec![],
+            ),
+            (
+                "8.1 trailers that do not end the stream",
+                cat(&[post(1), headers(1, &[("x-sum", "1")], false)]),
+                vec![1],
+            ),
+            (
+                "8.1.1 a body longer than its content-length",
+                cat(&[
+                    request(1, "POST", &[("content-length", "1")], false),
+                    data(1, b"ab", true),
+                ]),
+                vec![1],
+            ),
+            (
+                "8.1.1 a body shorter than its content-length",
+                cat(&[
+                    request(1, "POST", &[("content-length", "3")], false),
+                    data(1, b"ab", true),
+                ]),
+                vec![1],
+            ),
+            (
+                "8.3 a malformed head, then a good one",
+                cat(&[request(1, "GET", &[("connection", "close")], true), get(3)]),
+                vec![1, 3],
+            ),
+        ];
+        // Where the h2 crate answers PROTOCOL_ERROR on the connection and RFC 9113 says a
+        // MUST otherwise, we follow the RFC: the case's name, then our GOAWAY code or the
+        // stream we reset with its code, and the rule.
+        #[allow(clippy::type_complexity)]
+        let rfc: Vec<(&str, Option<Reason>, Option<(u32, Reason)>, &str)> = vec![
+            (
+                "4.3 a block that does not decode",
+                Some(Reason::COMPRESSION_ERROR),
+                None,
+                "§4.3: a decoding error is COMPRESSION_ERROR",
+            ),
+            (
+                "5.1 DATA after END_STREAM",
+                None,
+                Some((1, Reason::STREAM_CLOSED)),
+                "§5.1: half-closed (remote): a stream error STREAM_CLOSED",
+            ),
+            (
+                "6.3 PRIORITY of 4 bytes",
+                None,
+                Some((1, Reason::FRAME_SIZE_ERROR)),
+                "§6.3: a stream error FRAME_SIZE_ERROR",
+            ),
+            (
+                "6.4 RST_STREAM of 3 bytes",
+                Some(Reason::FRAME_SIZE_ERROR),
+                None,
+                "§6.4: a connection error FRAME_SIZE_ERROR",
+            ),
+            (
+                "6.5 SETTINGS ack with a payload",
+                Some(Reason::FRAME_SIZE_ERROR),
+                None,
+                "§6.5: a connection error FRAME_SIZE_ERROR",
+            ),
+            (
+                "6.5 SETTINGS of 5 bytes",
+                Some(Reason::FRAME_SIZE_ERROR),
+                None,
+                "§6.5: a connection error FRAME_SIZE_ERROR",
+            ),
+            (
+                "6.5.2 INITIAL_WINDOW_SIZE over 2^31-1",
+                Some(Reason::FLOW_CONTROL_ERROR),
+                None,
+                "§6.5.2: a connection error FLOW_CONTROL_ERROR",
+            ),
+            (
+                "6.7 PING of 7 bytes",
+                Some(Reason::FRAME_SIZE_ERROR),
+                None,
+                "§6.7: a connection error FRAME_SIZE_ERROR",
+            ),
+            (
+                "6.9 WINDOW_UPDATE of 0 on a stream",
+                None,
+                Some((1, Reason::PROTOCOL_ERROR)),
+                "§6.9: a stream error PROTOCOL_ERROR",
+            ),
+            (
+                "6.9 WINDOW_UPDATE of 3 bytes",
+                Some(Reason::FRAME_SIZE_ERROR),
+                None,
+                "§6.9: a connection error FRAME_SIZE_ERROR",
+            ),
+        ];
+        let mut differ = Vec::new();
+        for (name, case, streams) in &cases {
+            let (hyper, we) = (hypers(case, streams).await, ours(case));
+            match rfc.iter().find(|r| r.0 == *name) {
+                None if hyper != we => {
+                    differ.push(format!("{name}:\n  hyper {hyper:?}\n  we    {we:?}"))
+                }
+                None => {}
+                Some((_, goaway, reset, rule)) => {
+                    let expected = Outcome {
+                        goaway: *goaway,
+                        resets: reset.iter().copied().collect(),
+                        served: Default::default(),
+                    };
+                    if we != expected {
+                        differ.push(format!("{name} ({rule}): we {we:?}"));
+                    }
+                    if hyper == we || hyper.goaway != Some(Reason::PROTOCOL_ERROR) {
+                        differ.push(format!(
+                            "{name}: hyper answers {hyper:?} now: move it to the cases alike"
+                        ));
+                    }
+                }
+            }
+        }
+        assert!(differ.is_empty(), "{}", differ.join("\n"));
+    }
 }
