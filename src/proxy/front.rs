@@ -139,6 +139,7 @@ where
             te: request.te,
             trailers: Vec::new(),
             relocate: service.relocation(view.values(b"host").next()),
+            http2: false,
         };
         let answer = service
             .handle_front(&view, up, &mut client, &mut timer)

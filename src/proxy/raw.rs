@@ -456,6 +456,9 @@ pub struct ClientHead<'a> {
     pub trailers: Vec<HeaderName>,
     /// Where redirects to the upstream's own origin go instead (`rewrite_location`).
     pub relocate: Option<headers::Relocation<'a>>,
+    /// The client speaks HTTP/2: the head is an HPACK block (literals only, names lowercase,
+    /// no connection-specific field, no `transfer-encoding`: the stream frames the body).
+    pub http2: bool,
 }
 
 /// How the upstream delimits a response body, as far as the client's copy cares.
@@ -499,6 +502,9 @@ impl ClientHead<'_> {
         date: bool,
         method: &Method,
     ) -> ClientFraming {
+        if self.http2 {
+            return self.write_block(status, fields, framing, length, date, method);
+        }
         let out = &mut *self.out;
         codec::write_status_line(out, status);
         for (name, value) in fields {
@@ -512,23 +518,12 @@ impl ClientHead<'_> {
                 None => out.extend_from_slice(value),
             }
             out.extend_from_slice(b"\r\n");
-            if self.te && name.eq_ignore_ascii_case(b"trailer") {
-                let names = std::str::from_utf8(value).unwrap_or_default();
-                self.trailers.extend(
-                    names
-                        .split(',')
-                        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
-                );
-            }
+            declared(self.te, &mut self.trailers, name, value);
         }
-        let framing = match framing {
-            _ if !codec::response_has_body(method, status) => ClientFraming::None,
-            UpstreamFraming::Empty | UpstreamFraming::Length => ClientFraming::Length,
-            UpstreamFraming::Streamed => {
-                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                ClientFraming::Chunked
-            }
-        };
+        let framing = client_framing(framing, status, method);
+        if framing == ClientFraming::Chunked {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
         match (framing, length) {
             // The length, once (an empty body delimited by the status alone says 0).
             (ClientFraming::Length, n) => codec::write_length(out, n.unwrap_or(0)),
@@ -546,6 +541,97 @@ impl ClientHead<'_> {
         }
         out.extend_from_slice(b"\r\n");
         framing
+    }
+
+    /// [`write_response`](Self::write_response) for an HTTP/2 client: the same fields, as
+    /// an HPACK block.
+    fn write_block<'f>(
+        &mut self,
+        status: StatusCode,
+        fields: impl Iterator<Item = (&'f [u8], &'f [u8])>,
+        framing: UpstreamFraming,
+        length: Option<u64>,
+        date: bool,
+        method: &Method,
+    ) -> ClientFraming {
+        use crate::proxy::h2::hpack::encode;
+        let out = &mut *self.out;
+        crate::proxy::h2::server::encode_status(out, status);
+        for (name, value) in fields {
+            if !crate::proxy::h2::server::sendable(name) {
+                continue;
+            }
+            match self.relocate.filter(|_| headers::is_location(name)) {
+                Some(relocate) => match relocate.rewrite(value) {
+                    Some(new) => encode::field_lowercased(out, name, &new, false),
+                    None => encode::field_lowercased(out, name, value, false),
+                },
+                None => encode::field_lowercased(out, name, value, false),
+            }
+            declared(self.te, &mut self.trailers, name, value);
+        }
+        let framing = client_framing(framing, status, method);
+        let mut digits = Digits::new();
+        match (framing, length) {
+            (ClientFraming::Length, n) => {
+                encode::with_name(out, 28, digits.format(n.unwrap_or(0)).as_bytes(), false)
+            }
+            (ClientFraming::None, Some(n)) if passes_length(status) => {
+                encode::with_name(out, 28, digits.format(n).as_bytes(), false)
+            }
+            _ => {}
+        }
+        if !date {
+            let mut now = Vec::with_capacity(29);
+            codec::date(&mut now);
+            encode::with_name(out, 33, &now, false);
+        }
+        framing
+    }
+}
+
+/// Collects into `trailers` the names a `Trailer` field declares, for a client that takes
+/// them (`te`).
+fn declared(te: bool, trailers: &mut Vec<HeaderName>, name: &[u8], value: &[u8]) {
+    if te && name.eq_ignore_ascii_case(b"trailer") {
+        let names = std::str::from_utf8(value).unwrap_or_default();
+        trailers.extend(
+            names
+                .split(',')
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+        );
+    }
+}
+
+/// How the client's copy of a body is framed, from how the upstream's is.
+fn client_framing(framing: UpstreamFraming, status: StatusCode, method: &Method) -> ClientFraming {
+    match framing {
+        _ if !codec::response_has_body(method, status) => ClientFraming::None,
+        UpstreamFraming::Empty | UpstreamFraming::Length => ClientFraming::Length,
+        UpstreamFraming::Streamed => ClientFraming::Chunked,
+    }
+}
+
+/// A decimal number written on the stack (a length for an HPACK literal).
+struct Digits([u8; 20], usize);
+
+impl Digits {
+    fn new() -> Digits {
+        Digits([0; 20], 0)
+    }
+
+    fn format(&mut self, mut n: u64) -> &str {
+        let mut i = self.0.len();
+        loop {
+            i -= 1;
+            self.0[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.1 = i;
+        std::str::from_utf8(&self.0[i..]).expect("digits")
     }
 }
 
@@ -1014,5 +1100,109 @@ mod tests {
         assert_eq!(head.headers()["trailer"], "X-Sum");
         assert!(!head.headers().contains_key("transfer-encoding"));
         assert_eq!(trailers.unwrap()["x-sum"], "1");
+    }
+
+    /// The client's head in both protocols, from the same upstream fields: HTTP/2's has the
+    /// same fields as HPACK literals, lowercase, with neither `transfer-encoding` nor
+    /// `connection` (the stream frames the body and the connection stays).
+    #[test]
+    fn the_clients_head_is_written_for_either_protocol() {
+        let config = crate::config::Config::parse(
+            "[credentials.c]\ntoken_url=\"https://t/\"\nclient_id=\"i\"\nclient_secret=\"s\"\n\
+             [[routes]]\nlisten=\"127.0.0.1:1\"\nupstream=\"https://api.example.cn/base\"\ncredential=\"c\"\n",
+            "t.toml",
+            &|_| None,
+        )
+        .unwrap();
+        let upstream = &config.routes[0].upstream;
+        let fields: [(&[u8], &[u8]); 4] = [
+            (b"Content-Type", b"text/plain"),
+            (b"Location", b"https://api.example.cn/base/next"),
+            (b"Trailer", b"x-sum"),
+            (b"Transfer-Encoding", b"chunked"),
+        ];
+        let head = |http2: bool, framing, length, method: &Method, status: u16| {
+            let mut out = Vec::new();
+            let mut client = ClientHead {
+                out: &mut out,
+                close: true,
+                te: true,
+                trailers: Vec::new(),
+                relocate: Some(headers::Relocation {
+                    upstream,
+                    client_host: Some(b"127.0.0.1:8080"),
+                }),
+                http2,
+            };
+            let status = StatusCode::from_u16(status).unwrap();
+            let framing =
+                client.write_response(status, fields.into_iter(), framing, length, false, method);
+            let trailers = client.trailers.clone();
+            (out, framing, trailers)
+        };
+        let decode = |block: &[u8]| {
+            let mut fields = Vec::new();
+            crate::proxy::h2::hpack::Decoder::default()
+                .decode(block, |n, v| {
+                    let v = if n == b"date" {
+                        "<date>".into()
+                    } else {
+                        String::from_utf8(v.to_vec()).unwrap()
+                    };
+                    fields.push((String::from_utf8(n.to_vec()).unwrap(), v));
+                })
+                .unwrap();
+            fields
+        };
+        let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+
+        let (block, framing, trailers) =
+            head(true, UpstreamFraming::Streamed, None, &Method::GET, 200);
+        assert_eq!(framing, ClientFraming::Chunked);
+        assert_eq!(trailers, [HeaderName::from_static("x-sum")]);
+        assert_eq!(
+            decode(&block),
+            pairs(&[
+                (":status", "200"),
+                ("content-type", "text/plain"),
+                ("location", "http://127.0.0.1:8080/next"),
+                ("trailer", "x-sum"),
+                ("date", "<date>"),
+            ])
+        );
+        let (block, framing, _) = head(true, UpstreamFraming::Length, Some(5), &Method::GET, 201);
+        assert_eq!(framing, ClientFraming::Length);
+        let got = decode(&block);
+        assert_eq!(got[0], (":status".into(), "201".into()));
+        assert!(
+            got.contains(&("content-length".into(), "5".into())),
+            "{got:?}"
+        );
+        // After HEAD: no body, the length of the one not sent.
+        let (block, framing, _) = head(
+            true,
+            UpstreamFraming::Length,
+            Some(1234567),
+            &Method::HEAD,
+            200,
+        );
+        assert_eq!(framing, ClientFraming::None);
+        assert!(decode(&block).contains(&("content-length".into(), "1234567".into())));
+
+        // HTTP/1.1 from the same fields: the framing and the close said in fields.
+        let (bytes, framing, _) = head(false, UpstreamFraming::Streamed, None, &Method::GET, 200);
+        assert_eq!(framing, ClientFraming::Chunked);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(
+            text.contains("Location: http://127.0.0.1:8080/next\r\n"),
+            "{text}"
+        );
     }
 }

@@ -804,16 +804,7 @@ impl Server {
         if let Some(size) = self.table_update.take() {
             encode::size_update(block, size);
         }
-        match status.as_u16() {
-            200 => encode::indexed(block, 8),
-            204 => encode::indexed(block, 9),
-            206 => encode::indexed(block, 10),
-            304 => encode::indexed(block, 11),
-            400 => encode::indexed(block, 12),
-            404 => encode::indexed(block, 13),
-            500 => encode::indexed(block, 14),
-            _ => encode::with_name(block, 8, status.as_str().as_bytes(), false),
-        }
+        encode_status(block, status);
         for (name, value) in fields {
             if !sendable(name) {
                 continue;
@@ -821,6 +812,37 @@ impl Server {
             encode::field_lowercased(block, name, value, false);
         }
         frame::write_headers(&mut self.out, id, block, end_stream, self.peer_max_frame);
+        let s = &mut self.streams[i];
+        s.head_sent = true;
+        if end_stream {
+            s.local_done = true;
+        }
+        self.wake_driver();
+        Ok(())
+    }
+
+    /// Queues stream `id`'s response head already encoded as an HPACK block (literals
+    /// only: see `raw::ClientHead`), with `END_STREAM` if `end_stream`.
+    pub fn send_block(
+        &mut self,
+        id: u32,
+        block: &[u8],
+        end_stream: bool,
+    ) -> Result<(), StreamError> {
+        let i = self.open(id)?;
+        if self.streams[i].head_sent {
+            return Err(StreamError::Invalid("a second response head"));
+        }
+        let max_frame = self.peer_max_frame;
+        match self.table_update.take() {
+            None => frame::write_headers(&mut self.out, id, block, end_stream, max_frame),
+            Some(size) => {
+                let mut prefixed = Vec::with_capacity(block.len() + 4);
+                encode::size_update(&mut prefixed, size);
+                prefixed.extend_from_slice(block);
+                frame::write_headers(&mut self.out, id, &prefixed, end_stream, max_frame);
+            }
+        }
         let s = &mut self.streams[i];
         s.head_sent = true;
         if end_stream {
@@ -940,9 +962,23 @@ fn dependency(head: &Head, payload: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & MAX_WINDOW)
 }
 
+/// Encodes `:status`, indexed where the static table has it.
+pub fn encode_status(block: &mut Vec<u8>, status: StatusCode) {
+    match status.as_u16() {
+        200 => encode::indexed(block, 8),
+        204 => encode::indexed(block, 9),
+        206 => encode::indexed(block, 10),
+        304 => encode::indexed(block, 11),
+        400 => encode::indexed(block, 12),
+        404 => encode::indexed(block, 13),
+        500 => encode::indexed(block, 14),
+        _ => encode::with_name(block, 8, status.as_str().as_bytes(), false),
+    }
+}
+
 /// Whether a response field may go out over HTTP/2: not connection-specific (§8.2.2), not a
 /// pseudo-field.
-fn sendable(name: &[u8]) -> bool {
+pub fn sendable(name: &[u8]) -> bool {
     !name.starts_with(b":")
         && ![
             &b"connection"[..],
@@ -1638,6 +1674,32 @@ mod tests {
             decode_head(&mut d, &sent[0].1),
             [(":status".to_string(), "200".to_string())]
         );
+    }
+
+    #[test]
+    fn a_block_encoded_elsewhere_goes_out_once_with_the_size_update_first() {
+        let mut s = started(&[(setting::HEADER_TABLE_SIZE, 0)]);
+        assert!(feed(&mut s, &request(1, "GET", &[], true)));
+        let mut block = Vec::new();
+        encode_status(&mut block, StatusCode::NOT_FOUND);
+        encode::field(&mut block, b"x-a", b"1", false);
+        s.send_block(1, &block, true).unwrap();
+        assert_eq!(
+            s.send_block(1, &block, true),
+            Err(StreamError::Invalid("the response was already complete"))
+        );
+        let sent = frames(&mut s);
+        assert_eq!(sent.len(), 1);
+        assert!(sent[0].0.has(flag::END_STREAM));
+        let mut d = hpack::Decoder::new(0);
+        assert_eq!(
+            decode_head(&mut d, &sent[0].1),
+            [
+                (":status".to_string(), "404".to_string()),
+                ("x-a".into(), "1".into())
+            ]
+        );
+        assert_eq!(sent[0].1[0], 0x20);
     }
 
     #[test]
