@@ -778,6 +778,10 @@ mod tests {
         let (_, head) = judge(&with(&[("proxy-authorization", "Bearer inbound-secret-1")]));
         let shown = format!("{head:?}");
         assert!(!shown.contains("inbound-secret-1"), "{shown}");
+        assert!(
+            shown.starts_with("RequestHead { method: Some(GET), fields: 2"),
+            "{shown}"
+        );
         assert!(!shown.contains("localhost"), "{shown}");
     }
 }

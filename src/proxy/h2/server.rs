@@ -1704,14 +1704,93 @@ mod tests {
 
     #[test]
     fn a_client_that_does_not_read_its_answers_is_cut_off() {
+        let pings = |n: usize| {
+            let mut pings = Vec::new();
+            for _ in 0..n {
+                frame::write_head(&mut pings, 8, kind::PING, 0, 0);
+                pings.extend_from_slice(b"12345678");
+            }
+            pings
+        };
+        // Up to the cap, 4 MiB, answers queue (the settings ack is queued too).
+        let under = (4 * 1024 * 1024 - 64) / (HEAD_LEN + 8);
         let mut s = started(&[]);
-        let mut pings = Vec::new();
-        for _ in 0..(MAX_QUEUED / (HEAD_LEN + 8) + 1) {
-            frame::write_head(&mut pings, 8, kind::PING, 0, 0);
-            pings.extend_from_slice(b"12345678");
-        }
-        assert!(!feed(&mut s, &pings));
+        assert!(feed(&mut s, &pings(under)));
+        let mut s = started(&[]);
+        assert!(!feed(&mut s, &pings(MAX_QUEUED / (HEAD_LEN + 8) + 1)));
         assert!(s.dead.as_deref().unwrap().contains("does not read"));
+    }
+
+    /// A waker that counts its wakes.
+    fn counting() -> (Waker, std::sync::Arc<Count>) {
+        let count = std::sync::Arc::new(Count::default());
+        (Waker::from(count.clone()), count)
+    }
+
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    impl Count {
+        fn get(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn waiting_readers_and_writers_are_woken() {
+        let mut s = started(&[(setting::INITIAL_WINDOW_SIZE, 1)]);
+        assert!(feed(&mut s, &request(1, "POST", &[], false)));
+        assert!(!s.is_idle());
+        // A reader waiting for the body: woken by its data.
+        let (waker, reads) = counting();
+        assert!(s
+            .poll_data(1, &mut Context::from_waker(&waker))
+            .is_pending());
+        assert!(feed(&mut s, &data(1, b"abc", false)));
+        assert_eq!(reads.get(), 1);
+        // A writer waiting for the stream's window: woken by its WINDOW_UPDATE.
+        s.send_head(1, StatusCode::OK, std::iter::empty(), false)
+            .unwrap();
+        let (waker, writes) = counting();
+        let mut body = Bytes::from_static(b"hello");
+        let mut cx = Context::from_waker(&waker);
+        assert!(s.poll_send_data(1, &mut body, true, &mut cx).is_pending());
+        let mut bytes = Vec::new();
+        frame::write_window_update(&mut bytes, 1, 10);
+        assert!(feed(&mut s, &bytes));
+        assert_eq!(writes.get(), 1);
+        assert!(s.poll_send_data(1, &mut body, true, &mut cx).is_ready());
+
+        // A writer waiting for the queue to drain: woken when the driver wrote it.
+        let mut s = started(&[(setting::INITIAL_WINDOW_SIZE, MAX_WINDOW)]);
+        let mut bytes = Vec::new();
+        frame::write_window_update(&mut bytes, 0, MAX_WINDOW - frame::DEFAULT_WINDOW);
+        assert!(feed(&mut s, &bytes));
+        assert!(feed(&mut s, &request(1, "GET", &[], true)));
+        s.send_head(1, StatusCode::OK, std::iter::empty(), false)
+            .unwrap();
+        let (waker, drains) = counting();
+        let mut body = Bytes::from(vec![0u8; 3 * OUT_HIGH]);
+        let mut cx = Context::from_waker(&waker);
+        assert!(s.poll_send_data(1, &mut body, true, &mut cx).is_pending());
+        assert!(s.out.len() >= OUT_HIGH);
+        assert_eq!(drains.get(), 0);
+        s.out.clear();
+        s.drained();
+        assert_eq!(drains.get(), 1);
+        // And the connection's end wakes whoever waits.
+        let (waker, ends) = counting();
+        assert!(s
+            .poll_send_data(1, &mut body, true, &mut Context::from_waker(&waker))
+            .is_pending());
+        s.fail("closed".into());
+        assert!(ends.get() >= 1);
     }
 
     #[test]
@@ -1728,6 +1807,10 @@ mod tests {
         ));
         let shown = format!("{s:?}");
         assert!(!shown.contains("inbound-secret-2"), "{shown}");
+        assert!(
+            shown.starts_with("Server { open_streams: 1, last_id: 1"),
+            "{shown}"
+        );
         let (_, head, _) = arrived_request(&mut s);
         assert!(!format!("{head:?}").contains("inbound-secret-2"));
     }
