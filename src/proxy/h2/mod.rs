@@ -18,6 +18,7 @@ pub mod frame;
 pub mod hpack;
 pub mod huffman;
 pub mod request;
+pub mod serve;
 pub mod server;
 pub mod session;
 
