@@ -36,7 +36,7 @@ use super::deadline::Deadline;
 use super::headers;
 use super::pool::{self, Checkin, Http1Pool};
 use super::raw::{ClientFraming, ClientHead};
-use super::upload::{BodyTooLarge, UpstreamBody};
+use super::upload::{BodyTooLarge, ClientBody, UpstreamBody};
 use super::{ProxyBody, ProxyError};
 use crate::config::{Cidr, RouteConfig, Upstream};
 use crate::egress;
@@ -338,6 +338,11 @@ impl ProxyService {
 
     /// Handles one request; never fails (errors become JSON responses).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        self.handle_body(req.map(ClientBody::Hyper)).await
+    }
+
+    /// [`handle`](Self::handle) for a request whose body came from either server.
+    pub async fn handle_body(&self, req: Request<ClientBody>) -> Response<ProxyBody> {
         let access = self.access(req.method(), req.uri());
         let result = self.forward(req).await;
         self.respond(access, result)
@@ -499,7 +504,10 @@ impl ProxyService {
         Ok(())
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward(
+        &self,
+        mut req: Request<ClientBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let inner = &*self.inner;
         let size = req.body().size_hint().exact();
         self.admit(

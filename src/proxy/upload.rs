@@ -1,5 +1,6 @@
 //! The request body as sent upstream: streamed from the client with an optional size limit
-//! or, for small bodies that may need a replay after a `401`, buffered.
+//! or, for small bodies that may need a replay after a `401`, buffered. The client's body
+//! comes from hyper's server, or from a stream of the front door's HTTP/2 connections.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,6 +10,45 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::codec;
+use super::h2::serve::RequestBody;
+
+/// A client's request body, from either server.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// hyper's server read the request.
+    Hyper(Incoming),
+    /// A stream of one of the front door's HTTP/2 connections.
+    H2(RequestBody),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
 
 /// The client sent more than the route's `max_body_bytes`.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +61,7 @@ pub enum UpstreamBody {
     /// Streamed from the client frame by frame; fails once more than `limit` bytes passed.
     Streamed {
         /// The client's body.
-        inner: Incoming,
+        inner: ClientBody,
         /// The route's limit, if any.
         limit: Option<u64>,
         /// Bytes passed so far.
@@ -33,7 +73,7 @@ pub enum UpstreamBody {
 
 impl UpstreamBody {
     /// Streams `inner`, failing past `limit`.
-    pub fn streamed(inner: Incoming, limit: Option<u64>) -> Self {
+    pub fn streamed(inner: ClientBody, limit: Option<u64>) -> Self {
         UpstreamBody::Streamed {
             inner,
             limit,
@@ -69,7 +109,7 @@ impl Body for UpstreamBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },

@@ -283,6 +283,59 @@ impl Stream {
     }
 }
 
+/// A stream's request body, read from its session wherever the reader runs on this thread
+/// (the upstream connection's task, which sends it). The stream's window is given back as it
+/// is read (see `server.rs`).
+#[derive(Debug)]
+pub struct RequestBody {
+    stream: Stream,
+    /// The `content-length` the client sent.
+    length: Option<u64>,
+    ended: bool,
+}
+
+impl RequestBody {
+    /// The body of `stream`, of `length` bytes if the client said so.
+    pub fn new(stream: Stream, length: Option<u64>) -> RequestBody {
+        RequestBody {
+            stream,
+            length,
+            ended: false,
+        }
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = StreamError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, StreamError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let Stream { key, id } = self.stream;
+        let polled = with(key, |s| s.poll_data(id, cx)).unwrap_or(Poll::Ready(Some(Err(gone()))));
+        if let Poll::Ready(None | Some(Err(_))) = &polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.length == Some(0)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.length {
+            Some(n) => http_body::SizeHint::with_exact(n),
+            None => http_body::SizeHint::default(),
+        }
+    }
+}
+
 fn gone() -> StreamError {
     StreamError::Connection("the HTTP/2 connection closed".into())
 }
@@ -307,6 +360,25 @@ mod tests {
         let path = String::from_utf8(head.path().unwrap_or_default().to_vec()).unwrap();
         seen.borrow_mut().push(format!("arrived {path}"));
         let mut received = Vec::new();
+        if path == "/collect" {
+            // Through the body type, as the upstream's connection reads it.
+            let collected = RequestBody::new(stream, head.length)
+                .collect()
+                .await
+                .unwrap();
+            let sum = collected
+                .trailers()
+                .and_then(|t| t.get("x-sum"))
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let fields: Vec<(&[u8], &[u8])> =
+                vec![(b"x-path", b"/collect"), (b"x-sum", sum.as_bytes())];
+            stream
+                .head(StatusCode::OK, fields.into_iter(), false)
+                .unwrap();
+            let _ = stream.send(collected.to_bytes(), true).await;
+            return;
+        }
         if body {
             while let Some(piece) = stream.data().await {
                 match piece {
@@ -345,7 +417,7 @@ mod tests {
     }
 
     struct Running {
-        send: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+        send: hyper::client::conn::http2::SendRequest<ClientSends>,
         stop: CancellationToken,
         served: tokio::task::JoinHandle<()>,
         seen: std::rc::Rc<RefCell<Vec<String>>>,
@@ -395,17 +467,20 @@ mod tests {
         }
     }
 
-    fn request(method: &str, path: &str, body: Vec<u8>) -> http::Request<Full<Bytes>> {
+    /// What the test client sends.
+    type ClientSends = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+    fn request(method: &str, path: &str, body: Vec<u8>) -> http::Request<ClientSends> {
         http::Request::builder()
             .method(method)
             .uri(format!("http://localhost{path}"))
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(Bytes::from(body)).boxed())
             .unwrap()
     }
 
     async fn fetch(
-        send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-        req: http::Request<Full<Bytes>>,
+        send: &mut hyper::client::conn::http2::SendRequest<ClientSends>,
+        req: http::Request<ClientSends>,
     ) -> (StatusCode, String, Vec<u8>) {
         let response = send.send_request(req).await.unwrap();
         let status = response.status();
@@ -465,6 +540,33 @@ mod tests {
             // Each stream was finished as its future ended: the session holds none.
             let key = r.key.borrow().expect("streams arrived");
             until(|| with(key, |s| s.is_idle()) == Some(true)).await;
+        });
+    }
+
+    #[test]
+    fn a_request_body_reads_through_its_body_type() {
+        local(async {
+            let mut r = start().await;
+            let chunks: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = vec![
+                Ok(http_body::Frame::data(Bytes::from(vec![b'a'; 70_000]))),
+                Ok(http_body::Frame::data(Bytes::from_static(b"tail"))),
+                Ok(http_body::Frame::trailers({
+                    let mut t = HeaderMap::new();
+                    t.insert("x-sum", "99".parse().unwrap());
+                    t
+                })),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+            let req = http::Request::builder()
+                .method("POST")
+                .uri("http://localhost/collect")
+                .body(BodyExt::boxed(body))
+                .unwrap();
+            let response = r.send.send_request(req).await.unwrap();
+            assert_eq!(response.headers()["x-sum"], "99");
+            let got = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(got.len(), 70_004);
+            assert!(got.ends_with(b"tail"));
         });
     }
 

@@ -1677,6 +1677,38 @@ mod tests {
     }
 
     #[test]
+    fn a_header_block_past_twice_the_list_size_ends_the_connection() {
+        // CONTINUATIONs that never end (CVE-2024-27316): cut off at twice the list size.
+        let mut s = started(&[]);
+        let b = block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")]);
+        let mut bytes = Vec::new();
+        frame::write_head(&mut bytes, b.len(), kind::HEADERS, 0, 1);
+        bytes.extend_from_slice(&b);
+        assert!(feed(&mut s, &bytes));
+        let filler = vec![0u8; MAX_FRAME];
+        let mut sent = b.len();
+        while sent + MAX_FRAME <= 2 * MAX_LIST {
+            let mut bytes = Vec::new();
+            frame::write_head(&mut bytes, MAX_FRAME, kind::CONTINUATION, 0, 1);
+            bytes.extend_from_slice(&filler);
+            assert!(
+                feed(&mut s, &bytes),
+                "cut off at {} bytes",
+                sent + MAX_FRAME
+            );
+            sent += MAX_FRAME;
+        }
+        let mut bytes = Vec::new();
+        frame::write_head(&mut bytes, MAX_FRAME, kind::CONTINUATION, 0, 1);
+        bytes.extend_from_slice(&filler);
+        assert!(!feed(&mut s, &bytes));
+        assert_eq!(
+            goaway_of(&frames(&mut s)).map(|g| g.1),
+            Some(Reason::ENHANCE_YOUR_CALM)
+        );
+    }
+
+    #[test]
     fn a_block_encoded_elsewhere_goes_out_once_with_the_size_update_first() {
         let mut s = started(&[(setting::HEADER_TABLE_SIZE, 0)]);
         assert!(feed(&mut s, &request(1, "GET", &[], true)));
