@@ -303,6 +303,30 @@ pub fn settings(head: &Head, payload: &[u8]) -> Result<Option<Settings>, FrameEr
     Ok(Some(s))
 }
 
+/// Takes the next complete frame from the front of `buf`: its header and payload, or `None`
+/// while it is incomplete (room for the rest is reserved). A frame over `max` (our
+/// `SETTINGS_MAX_FRAME_SIZE`) is a connection error.
+pub fn next(
+    buf: &mut bytes::BytesMut,
+    max: usize,
+) -> Result<Option<(Head, bytes::BytesMut)>, FrameError> {
+    let Some(head) = Head::parse(buf) else {
+        return Ok(None);
+    };
+    if head.len > max {
+        return Err(error(
+            Reason::FRAME_SIZE_ERROR,
+            "a frame over our maximum frame size",
+        ));
+    }
+    if buf.len() < HEAD_LEN + head.len {
+        buf.reserve(HEAD_LEN + head.len - buf.len());
+        return Ok(None);
+    }
+    bytes::Buf::advance(buf, HEAD_LEN);
+    Ok(Some((head, buf.split_to(head.len))))
+}
+
 /// Writes a frame header.
 pub fn write_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
     debug_assert!(len < 1 << 24);

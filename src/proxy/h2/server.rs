@@ -38,7 +38,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
-use super::frame::{self, flag, kind, FrameError, Head, Reason, HEAD_LEN, MAX_WINDOW};
+use super::frame::{self, flag, kind, FrameError, Head, Reason, MAX_WINDOW};
 use super::hpack::{self, encode};
 use super::request::{self, Refused, RequestHead};
 
@@ -274,20 +274,14 @@ impl Server {
             }
         }
         while self.dead.is_none() {
-            let Some(head) = Head::parse(buf) else { break };
-            if head.len > MAX_FRAME {
-                self.connection_error(FrameError {
-                    reason: Reason::FRAME_SIZE_ERROR,
-                    what: "a frame over our maximum frame size",
-                });
-                break;
-            }
-            if buf.len() < HEAD_LEN + head.len {
-                buf.reserve(HEAD_LEN + head.len - buf.len());
-                break;
-            }
-            buf.advance(HEAD_LEN);
-            let payload = buf.split_to(head.len);
+            let (head, payload) = match frame::next(buf, MAX_FRAME) {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(e) => {
+                    self.connection_error(e);
+                    break;
+                }
+            };
             if let Err(e) = self.frame(&head, payload) {
                 self.connection_error(e);
             }
@@ -994,7 +988,7 @@ pub fn sendable(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::h2::frame::setting;
+    use crate::proxy::h2::frame::{setting, HEAD_LEN};
 
     const MAX_LIST: usize = 16 * 1024;
 

@@ -28,7 +28,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
-use super::frame::{self, flag, kind, FrameError, Head, Reason, HEAD_LEN};
+use super::frame::{self, flag, kind, FrameError, Head, Reason};
 use super::hpack::{self, encode};
 use crate::proxy::{codec, headers};
 
@@ -566,20 +566,14 @@ impl Session {
     /// is dead (the caller writes what is queued and closes).
     pub fn receive(&mut self, buf: &mut BytesMut) -> bool {
         while self.dead.is_none() {
-            let Some(head) = Head::parse(buf) else { break };
-            if head.len > MAX_FRAME {
-                self.connection_error(FrameError {
-                    reason: Reason::FRAME_SIZE_ERROR,
-                    what: "a frame over our maximum frame size",
-                });
-                break;
-            }
-            if buf.len() < HEAD_LEN + head.len {
-                buf.reserve(HEAD_LEN + head.len - buf.len());
-                break;
-            }
-            buf.advance(HEAD_LEN);
-            let payload = buf.split_to(head.len);
+            let (head, payload) = match frame::next(buf, MAX_FRAME) {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(e) => {
+                    self.connection_error(e);
+                    break;
+                }
+            };
             if let Err(e) = self.frame(&head, payload) {
                 self.connection_error(e);
             }
@@ -848,6 +842,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::h2::frame::HEAD_LEN;
 
     const GET: &[u8] =
         b"GET /x HTTP/1.1\r\nauthorization: Bearer s3cret-token\r\nhost: api\r\n\r\n";
