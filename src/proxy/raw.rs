@@ -510,13 +510,7 @@ impl ClientHead<'_> {
         for (name, value) in fields {
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
-            match self.relocate.filter(|_| headers::is_location(name)) {
-                Some(relocate) => match relocate.rewrite(value) {
-                    Some(new) => out.extend_from_slice(&new),
-                    None => out.extend_from_slice(value),
-                },
-                None => out.extend_from_slice(value),
-            }
+            out.extend_from_slice(&relocated(self.relocate, name, value));
             out.extend_from_slice(b"\r\n");
             declared(self.te, &mut self.trailers, name, value);
         }
@@ -561,13 +555,7 @@ impl ClientHead<'_> {
             if !crate::proxy::h2::server::sendable(name) {
                 continue;
             }
-            match self.relocate.filter(|_| headers::is_location(name)) {
-                Some(relocate) => match relocate.rewrite(value) {
-                    Some(new) => encode::field_lowercased(out, name, &new, false),
-                    None => encode::field_lowercased(out, name, value, false),
-                },
-                None => encode::field_lowercased(out, name, value, false),
-            }
+            encode::field_lowercased(out, name, &relocated(self.relocate, name, value), false);
             declared(self.te, &mut self.trailers, name, value);
         }
         let framing = client_framing(framing, status, method);
@@ -587,6 +575,22 @@ impl ClientHead<'_> {
             encode::with_name(out, 33, &now, false);
         }
         framing
+    }
+}
+
+/// `value` of field `name` as the client gets it: a redirect to the upstream's own origin
+/// rewritten to the client's address (`rewrite_location`).
+fn relocated<'v>(
+    relocate: Option<headers::Relocation<'_>>,
+    name: &[u8],
+    value: &'v [u8],
+) -> std::borrow::Cow<'v, [u8]> {
+    match relocate
+        .filter(|_| headers::is_location(name))
+        .and_then(|r| r.rewrite(value))
+    {
+        Some(new) => std::borrow::Cow::Owned(new),
+        None => std::borrow::Cow::Borrowed(value),
     }
 }
 
