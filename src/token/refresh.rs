@@ -365,8 +365,11 @@ mod tests {
             Ok(S(600)),
         ]);
         let slot = Arc::new(TokenSlot::new("c"));
-        let calls = attempts(&script, &slot, 350).await;
-        // Refresh due at 300 s, spread up to 10 % later; then retries after 3-9 s and 6-18 s.
+        // Refresh due at 300 s, spread up to 10 % later; then retries after 3-9 s and 6-18 s:
+        // the last comes by 330 + 9 + 18 = 357 s at the latest (the spreads are random, so a
+        // shorter look missed it now and then), and the next refresh of the new 600 s token
+        // long after.
+        let calls = attempts(&script, &slot, 360).await;
         assert_eq!(calls.len(), 4, "{calls:?}");
         assert!((300.0..=330.0).contains(&calls[1]), "{calls:?}");
         assert!((3.0..=9.0).contains(&(calls[2] - calls[1])), "{calls:?}");
