@@ -510,7 +510,15 @@ impl ClientHead<'_> {
         for (name, value) in fields {
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
-            out.extend_from_slice(&relocated(self.relocate, name, value));
+            // `relocated()` written out: through it, 35 instructions more per proxied GET
+            // (callgrind), on the lean path's hottest loop.
+            match self.relocate.filter(|_| headers::is_location(name)) {
+                Some(relocate) => match relocate.rewrite(value) {
+                    Some(new) => out.extend_from_slice(&new),
+                    None => out.extend_from_slice(value),
+                },
+                None => out.extend_from_slice(value),
+            }
             out.extend_from_slice(b"\r\n");
             declared(self.te, &mut self.trailers, name, value);
         }
@@ -538,7 +546,9 @@ impl ClientHead<'_> {
     }
 
     /// [`write_response`](Self::write_response) for an HTTP/2 client: the same fields, as
-    /// an HPACK block.
+    /// an HPACK block. Not inlined: `write_response` stays as small as the HTTP/1.1 form
+    /// alone, where the lean exchange inlines it.
+    #[inline(never)]
     fn write_block<'f>(
         &mut self,
         status: StatusCode,
