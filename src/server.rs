@@ -37,6 +37,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::config::{ClientLimits, ListenAddr};
 use crate::proxy::front::{self, Outcome, Rewind};
+use crate::proxy::front_h2;
 use crate::proxy::gate::Gate;
 use crate::proxy::service::ProxyService;
 
@@ -360,6 +361,11 @@ pub async fn serve<S, B, F>(
                 Some(front) => match front::serve(stream, front, &limits, &retire).await {
                     Outcome::Closed => return,
                     Outcome::Handoff(rewound) => rewound,
+                    // Boxed for the same reason as hyper's below.
+                    Outcome::Http2(stream, first) => {
+                        return Box::pin(front_h2::serve(stream, first, front, &limits, &retire))
+                            .await
+                    }
                 },
                 None => Rewind::new(stream, Bytes::new()),
             };

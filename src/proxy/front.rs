@@ -67,6 +67,9 @@ pub enum Outcome<T> {
     Closed,
     /// hyper takes it from here, reading first the bytes the front door had read.
     Handoff(Rewind<T>),
+    /// The client opened with the HTTP/2 preface: `front_h2` serves it, reading first the
+    /// bytes the front door had read.
+    Http2(T, Bytes),
 }
 
 /// Serves requests on `io` until it closes or a request needs hyper. When `stop` fires (the
@@ -107,6 +110,7 @@ where
         {
             Next::Head(request) => request,
             Next::Handoff => return Outcome::Handoff(Rewind::new(io, b.buf.freeze())),
+            Next::Http2 => return Outcome::Http2(io, std::mem::take(&mut b.buf).freeze()),
             Next::Close => return Outcome::Closed,
             Next::Refuse(e) => {
                 if io.write_all(&service.refuse(e)).await.is_ok() {
@@ -192,6 +196,8 @@ struct Request {
 enum Next {
     Head(Request),
     Handoff,
+    /// The HTTP/2 preface, first on the connection.
+    Http2,
     Close,
     /// A head the codec refuses, or an HTTP/2 preface after an HTTP/1.1 request: answered with
     /// this error, then the connection closes (where the next message would start is unknown).
@@ -221,6 +227,7 @@ where
                 Judged::Partial => {}
                 Judged::Head(request) => return Next::Head(request),
                 Judged::Handoff => return Next::Handoff,
+                Judged::Http2 => return Next::Http2,
                 Judged::Refuse(e) => return Next::Refuse(e),
             }
         }
@@ -263,6 +270,8 @@ enum Judged {
     Partial,
     /// Valid, and not for the front door: hyper serves it.
     Handoff,
+    /// HTTP/2 with prior knowledge.
+    Http2,
     Refuse(ProxyError),
 }
 
@@ -286,8 +295,8 @@ fn judge(
     let head = match parsed {
         Ok(Parsed::Head(head)) => head,
         Ok(Parsed::Partial) => return Judged::Partial,
-        // HTTP/2 with prior knowledge: hyper serves the connection.
-        Ok(Parsed::Preface) => return Judged::Handoff,
+        // HTTP/2 with prior knowledge: the front door's HTTP/2 side serves the connection.
+        Ok(Parsed::Preface) => return Judged::Http2,
         Err(refusal) => return Judged::Refuse(refusal.into()),
     };
     let bodiless = matches!(head.body, RequestBody::None | RequestBody::Length(0));
@@ -319,7 +328,7 @@ fn judge(
 /// then printable ASCII without a fragment. Characters that should have been percent-encoded
 /// but that clients send as written (`"`, `<`, `>`, `{`, `}`, `|`, a backtick, as in
 /// `?where={"a":1}`) are forwarded as they came, as nginx does.
-fn plain_target(target: &[u8]) -> bool {
+pub(crate) fn plain_target(target: &[u8]) -> bool {
     target.first() == Some(&b'/')
         && target
             .iter()
@@ -638,11 +647,12 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
-            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n",
         ] {
             assert!(matches!(judged(text).0, Judged::Handoff), "{text:?}");
         }
+        let preface = judged("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").0;
+        assert!(matches!(preface, Judged::Http2));
     }
 
     #[test]

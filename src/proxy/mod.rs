@@ -21,6 +21,7 @@ pub mod body;
 pub mod codec;
 pub mod deadline;
 pub mod front;
+pub mod front_h2;
 pub mod gate;
 pub mod h2;
 pub mod headers;

@@ -407,6 +407,18 @@ impl ProxyService {
         wire
     }
 
+    /// [`refuse`](Self::refuse) as a response, for a client whose connection goes on (an
+    /// HTTP/2 stream refused on its own): logged and counted once, here.
+    pub fn refusal(&self, method: &Method, e: ProxyError) -> Response<ProxyBody> {
+        let access = Access::started_at(
+            self.inner.metrics,
+            method.clone(),
+            self.inner.access_log.then(Uri::default),
+            Instant::now(),
+        );
+        self.respond(access, Err(e))
+    }
+
     /// The record finished when the response ends (the uri clone bumps a reference count, and
     /// only when the access log is on).
     fn access(&self, method: &Method, uri: &Uri) -> Access {

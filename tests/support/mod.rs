@@ -422,6 +422,8 @@ pub enum Step {
     Wait(Arc<tokio::sync::Notify>),
     /// Tells the test this point was reached.
     Signal(Arc<tokio::sync::Notify>),
+    /// Reads until the proxy closes the connection (or 5 s pass), then tells the test.
+    UntilClosed(Arc<tokio::sync::Notify>),
     /// Closes the connection.
     Close,
 }
@@ -528,6 +530,16 @@ async fn serve_scripted(
                 }
                 Step::Wait(n) => n.notified().await,
                 Step::Signal(n) => n.notify_one(),
+                Step::UntilClosed(n) => {
+                    let mut sink = [0u8; 1024];
+                    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                        while matches!(stream.read(&mut sink).await, Ok(k) if k > 0) {}
+                    });
+                    if closed.await.is_ok() {
+                        n.notify_one();
+                    }
+                    return;
+                }
                 Step::Close => return,
             }
         }

@@ -58,6 +58,9 @@ pub struct RequestHead {
     pub length: Option<u64>,
     /// The client sent `te: trailers`.
     pub te_trailers: bool,
+    /// The `host` among [`fields`](Self::fields) was made from `:authority`: the client sent
+    /// none (a request built from the head, as hyper's server gives it, has none either).
+    pub host_from_authority: bool,
     /// The cookie crumbs, joined; scratch space kept between heads.
     cookie: Vec<u8>,
 }
@@ -123,6 +126,7 @@ impl RequestHead {
         self.scheme = None;
         self.length = None;
         self.te_trailers = false;
+        self.host_from_authority = false;
         self.cookie.clear();
     }
 
@@ -378,6 +382,7 @@ impl Check<'_> {
                 head.bytes.extend_from_within(authority.0..authority.1);
                 let value = (start, head.bytes.len());
                 head.fields.push(Field { name, value });
+                head.host_from_authority = true;
             }
             _ => {}
         }

@@ -780,6 +780,28 @@ impl Server {
         Poll::Pending
     }
 
+    /// Ready once stream `id` cannot go on (the client reset it, or the connection ended),
+    /// with why: the service then drops its work on it, as a client that went away wants.
+    pub fn poll_reset(&mut self, id: u32, cx: &mut Context<'_>) -> Poll<StreamError> {
+        let Some(i) = self.find(id) else {
+            return Poll::Ready(StreamError::Connection(
+                self.dead
+                    .clone()
+                    .unwrap_or_else(|| "the stream is gone".into()),
+            ));
+        };
+        let s = &mut self.streams[i];
+        if let Some(e) = &s.error {
+            return Poll::Ready(e.clone());
+        }
+        // The writer's slot: the stream's own future is the one waiting, whether for this or
+        // for room to send, with the same waker.
+        if !s.writer.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.writer = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
     /// Queues stream `id`'s response head: `status`, then `fields` (names lowercased; a
     /// connection-specific field is never sent). `end_stream`: no body follows.
     pub fn send_head<'f>(
