@@ -174,6 +174,12 @@ impl Conn {
     }
 }
 
+/// Whether this task runs on a current-thread runtime, so stays on its thread.
+fn on_current_thread_runtime() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::CurrentThread
+}
+
 /// The runtimes that serve client connections besides the one that accepts them, each a
 /// current-thread runtime on its own thread. Installed once by the binary before it serves;
 /// without it (tests, one worker) connections are served where they are accepted.
@@ -361,11 +367,15 @@ pub async fn serve<S, B, F>(
                 Some(front) => match front::serve(stream, front, &limits, &retire).await {
                     Outcome::Closed => return,
                     Outcome::Handoff(rewound) => rewound,
-                    // Boxed for the same reason as hyper's below.
-                    Outcome::Http2(stream, first) => {
+                    // Boxed for the same reason as hyper's below. Its sessions are kept per
+                    // thread (see `h2::serve`), which needs a task that stays on its thread: a
+                    // current-thread runtime, as every worker of the binary is. On another
+                    // (a library user's), hyper serves HTTP/2 as before.
+                    Outcome::Http2(stream, first) if on_current_thread_runtime() => {
                         return Box::pin(front_h2::serve(stream, first, front, &limits, &retire))
                             .await
                     }
+                    Outcome::Http2(stream, first) => Rewind::new(stream, first),
                 },
                 None => Rewind::new(stream, Bytes::new()),
             };

@@ -353,3 +353,27 @@ async fn shutdown_lets_the_streams_in_flight_finish() {
         .await
         .is_ok());
 }
+
+/// A library user's multi-thread runtime moves tasks between threads, which the front door's
+/// HTTP/2 side (its sessions kept per thread) cannot follow: there hyper serves h2c, and every
+/// stream is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_is_served_on_a_multi_thread_runtime_too() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let send = connect(s.addr()).await;
+    let addr = s.addr();
+    let mut all = Vec::new();
+    for i in 0..200 {
+        let mut send = send.clone();
+        all.push(tokio::spawn(async move {
+            let req = Request::get(format!("http://{addr}/m/{i}"))
+                .body(Full::default())
+                .unwrap();
+            let answer = exchange(&mut send, req).await;
+            assert_eq!(answer.json()["target"], format!("/api/m/{i}"));
+        }));
+    }
+    for t in all {
+        t.await.unwrap();
+    }
+}

@@ -16,11 +16,10 @@
 //! The rules of the protocol live in `h2::server` (frames, streams, flow control, floods) and
 //! `h2::request` (what a request head may hold); this module only joins them to the service.
 //! A stream the client resets, or whose connection ends, has its work dropped at once, the
-//! upstream exchange included, as hyper's server does.
+//! upstream exchange included, as hyper's server does (`h2::serve`).
 
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
-use std::task::Poll;
+use std::future::poll_fn;
+use std::pin::Pin;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, DATE};
@@ -54,59 +53,39 @@ pub async fn serve<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    h2serve::serve(
-        io,
-        first,
-        limits.max_header_bytes,
-        stop,
-        |key, id, arrived| {
-            let stream = Stream { key, id };
-            unless_reset(stream, respond(service, limits, stream, arrived))
-        },
-    )
-    .await
-}
-
-/// Runs `work` for `stream` until it ends, or until the stream cannot go on (reset, or its
-/// connection gone): then `work` is dropped, and what it waited for with it.
-async fn unless_reset<F: Future<Output = ()>>(stream: Stream, work: F) {
-    let mut work = pin!(work);
-    poll_fn(|cx| {
-        if work.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        match h2serve::with(stream.key, |s| s.poll_reset(stream.id, cx)) {
-            Some(Poll::Pending) => Poll::Pending,
-            Some(Poll::Ready(why)) => {
-                tracing::debug!(stream = stream.id, error = %why, "HTTP/2 stream ended before its response");
-                Poll::Ready(())
-            }
-            None => Poll::Ready(()),
-        }
+    h2serve::serve(io, first, limits.max_header_bytes, stop, |key, id, arrived| {
+        respond(service, limits, Stream { key, id }, arrived)
     })
     .await
 }
 
 /// Serves one stream.
+///
+/// Its future is moved into its place among the connection's streams once per stream, so it
+/// is kept small: what only the general path and the proxy's own answers need is boxed (the
+/// general path's state, hyper's client and the header maps, would make every stream's
+/// future many kilobytes), and what it holds is borrowed rather than moved from one future
+/// into the next (each move would hold it twice).
 async fn respond(service: &ProxyService, limits: &ClientLimits, stream: Stream, arrived: Arrived) {
-    let (head, body) = match arrived {
-        Arrived::Request { head, body } => (head, body),
-        Arrived::TooLarge => {
-            let e = ProxyError::HeadersTooLarge(format!(
-                "the request's header fields are over this listener's limit of {} bytes (max_header_bytes)",
-                limits.max_header_bytes
-            ));
-            let response = service.refusal(&Method::GET, e);
-            return send_response(stream, response, false).await;
-        }
+    let Arrived::Request { head, body } = &arrived else {
+        let e = ProxyError::HeadersTooLarge(format!(
+            "the request's header fields are over this listener's limit of {} bytes (max_header_bytes)",
+            limits.max_header_bytes
+        ));
+        let response = service.refusal(&Method::GET, e);
+        return Box::pin(send_response(stream, response, false)).await;
     };
     let method = head.method().cloned().unwrap_or_default();
-    let head_only = method == Method::HEAD;
-    if !body && takes_lean_path(service, &head, &method) {
-        match respond_lean(service, limits, stream, &head, &method).await {
+    if !*body && takes_lean_path(service, head, &method) {
+        let mut answer = respond_lean(service, limits, stream, head, &method).await;
+        match &mut answer {
             Some(FrontAnswer::Streaming { body, .. }) => return send_body(stream, body).await,
-            Some(FrontAnswer::Response(response)) => {
-                return send_response(stream, *response, head_only).await
+            Some(FrontAnswer::Response(_)) => {
+                if let Some(FrontAnswer::Response(response)) = answer {
+                    let head_only = method == Method::HEAD;
+                    return Box::pin(send_response(stream, *response, head_only)).await;
+                }
+                return;
             }
             // The upstream refused `http/1.1` before anything was sent: the general path
             // takes the stream (and the route's later ones).
@@ -115,11 +94,22 @@ async fn respond(service: &ProxyService, limits: &ClientLimits, stream: Stream, 
             None => return,
         }
     }
-    let response = match request(&head, stream, body, &method) {
+    Box::pin(respond_general(service, stream, head, *body, method)).await
+}
+
+/// Serves a stream through the general path.
+async fn respond_general(
+    service: &ProxyService,
+    stream: Stream,
+    head: &RequestHead,
+    body: bool,
+    method: Method,
+) {
+    let response = match request(head, stream, body, &method) {
         Ok(req) => service.handle_body(req).await,
         Err(e) => service.refusal(&method, e),
     };
-    send_response(stream, response, head_only).await
+    send_response(stream, response, method == Method::HEAD).await
 }
 
 /// Whether the lean path can take a bodiless stream with this head: as the HTTP/1.1 front
@@ -235,7 +225,7 @@ fn request(
 /// would: its fields (connection-specific ones left out), `content-length` where the body's
 /// size is known and none was given, a `date` where none was given, then the body.
 async fn send_response(stream: Stream, response: Response<ProxyBody>, head_only: bool) {
-    let (parts, body) = response.into_parts();
+    let (parts, mut body) = response.into_parts();
     let status = parts.status;
     let end = head_only || body.is_end_stream() || !codec::response_has_body(&Method::GET, status);
     let mut length = Vec::new();
@@ -260,19 +250,19 @@ async fn send_response(stream: Stream, response: Response<ProxyBody>, head_only:
     if stream.head(status, fields, end).is_err() || end {
         return;
     }
-    send_body(stream, body).await
+    send_body(stream, &mut body).await
 }
 
 /// Sends `body` on `stream`, then ends it: with the body's trailers if it has some. A body
 /// that breaks off leaves the stream unfinished, and the stream is reset (`h2::serve`), so
 /// the client sees it was cut.
-async fn send_body<B>(stream: Stream, mut body: B)
+async fn send_body<B>(stream: Stream, body: &mut B)
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
     loop {
-        let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        let frame = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
         match frame {
             None => {
                 let _ = stream.send(Bytes::new(), true).await;
