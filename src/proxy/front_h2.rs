@@ -53,9 +53,13 @@ pub async fn serve<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    h2serve::serve(io, first, limits.max_header_bytes, stop, |key, id, arrived| {
-        respond(service, limits, Stream { key, id }, arrived)
-    })
+    h2serve::serve(
+        io,
+        first,
+        limits.max_header_bytes,
+        stop,
+        |key, id, arrived| respond(service, limits, Stream { key, id }, arrived),
+    )
     .await
 }
 
@@ -138,11 +142,10 @@ async fn respond_lean(
     let view = FrontRequest::new(method, path, head.bytes(), head.fields(), head.te_trailers);
     // Borrowed for the exchange only, as the HTTP/1.1 side's (`spare.rs`): given back before
     // the body is sent, however long that takes.
-    let mut b = spare::Buffers::default();
-    b.borrow();
-    if !b.held() {
-        b.buf.reserve(4096);
-    }
+    let mut b = spare::Scratch::take();
+    let timer = b
+        .timer
+        .get_or_insert_with(|| Deadline::new(limits.header_read_timeout));
     let mut client = ClientHead {
         out: &mut b.out,
         close: false,
@@ -152,9 +155,8 @@ async fn respond_lean(
         relocate: service.relocation(view.values(b"host").next()),
         http2: true,
     };
-    let mut timer = Deadline::new(limits.header_read_timeout);
     let answer = service
-        .handle_front(&view, &mut b.up, &mut client, &mut timer)
+        .handle_front(&view, &mut b.up, &mut client, timer)
         .await;
     let answer = match answer {
         FrontAnswer::Streaming { body, framing } => {

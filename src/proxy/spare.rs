@@ -1,5 +1,5 @@
-//! Buffers lent to the front door's client connections while they serve a request, kept per
-//! worker thread.
+//! Buffers lent to the front door's client connections while they serve a request (and to
+//! its HTTP/2 clients' streams), kept per worker thread.
 //!
 //! Why: an idle keep-alive connection should hold no buffer (10,000 idle clients must fit in
 //! well under 100 MiB), and allocating a connection's buffers for each request instead would
@@ -77,6 +77,50 @@ impl Buffers {
     }
 }
 
+/// What an HTTP/2 client's stream uses while the lean exchange serves it (`front_h2.rs`): the
+/// buffers for the two heads, and a response timer. Kept per thread as [`Buffers`] are, for
+/// the same reason, but apart from them and more of them: a connection has many streams in
+/// flight at once, and each needs these only, not a read buffer.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// The response head for the client (an HPACK block).
+    pub out: Vec<u8>,
+    /// The upstream's request head.
+    pub up: Vec<u8>,
+    /// The response timer: made once, its timer reused (see `deadline.rs`).
+    pub timer: Option<super::deadline::Deadline>,
+}
+
+/// Sets of stream scratch kept per thread (a few KiB each at most).
+const MAX_SCRATCH: usize = 512;
+/// A set whose buffer grew past this is freed rather than kept.
+const MAX_SCRATCH_KEPT: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<Scratch>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    /// A set of this thread's spares, or a new one.
+    pub fn take() -> Scratch {
+        SCRATCH.with_borrow_mut(Vec::pop).unwrap_or_default()
+    }
+
+    /// Gives the set back to this thread's spares, emptied.
+    pub fn give_back(mut self) {
+        if self.out.capacity().max(self.up.capacity()) > MAX_SCRATCH_KEPT {
+            return;
+        }
+        self.out.clear();
+        self.up.clear();
+        SCRATCH.with_borrow_mut(|spares| {
+            if spares.len() < MAX_SCRATCH {
+                spares.push(self);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +145,25 @@ mod tests {
         let mut after = Buffers::default();
         after.borrow();
         assert!(!after.held());
+    }
+
+    #[test]
+    fn stream_scratch_goes_back_emptied_and_a_grown_one_is_freed() {
+        let mut set = Scratch::take();
+        set.out.extend_from_slice(b"block");
+        set.up.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let (out, up) = (set.out.as_ptr(), set.up.as_ptr());
+        set.give_back();
+        let again = Scratch::take();
+        assert_eq!(
+            (again.out.as_ptr(), again.up.as_ptr()),
+            (out, up),
+            "the same buffers"
+        );
+        assert!(again.out.is_empty() && again.up.is_empty());
+        let mut grown = again;
+        grown.up.reserve(MAX_SCRATCH_KEPT + 1);
+        grown.give_back();
+        assert_eq!(Scratch::take().up.capacity(), 0, "the grown set was freed");
     }
 }

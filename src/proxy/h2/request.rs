@@ -65,6 +65,24 @@ pub struct RequestHead {
     cookie: Vec<u8>,
 }
 
+/// A copy of exactly the head's size, without the scratch space.
+impl Clone for RequestHead {
+    fn clone(&self) -> RequestHead {
+        RequestHead {
+            bytes: self.bytes.clone(),
+            fields: self.fields.clone(),
+            method: self.method.clone(),
+            path: self.path,
+            authority: self.authority,
+            scheme: self.scheme,
+            length: self.length,
+            te_trailers: self.te_trailers,
+            host_from_authority: self.host_from_authority,
+            cookie: Vec::new(),
+        }
+    }
+}
+
 impl std::fmt::Debug for RequestHead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RequestHead")
