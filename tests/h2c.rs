@@ -255,6 +255,14 @@ async fn errors_are_json_on_their_stream_and_the_connection_serves_on() {
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert_eq!(answer.json()["error"], "upstream_unavailable");
     assert_eq!(answer.headers["content-type"], "application/json");
+    // As hyper's server sent the proxy's own answers: a length and a date.
+    let length: usize = answer.headers["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(length, answer.body.len());
+    assert!(answer.headers.contains_key("date"), "{:?}", answer.headers);
 
     let mut send = connect(up).await;
     let slow = Request::get(format!("http://{up}/slow/2000"))
@@ -306,7 +314,9 @@ async fn a_stream_the_client_resets_ends_its_upstream_exchange() {
         .await;
         let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
         let addr = proxy.route_addrs()[0];
-        let mut send = connect(addr).await;
+        // A second handle keeps the connection open: only the stream ends.
+        let kept = connect(addr).await;
+        let mut send = kept.clone();
         let req = Request::builder()
             .method(method.clone())
             .uri(format!("http://{addr}/held"))
@@ -320,6 +330,7 @@ async fn a_stream_the_client_resets_ends_its_upstream_exchange() {
         tokio::time::timeout(Duration::from_secs(5), closed.notified())
             .await
             .unwrap_or_else(|_| panic!("{method}: the upstream connection was not closed"));
+        assert!(!kept.is_closed(), "the client's connection stays open");
     }
 }
 
@@ -375,5 +386,62 @@ async fn h2c_is_served_on_a_multi_thread_runtime_too() {
     }
     for t in all {
         t.await.unwrap();
+    }
+}
+
+/// The same requests sent over HTTP/1.1 and over h2c reach the upstream alike: the same
+/// method, target and fields (the HTTP/2 side's lean path and general path, against the
+/// HTTP/1.1 front door and hyper's path).
+#[tokio::test]
+async fn what_reaches_the_upstream_is_the_same_over_http11_and_h2c() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let addr = s.addr();
+    let cases: Vec<(Method, &str, &[u8])> = vec![
+        (Method::GET, "/a/b?c=d%20e", b""),
+        (Method::HEAD, "/head", b""),
+        (Method::DELETE, "/things/1", b""),
+        (Method::OPTIONS, "/opt", b""),
+        (Method::POST, "/post?x=1", b"form=1"),
+        (Method::GET, "/caf\u{e9}", b""),
+    ];
+    let build = |method: &Method, path: &str, body: &[u8]| {
+        Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{addr}{path}"))
+            .header("authorization", "Basic Zm9vOmJhcg==")
+            .header("accept", "application/json")
+            .header("x-custom", "one")
+            .header("x-custom", "two")
+            .header("cookie", "a=1; b=2")
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .unwrap()
+    };
+    let mut h2 = connect(addr).await;
+    for (method, path, body) in &cases {
+        let over_h1 = send(&client(), build(method, path, body)).await;
+        let answer = exchange(&mut h2, build(method, path, body)).await;
+        assert_eq!(over_h1.status, answer.status, "{method} {path}");
+        let records = s.api.state().records();
+        let (a, b) = (&records[records.len() - 2], &records[records.len() - 1]);
+        assert_eq!(
+            (&a.method, &a.target),
+            (&b.method, &b.target),
+            "{method} {path}"
+        );
+        let fields = |r: &demo::EchoRecord| {
+            let mut all: Vec<(String, String)> = r
+                .headers
+                .iter()
+                // The token differs by nothing but its value; both were checked current. And
+                // hyper's HTTP/2 client sends `content-length: 0` for an empty OPTIONS where its
+                // HTTP/1.1 client sends none: the clients differ there, not the proxy.
+                .filter(|(n, v)| *n != "authorization" && !(*n == "content-length" && *v == "0"))
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_owned()))
+                .collect();
+            all.sort();
+            all
+        };
+        assert_eq!(fields(a), fields(b), "{method} {path}");
+        assert!(a.token_was_current && b.token_was_current);
     }
 }
