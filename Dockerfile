@@ -32,13 +32,15 @@ RUN touch src/main.rs src/lib.rs \
 # ---- run ----
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /src/target/release/token-proxy /usr/local/bin/token-proxy
-USER nonroot
+# The image's "nonroot" user, by number: Kubernetes' runAsNonRoot can only verify a numeric user.
+USER 65532:65532
 # Route and admin ports of the usual config; inside a container, listen on 0.0.0.0.
 EXPOSE 8080 9901
-# Readiness without a shell: exit 0 when the admin listener's /readyz answers 200. Matches
-# admin_listen = "127.0.0.1:9901" or "0.0.0.0:9901"; with another port, override it at run time
-# (docker run --health-cmd '/usr/local/bin/token-proxy health --url http://127.0.0.1:PORT/readyz').
+# Readiness without a shell: exit 0 when the /readyz of the admin listener that the config
+# names (its admin_listen, any port; 0.0.0.0 is probed on loopback) answers 200. With the
+# config elsewhere, override it at run time
+# (docker run --health-cmd '/usr/local/bin/token-proxy health --config /path/config.toml').
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["/usr/local/bin/token-proxy", "health"]
+    CMD ["/usr/local/bin/token-proxy", "health", "--config", "/etc/token-proxy/config.toml"]
 ENTRYPOINT ["/usr/local/bin/token-proxy"]
 CMD ["run", "--config", "/etc/token-proxy/config.toml"]

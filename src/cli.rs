@@ -78,13 +78,21 @@ pub enum Command {
         /// Where the proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
         listen: SocketAddr,
+        /// Where the admin listener (`/healthz`, `/readyz`, `/metrics`) listens: by default a
+        /// free loopback port, printed at the start.
+        #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+        admin_listen: SocketAddr,
     },
     /// Probe a running token-proxy: exit 0 when its `/readyz` answers 200, else 1 (a Docker
     /// HEALTHCHECK or Kubernetes exec probe that needs no shell).
     Health {
         /// The readiness URL of the admin listener (`admin_listen`).
-        #[arg(long, default_value = DEFAULT_HEALTH_URL, value_name = "URL")]
+        #[arg(long, default_value = DEFAULT_HEALTH_URL, value_name = "URL", conflicts_with = "config")]
         url: String,
+        /// Probe the admin listener this config file names (its `admin_listen`), instead of
+        /// `--url`: a container's HEALTHCHECK then follows the config's port.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 2.0, value_name = "SECS")]
         timeout: f64,
@@ -241,8 +249,25 @@ pub fn main(cli: Cli) -> ExitCode {
             (Command::Token { credential, .. }, Some(config)) => {
                 token(&config, credential.as_deref()).await
             }
-            (Command::Demo { listen }, _) => run_demo(listen).await,
-            (Command::Health { url, timeout }, _) => health(&url, timeout).await,
+            (
+                Command::Demo {
+                    listen,
+                    admin_listen,
+                },
+                _,
+            ) => run_demo(listen, admin_listen).await,
+            (
+                Command::Health {
+                    config: Some(path),
+                    timeout,
+                    ..
+                },
+                _,
+            ) => match readyz_url(&path) {
+                Ok(url) => health(&url, timeout).await,
+                Err(code) => code,
+            },
+            (Command::Health { url, timeout, .. }, _) => health(&url, timeout).await,
             _ => unreachable!("config is loaded for every command that needs one"),
         }
     });
@@ -367,6 +392,35 @@ async fn token(config: &Config, name: Option<&str>) -> ExitCode {
     }
 }
 
+/// The readiness URL of the admin listener that the config at `path` names; a config error,
+/// or a config without `admin_listen`, is reported here (exit 2).
+fn readyz_url(path: &std::path::Path) -> Result<String, ExitCode> {
+    let config = load(path)?;
+    let Some(admin) = config.admin_listen else {
+        eprintln!(
+            "{}: admin_listen: not set, and `health --config` probes the admin listener's /readyz: \
+             add `admin_listen = \"127.0.0.1:9901\"` to the config, or give --url",
+            path.display()
+        );
+        return Err(ExitCode::from(2));
+    };
+    Ok(format!("http://{}/readyz", probe_addr(admin)))
+}
+
+/// Where to reach a listener bound to `addr`: an unspecified address (`0.0.0.0`, `::`) is
+/// reached on the loopback address of its family.
+fn probe_addr(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
 /// One GET of `url` over plain HTTP/1.1: exit 0 on 200, 1 on anything else, 2 on a bad URL.
 async fn health(url: &str, timeout: f64) -> ExitCode {
     let uri: http::Uri = match url.parse() {
@@ -426,7 +480,21 @@ async fn health(url: &str, timeout: f64) -> ExitCode {
     }
 }
 
-async fn run_demo(listen: SocketAddr) -> ExitCode {
+async fn run_demo(listen: SocketAddr, admin_listen: SocketAddr) -> ExitCode {
+    // The demo's config is embedded: an address that cannot be bound is named by the flag
+    // the user gave (or can give), not by the config key behind it.
+    for (flag, addr) in [("--listen", listen), ("--admin-listen", admin_listen)] {
+        if addr.port() == 0 {
+            continue;
+        }
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            eprintln!(
+                "{flag} {addr}: cannot listen there: {e}; choose another address, e.g. {flag} 127.0.0.1:{}",
+                addr.port().wrapping_add(1).max(1024)
+            );
+            return ExitCode::from(2);
+        }
+    }
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     let started = async {
         let idp = demo::start_token_endpoint(loopback, Duration::from_secs(30)).await?;
@@ -440,7 +508,7 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let text = demo::demo_config(&demo::token_url(&idp), api.addr(), listen);
+    let text = demo::demo_config(&demo::token_url(&idp), api.addr(), listen, admin_listen);
     let config = match Config::parse(&text, "(embedded demo config)", &|_| None) {
         Ok(c) => c,
         Err(e) => {
@@ -466,8 +534,15 @@ async fn run_demo(listen: SocketAddr) -> ExitCode {
         api.addr()
     );
     println!("  proxy:                     http://{addr}  -> echo API, token stamped on");
+    if let Some(admin) = running.admin_addr() {
+        println!("  admin:                     http://{admin}  /healthz /readyz /metrics");
+    }
     println!();
     println!("Try:  curl -s 'http://{addr}/hello?name=world'");
+    if let Some(admin) = running.admin_addr() {
+        println!("      curl -s http://{admin}/readyz");
+        println!("      token-proxy health --url http://{admin}/readyz");
+    }
     println!("Stop with Ctrl-C. Watch the log for a token refresh about every 15 s.");
     app::shutdown_signal().await;
     running.shutdown().await;

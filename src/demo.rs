@@ -825,14 +825,27 @@ impl Body for FramesBody {
 
 /// The demo's config: one credential on the embedded endpoint, one route to the echo API.
 /// A non-loopback `listen` is allowed: the demo's tokens guard nothing.
-pub fn demo_config(token_url: &str, upstream: SocketAddr, listen: SocketAddr) -> String {
+pub fn demo_config(
+    token_url: &str,
+    upstream: SocketAddr,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> String {
     let remote = if listen.ip().is_loopback() {
         ""
     } else {
         "allow_remote = true"
     };
+    let admin_remote = if admin_listen.ip().is_loopback() {
+        ""
+    } else {
+        "admin_allow_remote = true"
+    };
     format!(
         r#"
+admin_listen = "{admin_listen}"
+{admin_remote}
+
 [credentials.demo]
 token_url = "{token_url}"
 client_id = "{DEMO_CLIENT_ID}"

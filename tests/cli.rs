@@ -261,8 +261,49 @@ async fn demo_subcommand_serves_the_echo_api_through_the_proxy() {
         )),
         "{printed}"
     );
+    // The demo has an admin listener on a free loopback port, and says where.
+    let admin_line = printed
+        .lines()
+        .find(|l| l.contains("admin") && l.contains("http://"))
+        .unwrap_or_else(|| panic!("no admin line in {printed}"));
+    let admin: std::net::SocketAddr = admin_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address in {admin_line:?}"));
+    assert_ne!(admin.port(), 0);
+    let readyz = format!("http://{admin}/readyz");
+    assert!(
+        printed.contains(&format!("token-proxy health --url {readyz}")),
+        "{printed}"
+    );
+    let mut ready = false;
+    for _ in 0..100 {
+        if cli(&["health", "--url", &readyz], &[]).await.status.code() == Some(0) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the demo's /readyz never answered 200");
+    assert_eq!(get(admin, "/metrics").await.status, StatusCode::OK);
     proc.signal("TERM");
     assert_eq!(proc.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
+
+/// The demo's config is embedded: an address in use is named by the flag the user gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_on_a_busy_port_names_the_flag() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    for flag in ["--listen", "--admin-listen"] {
+        let out = cli(&["demo", flag, &addr], &[]).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(&format!("{flag} {addr}")), "{stderr}");
+        assert!(!stderr.contains("routes[0]"), "{stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,6 +340,27 @@ async fn json_access_log_metrics_and_the_health_probe() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ready, "health never exited 0: {}", proxy.stderr());
+    // The same probe, finding the admin listener in the config.
+    let by_config = cli(&["health", "--config", path.to_str().unwrap()], &[]).await;
+    assert_eq!(
+        by_config.status.code(),
+        Some(0),
+        "{}",
+        text(&by_config.stdout)
+    );
+    assert!(text(&by_config.stdout).contains(&readyz));
+    // A config without an admin listener has nothing to probe: a config error.
+    let bare = temp_file(
+        "no-admin.toml",
+        &config.replace(&format!("admin_listen = \"127.0.0.1:{admin}\"\n"), ""),
+    );
+    let out = cli(&["health", "--config", bare.to_str().unwrap()], &[]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no-admin.toml") && stderr.contains("admin_listen"),
+        "{stderr}"
+    );
 
     for i in 0..5 {
         let reply = get(addr, &format!("/items/{i}?sig=query-secret-{i}")).await;
