@@ -437,29 +437,134 @@ impl Config {
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let problem = e.message().to_string();
-            let key = match e.span() {
-                Some(span) => {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    format!("line {line}")
-                }
-                None => "(document)".into(),
-            };
-            let fix = if problem.contains("unknown field") {
-                "remove or correct the key; the README's configuration reference lists every key"
-            } else {
-                "correct the TOML; the README's configuration reference lists every key and type"
-            };
-            ConfigError {
-                file: file.into(),
-                key,
-                problem,
-                fix: fix.into(),
-            }
-        })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, file, &e))?;
         Validator { file, env }.config(raw)
     }
+}
+
+/// A TOML error as the other config errors read: the dotted key it is at (found in the
+/// document by the error's position), and what was expected in the user's words rather than
+/// serde's (`data did not match any variant of untagged enum Scopes` is "a string or a list of
+/// strings"; `invalid type: map, expected a sequence` at `routes` is `[[routes]]` written as
+/// `[routes]`).
+fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim_end_matches('\n');
+    let start = e.span().map(|s| s.start.min(text.len()));
+    let line = start.map(|at| text[..at].matches('\n').count() + 1);
+    let key = start.and_then(|at| key_at(text, at));
+    let location = match (&key, line) {
+        (Some(key), Some(line)) => format!("{key} (line {line})"),
+        (None, Some(line)) => format!("line {line}"),
+        _ => "(document)".into(),
+    };
+    let leaf = key
+        .as_deref()
+        .map(|k| k.rsplit(['.', '[']).next().unwrap_or(k));
+    let (problem, fix) = if message.starts_with("unknown field") {
+        (
+            message.to_string(),
+            "remove or correct the key; the README's configuration reference lists every key"
+                .into(),
+        )
+    } else if message.contains("untagged enum Scopes") {
+        (
+            "expected a string or a list of strings".into(),
+            "write scope = \"api://x/.default\", or scope = [\"a\", \"b\"]".into(),
+        )
+    } else if let (Some(table), true) = (
+        leaf.filter(|l| *l == "routes"),
+        message.starts_with("invalid type: map, expected a sequence"),
+    ) {
+        (
+            format!("expected [[{table}]], an array of tables, found a single table"),
+            format!("write [[{table}]] (two brackets) above each route, not [{table}]"),
+        )
+    } else if let Some(rest) = message.strip_prefix("invalid type: ") {
+        let (found, expected) = rest
+            .split_once(", expected ")
+            .unwrap_or((rest, "another type"));
+        (
+            format!(
+                "expected {}, found {}",
+                in_user_words(expected),
+                in_user_words(found)
+            ),
+            "correct the value; the README's configuration reference gives each key's type".into(),
+        )
+    } else {
+        (
+            message.to_string(),
+            "correct the TOML; the README's configuration reference lists every key and type"
+                .into(),
+        )
+    };
+    ConfigError {
+        file: file.into(),
+        key: location,
+        problem,
+        fix,
+    }
+}
+
+/// A serde type name (`u16`, `a sequence`, `map`) in the words the README uses.
+fn in_user_words(serde: &str) -> String {
+    let bare = serde.split_whitespace().next().unwrap_or(serde);
+    match bare {
+        "u8" | "u16" | "u32" | "u64" | "usize" | "i32" | "i64" | "integer" => {
+            "a whole number".into()
+        }
+        "f32" | "f64" | "float" | "floating" => "a number".into(),
+        "a" | "an" => match serde {
+            "a sequence" => "a list ([...])".into(),
+            "a map" => "a table".into(),
+            "a boolean" => "true or false".into(),
+            other => other.into(),
+        },
+        "sequence" => "a list".into(),
+        "map" => "a table".into(),
+        "boolean" => format!("true or false ({serde})"),
+        "string" => format!("a string ({})", serde.trim_start_matches("string ")),
+        "struct" => "a table".into(),
+        _ => serde.into(),
+    }
+}
+
+/// The dotted key (`credentials.cn-api.scope`, `routes[0].listen`) whose value holds byte
+/// `at` of `text`, the deepest one: found by parsing the document again, with positions. A
+/// table's own position is only its header's, so every table is searched, not only those
+/// whose position holds `at`.
+fn key_at(text: &str, at: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    fn in_table(table: &DeTable<'_>, at: usize) -> Option<String> {
+        table.iter().find_map(|(key, value)| {
+            let name = key.get_ref();
+            match in_value(value.get_ref(), at) {
+                Some(below) if below.starts_with('[') => Some(format!("{name}{below}")),
+                Some(below) => Some(format!("{name}.{below}")),
+                None if value.span().contains(&at) || key.span().contains(&at) => {
+                    Some(name.to_string())
+                }
+                None => None,
+            }
+        })
+    }
+    fn in_value(value: &DeValue<'_>, at: usize) -> Option<String> {
+        match value {
+            DeValue::Table(table) => in_table(table, at),
+            DeValue::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| match in_value(item.get_ref(), at) {
+                    Some(below) if below.starts_with('[') => Some(format!("[{i}]{below}")),
+                    Some(below) => Some(format!("[{i}].{below}")),
+                    None if item.span().contains(&at) => Some(format!("[{i}]")),
+                    None => None,
+                }),
+            _ => None,
+        }
+    }
+    let document = DeTable::parse(text).ok()?;
+    in_table(document.get_ref(), at)
 }
 
 struct Validator<'a> {
@@ -477,7 +582,7 @@ impl Validator<'_> {
         }
     }
 
-    /// Expands `${VAR}` references; a missing variable is an error naming it.
+    /// Expands `${VAR}` references; a missing or empty variable is an error naming it.
     fn expand(&self, key: &str, value: &str) -> Result<String, ConfigError> {
         let mut out = String::with_capacity(value.len());
         let mut rest = value;
@@ -500,6 +605,16 @@ impl Validator<'_> {
                 ));
             }
             match (self.env)(name) {
+                // Set but empty is a mistake too (an unset secret in a deployment, a
+                // `VAR= ` in a shell): it would make a URL, an id or a secret silently wrong
+                // (`…chinacloudapi.cn//oauth2/…` for an empty tenant).
+                Some(v) if v.is_empty() => {
+                    return Err(self.err(
+                        key,
+                        format!("environment variable {name} is set but empty"),
+                        format!("give {name} its value before starting token-proxy, or write the value in the file"),
+                    ))
+                }
                 Some(v) => out.push_str(&v),
                 None => {
                     return Err(self.err(
@@ -1381,6 +1496,7 @@ mod tests {
         match name {
             "ID" => Some("my-id".into()),
             "SECRET" => Some("s3cr3t".into()),
+            "EMPTY" => Some(String::new()),
             _ => None,
         }
     }
@@ -1401,6 +1517,56 @@ credential = "api"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "test.toml", &env)
+    }
+
+    #[test]
+    fn an_empty_environment_variable_is_named() {
+        let text = GOOD.replace("/t/oauth2", "/${EMPTY}/oauth2");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key, "credentials.api.token_url");
+        assert_eq!(e.problem, "environment variable EMPTY is set but empty");
+    }
+
+    /// Type and structure errors name the dotted key and say what was expected in the
+    /// README's words, not serde's.
+    #[test]
+    fn type_errors_name_the_dotted_key_in_plain_words() {
+        let cases = [
+            (
+                GOOD.replace("scope = \"app/.default\"", "scope = 5"),
+                "credentials.api.scope (line 7)",
+                "expected a string or a list of strings",
+            ),
+            (
+                GOOD.replace("[[routes]]", "[routes]"),
+                "routes (line 9)",
+                "expected [[routes]], an array of tables",
+            ),
+            (
+                GOOD.replace("listen = \"127.0.0.1:8080\"", "listen = 8080"),
+                "routes[0].listen (line 10)",
+                "expected a string",
+            ),
+            (
+                format!("workers = \"two\"\n{GOOD}"),
+                "workers (line 1)",
+                "expected a whole number, found a string (\"two\")",
+            ),
+            (
+                GOOD.replace("extra_params = { Type = \"oauth2\" }", "extra_params = [1]"),
+                "credentials.api.extra_params (line 8)",
+                "expected a table",
+            ),
+        ];
+        for (text, key, problem) in cases {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.problem.starts_with(problem), "{problem:?} in {e}");
+            assert!(
+                !e.problem.contains("enum") && !e.problem.contains("sequence"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

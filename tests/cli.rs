@@ -137,6 +137,19 @@ async fn config_errors_name_file_key_and_fix_and_exit_2() {
             base.replace("127.0.0.1:8080", "localhost"),
             "routes[0].listen",
         ),
+        // Type and structure errors read like the others: the dotted key, plain words.
+        (
+            base.replace("client_secret = \"s\"", "client_secret = \"s\"\nscope = 5"),
+            "credentials.api.scope (line 5): expected a string or a list of strings",
+        ),
+        (
+            base.replace("[[routes]]", "[routes]"),
+            "routes (line 5): expected [[routes]], an array of tables",
+        ),
+        (
+            base.replace("\"127.0.0.1:8080\"", "8080"),
+            "routes[0].listen (line 6): expected a string, found",
+        ),
     ];
     for (config, key) in cases {
         let path = temp_file("bad.toml", &config);
@@ -152,6 +165,21 @@ async fn config_errors_name_file_key_and_fix_and_exit_2() {
             assert!(stderr.contains("fix:"), "says the fix: {stderr}");
         }
     }
+    // A variable that is set but empty is named, as an unset one is.
+    let tenant = base.replace("/t/token", "/${TP_TEST_EMPTY_TENANT}/oauth2/v2.0/token");
+    let path = temp_file("empty-var.toml", &tenant);
+    let out = cli(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("TP_TEST_EMPTY_TENANT", "")],
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("credentials.api.token_url")
+            && stderr.contains("TP_TEST_EMPTY_TENANT is set but empty"),
+        "{stderr}"
+    );
     let out = cli(&["run", "--config", "/nonexistent/token-proxy.toml"], &[]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("/nonexistent/token-proxy.toml"));
