@@ -307,18 +307,45 @@ fn source_for(
     })
 }
 
+/// Validates, then tries what `run` would need: each listener bound (and released), each
+/// upstream reached, one token per credential; every one is tried and reported, and the last
+/// line is the verdict.
 async fn check(config: &Config) -> ExitCode {
+    if let Err(e) = app::preflight(config) {
+        eprintln!("{e}");
+        println!("check: FAILED (config error)");
+        return ExitCode::from(2);
+    }
     println!(
         "config {}: ok ({} credentials, {} routes)",
         config.source,
         config.credentials.len(),
         config.routes.len()
     );
-    if let Err(e) = app::preflight(config) {
-        eprintln!("{e}");
-        return ExitCode::from(2);
+    let mut failed = 0;
+    for (i, route) in config.routes.iter().enumerate() {
+        let name = &route.name;
+        match crate::probe::bind(&route.listen) {
+            Ok(what) => println!("route {name}: listen {}: {what}", route.listen),
+            Err(why) => {
+                failed += 1;
+                println!(
+                    "route {name}: listen {}: FAILED: {why} (routes[{i}].listen: stop what holds it, or choose another address)",
+                    route.listen
+                );
+            }
+        }
+        match crate::probe::upstream(route).await {
+            Ok(what) => println!("route {name}: upstream {}: {what}", route.upstream.url),
+            Err(why) => {
+                failed += 1;
+                println!(
+                    "route {name}: upstream {}: FAILED: {why}",
+                    route.upstream.url
+                );
+            }
+        }
     }
-    let mut failed = false;
     for cred in &config.credentials {
         let via = cred
             .proxy
@@ -342,14 +369,19 @@ async fn check(config: &Config) -> ExitCode {
                 cred.token_url
             ),
             Err(e) => {
-                failed = true;
+                failed += 1;
                 println!("credential {}: FAILED: {e}", cred.name);
             }
         }
     }
-    if failed {
+    if failed > 0 {
+        println!(
+            "check: FAILED ({failed} problem{} above)",
+            if failed == 1 { "" } else { "s" }
+        );
         ExitCode::from(1)
     } else {
+        println!("check: ok");
         ExitCode::SUCCESS
     }
 }

@@ -28,6 +28,7 @@ pub mod demo;
 pub mod egress;
 pub mod errors;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -59,6 +59,61 @@ async fn check_prints_lifetimes_never_tokens() {
         assert!(!stdout.contains(&token) && !text(&out.stderr).contains(&token));
     }
     assert_eq!(idp.state().request_count(), 1);
+    assert!(stdout.contains(": can be bound"), "{stdout}");
+    assert!(stdout.contains("TCP connection to 127.0.0.1:"), "{stdout}");
+    assert_eq!(stdout.lines().last(), Some("check: ok"), "{stdout}");
+}
+
+/// `check` tries what `run` needs: it binds each listener and releases it, and reaches each
+/// upstream, TLS verified with the route's own trust; every problem is reported, then one
+/// verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_tries_each_listener_and_upstream_and_ends_with_one_verdict() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap();
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = gone.local_addr().unwrap();
+    drop(gone);
+    let (idp, api, _) = stack_config(0, Duration::from_secs(60)).await;
+    let pki = support::tls::private_pki();
+    let (tls_addr, _guard) = support::tls::tls_front(&pki, api.addr()).await;
+    let ca = temp_file("check-ca.pem", &pki.ca_pem);
+    let config = format!(
+        "[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n\n\
+         [[routes]]\nname = \"busy\"\nlisten = \"{busy}\"\nupstream = \"http://{dead}/api\"\ncredential = \"api\"\n\n\
+         [[routes]]\nname = \"trusted\"\nlisten = \"127.0.0.1:0\"\nupstream = \"https://localhost:{}/api\"\nca_file = \"{}\"\ncredential = \"api\"\n\n\
+         [[routes]]\nname = \"untrusted\"\nlisten = \"127.0.0.1:0\"\nupstream = \"https://localhost:{}/api\"\ncredential = \"api\"\n",
+        demo::token_url(&idp),
+        tls_addr.port(),
+        ca.display(),
+        tls_addr.port(),
+    );
+    let path = temp_file("check-reach.toml", &config);
+    let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    let line = |start: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} line in {stdout}"))
+            .to_owned()
+    };
+    assert!(line(&format!("route busy: listen {busy}: FAILED")).contains("routes[0].listen"));
+    assert!(line("route busy: upstream").contains(&format!("FAILED: cannot connect to {dead}")));
+    assert!(line("route trusted: upstream").contains("ok (certificate verified, h2)"));
+    let untrusted = line("route untrusted: upstream");
+    assert!(
+        untrusted.contains("FAILED: TLS") && untrusted.contains("UnknownIssuer"),
+        "{untrusted}"
+    );
+    assert!(stdout.contains("credential api: ok"), "{stdout}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("check: FAILED (3 problems above)"),
+        "{stdout}"
+    );
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
