@@ -92,6 +92,45 @@ struct Claims<'a> {
     exp: u64,
 }
 
+/// The first PEM block of `pem` that holds a private key (`PRIVATE KEY`, `RSA PRIVATE KEY`),
+/// with its armour.
+fn private_key_block(pem: &[u8]) -> Option<&[u8]> {
+    let mut at = 0;
+    while let Some(start) = find(&pem[at..], b"-----BEGIN ").map(|i| at + i) {
+        let label_end = find(&pem[start + 11..], b"-----")? + start + 11;
+        let label = &pem[start + 11..label_end];
+        let end_marker = [b"-----END ".as_slice(), label, b"-----"].concat();
+        let end = find(&pem[label_end..], &end_marker)? + label_end + end_marker.len();
+        if label.ends_with(b"PRIVATE KEY") && !label.starts_with(b"ENCRYPTED") {
+            return Some(&pem[start..end]);
+        }
+        at = end;
+    }
+    None
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether the private key in `key_pem` is the certificate's: their public keys compared
+/// (SubjectPublicKeyInfo), so a key that does not match is refused at load, not by the
+/// identity provider at the first token request.
+fn keys_match(key_pem: &[u8], cert: &CertificateDer<'_>) -> Result<(), String> {
+    let der = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("the private key cannot be read ({e})"))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| format!("the private key cannot be used ({e})"))?;
+    rustls::sign::CertifiedKey::new(vec![cert.clone().into_owned()], signer)
+        .keys_match()
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                "the private key is not the certificate's (their public keys differ): give the key the certificate was issued for".to_string()
+            }
+            other => format!("the key and the certificate cannot be compared ({other})"),
+        })
+}
+
 fn read(path: &Path, what: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
     std::fs::read(path)
         .map(zeroize::Zeroizing::new)
@@ -103,7 +142,15 @@ impl SigningKey {
     /// runtime's threads (or at start).
     pub fn load(files: &SigningKeyFiles) -> Result<SigningKey, String> {
         let pem = read(&files.key_file, "private key file")?;
-        let key = EncodingKey::from_rsa_pem(&pem).map_err(|e| {
+        // The key's block wherever it is in the file: a PEM with the certificate first (as
+        // many tools write a combined file) works too.
+        let block = private_key_block(&pem).ok_or_else(|| {
+            format!(
+                "private key file {}: holds no PEM private key block",
+                files.key_file.display()
+            )
+        })?;
+        let key = EncodingKey::from_rsa_pem(block).map_err(|e| {
             format!(
                 "private key file {}: not a PEM RSA private key ({e})",
                 files.key_file.display()
@@ -119,6 +166,13 @@ impl SigningKey {
                 )
             })?
             .map_err(|e| format!("certificate file {}: {e}", files.certificate_file.display()))?;
+        keys_match(block, &cert).map_err(|why| {
+            format!(
+                "private key file {} and certificate file {}: {why}",
+                files.key_file.display(),
+                files.certificate_file.display()
+            )
+        })?;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let sha256 = ring::digest::digest(&ring::digest::SHA256, &cert);
         let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &cert);
@@ -165,6 +219,64 @@ mod tests {
         assert_eq!(JwtAlgorithm::parse("PS256"), Some(JwtAlgorithm::Ps256));
         assert_eq!(JwtAlgorithm::parse("rs256"), None);
         assert_eq!(JwtAlgorithm::parse("ES256"), None);
+    }
+
+    /// A key pair and its self-signed certificate, and another key, made by openssl.
+    fn keys(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let (key, cert, other) = (dir.join("k.pem"), dir.join("c.pem"), dir.join("o.pem"));
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl (tests/run.sh installs it)");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (k, c, o) = (
+            key.to_str().unwrap(),
+            cert.to_str().unwrap(),
+            other.to_str().unwrap(),
+        );
+        run(&[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", k, "-out", c,
+        ]
+        .into_iter()
+        .chain(["-subj", "/CN=token-proxy test", "-days", "1"])
+        .collect::<Vec<_>>());
+        run(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            o,
+        ]);
+        (key, cert, other)
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_and_a_combined_pem_works() {
+        let dir = std::env::temp_dir().join(format!("tp-assertion-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, cert, other) = keys(&dir);
+        let files = |key_file: &Path, certificate_file: &Path| SigningKeyFiles {
+            key_file: key_file.into(),
+            certificate_file: certificate_file.into(),
+            algorithm: JwtAlgorithm::Rs256,
+        };
+        assert!(SigningKey::load(&files(&key, &cert)).is_ok());
+        let e = SigningKey::load(&files(&other, &cert)).unwrap_err();
+        assert!(e.contains("is not the certificate's"), "{e}");
+        // The certificate first, then the key, in one file given for both.
+        let combined = dir.join("combined.pem");
+        let text = [std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()].concat();
+        std::fs::write(&combined, text).unwrap();
+        SigningKey::load(&files(&combined, &combined)).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

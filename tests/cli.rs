@@ -558,3 +558,63 @@ async fn the_environments_proxy_variables_are_honoured_and_their_credentials_nev
         assert!(!shown.contains(PROXY_PASSWORD), "{shown}");
     }
 }
+
+/// `private_key_jwt` with a key that is not the certificate's is a config error at load,
+/// naming the key, rather than a refusal by the identity provider at the first token request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_key_that_is_not_the_certificates_is_a_config_error() {
+    let dir = std::env::temp_dir().join(format!("tp-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, cert, other) = (dir.join("k.pem"), dir.join("c.pem"), dir.join("o.pem"));
+    let openssl = |args: Vec<&str>| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl (tests/run.sh installs it)");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    let (k, c, o) = (
+        key.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        other.to_str().unwrap(),
+    );
+    openssl(vec![
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        k,
+        "-out",
+        c,
+        "-subj",
+        "/CN=token-proxy test",
+        "-days",
+        "1",
+    ]);
+    openssl(vec![
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        o,
+    ]);
+    let config = format!(
+        "[credentials.api]\ntoken_url = \"https://login.example.com/t/token\"\nclient_id = \"id\"\n\
+         private_key_file = \"{o}\"\ncertificate_file = \"{c}\"\n\
+         [[routes]]\nlisten = \"127.0.0.1:0\"\nupstream = \"https://api.example.com\"\ncredential = \"api\"\n"
+    );
+    let path = temp_file("mismatched-key.toml", &config);
+    let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("credentials.api.private_key_file")
+            && stderr.contains("is not the certificate's"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
