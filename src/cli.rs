@@ -58,7 +58,8 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Validate the config and fetch one token per credential (prints lifetimes, never tokens).
+    /// Validate the config, then try each listener, upstream and credential (prints token
+    /// lifetimes, never tokens).
     Check {
         /// The TOML configuration file.
         #[arg(long, short, value_name = "FILE")]
@@ -152,6 +153,80 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The man page (roff): one page with every command and its options in a COMMANDS section.
+/// clap_mangen's own rendering refers to a page per command (`token-proxy-run(1)`), which
+/// nothing installs.
+pub fn man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let man = clap_mangen::Man::new(cli.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    writeln!(out, ".SH COMMANDS")?;
+    for sub in cli.get_subcommands() {
+        let mut usage = sub
+            .clone()
+            .bin_name(format!("token-proxy {}", sub.get_name()))
+            .render_usage()
+            .to_string();
+        if let Some(rest) = usage.strip_prefix("Usage: ") {
+            usage = rest.to_string();
+        }
+        writeln!(out, ".TP\n\\fB{}\\fR", roff(&usage))?;
+        if let Some(about) = sub.get_long_about().or(sub.get_about()) {
+            writeln!(out, "{}", roff(&about.to_string()))?;
+        }
+        for arg in sub.get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            let name = match (arg.get_long(), arg.get_short()) {
+                (Some(long), Some(short)) => format!("-{short}, --{long}"),
+                (Some(long), None) => format!("--{long}"),
+                _ => arg.get_id().to_string(),
+            };
+            let value = arg
+                .get_value_names()
+                .and_then(|v| v.first())
+                .map(|v| format!(" <{v}>"))
+                .unwrap_or_default();
+            let defaults: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            let default = if defaults.is_empty() {
+                String::new()
+            } else {
+                format!(" [default: {}]", defaults.join(", "))
+            };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            writeln!(
+                out,
+                ".RS\n.TP\n\\fB{}\\fR{}\n{}{}\n.RE",
+                roff(&name),
+                roff(&value),
+                roff(&help),
+                roff(&default)
+            )?;
+        }
+    }
+    man.render_version_section(out)?;
+    Ok(())
+}
+
+/// `text` escaped for roff: backslashes and hyphens, and a leading control character.
+fn roff(text: &str) -> String {
+    let escaped = text.replace('\\', "\\\\").replace('-', "\\-");
+    match escaped.chars().next() {
+        Some('.' | '\'') => format!("\\&{escaped}"),
+        _ => escaped,
+    }
+}
+
 /// Runs the parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     if let Err(e) = init_logging(cli.log_format, cli.log_level.as_deref()) {
@@ -170,9 +245,7 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Man => {
-            use clap::CommandFactory as _;
-            let page = clap_mangen::Man::new(Cli::command());
-            return match page.render(&mut std::io::stdout()) {
+            return match man_page(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cannot write the man page: {e}");

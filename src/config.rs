@@ -1527,6 +1527,40 @@ credential = "api"
         assert_eq!(e.problem, "environment variable EMPTY is set but empty");
     }
 
+    /// Every key the config takes, at each level, is in README's configuration reference:
+    /// the keys come from the parser itself (its unknown-key error lists them).
+    #[test]
+    fn every_config_key_is_documented() {
+        let readme = include_str!("../README.md");
+        let keys = |text: &str| -> Vec<String> {
+            let e = parse(text).unwrap_err();
+            let list = e
+                .problem
+                .split("expected one of ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{e}"));
+            list.split(", ")
+                .map(|k| k.trim_matches('`').to_string())
+                .collect()
+        };
+        let levels = [
+            format!("zz_unknown = 1\n{GOOD}"),
+            GOOD.replace("scope = ", "zz_unknown = 1\nscope = "),
+            format!("{GOOD}zz_unknown = 1\n"),
+        ];
+        for text in &levels {
+            let found = keys(text);
+            assert!(found.len() > 5, "{found:?}");
+            for key in found {
+                let row = format!("| `{key}` |");
+                assert!(
+                    readme.contains(&row),
+                    "README's configuration reference lacks {row:?}"
+                );
+            }
+        }
+    }
+
     /// Type and structure errors name the dotted key and say what was expected in the
     /// README's words, not serde's.
     #[test]

@@ -299,7 +299,7 @@ impl Collector for Scrape {
         let slots = metrics.slots.load();
         let mut family = encoder.encode_descriptor(
             "token_proxy_token_fetches",
-            "Token requests to the identity provider, by credential and outcome (ok, http_<status>, invalid_response, timeout, unreachable, secret_file).",
+            "Token requests to the identity provider, by credential and outcome (ok, http_<status>, invalid_response, timeout, unreachable, secret_file, credential_file).",
             None,
             MetricType::Counter,
         )?;

@@ -516,6 +516,16 @@ async fn completions_and_man_page_come_from_the_cli_definition() {
         page.contains("health") && page.contains("\\-\\-log\\-format"),
         "{page}"
     );
+    // One page: every command and its options are on it, with no reference to a page per
+    // command that nothing installs.
+    for needle in [
+        "token\\-proxy health",
+        "\\-\\-admin\\-listen",
+        "token\\-proxy check \\-\\-config",
+    ] {
+        assert!(page.contains(needle), "{needle} not in {page}");
+    }
+    assert!(!page.contains("token\\-proxy\\-run(1)"), "{page}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -174,3 +174,45 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<F
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ProxyError;
+
+    /// Every error code and its status is in README's table: a code added without its row, or
+    /// a status changed without the docs, fails here.
+    #[test]
+    fn every_error_code_is_documented_with_its_status() {
+        let readme = include_str!("../../README.md");
+        let m = String::new;
+        let all = [
+            ProxyError::TokenUnavailable(m()),
+            ProxyError::UpstreamUnavailable(m()),
+            ProxyError::UpstreamTimeout(m()),
+            ProxyError::BadRequest(m()),
+            ProxyError::Forbidden(m()),
+            ProxyError::ProxyAuthenticationRequired(m()),
+            ProxyError::PayloadTooLarge(m()),
+            ProxyError::LoopDetected(m()),
+            ProxyError::HeadersTooLarge(m()),
+            ProxyError::NotImplemented(m()),
+        ];
+        // A new variant must join the list above: this match stops compiling without it.
+        for e in &all {
+            match e {
+                ProxyError::TokenUnavailable(_)
+                | ProxyError::UpstreamUnavailable(_)
+                | ProxyError::UpstreamTimeout(_)
+                | ProxyError::BadRequest(_)
+                | ProxyError::Forbidden(_)
+                | ProxyError::ProxyAuthenticationRequired(_)
+                | ProxyError::PayloadTooLarge(_)
+                | ProxyError::LoopDetected(_)
+                | ProxyError::HeadersTooLarge(_)
+                | ProxyError::NotImplemented(_) => {}
+            }
+            let row = format!("| `{}` | {} |", e.code(), e.status().as_u16());
+            assert!(readme.contains(&row), "README's error codes lack {row:?}");
+        }
+    }
+}

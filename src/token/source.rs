@@ -134,6 +134,17 @@ pub enum TokenError {
     Credential(String),
 }
 
+/// Every outcome label of `token_proxy_token_fetches_total`, as README lists them.
+pub const OUTCOMES: &[&str] = &[
+    "ok",
+    "http_<status>",
+    "invalid_response",
+    "timeout",
+    "unreachable",
+    "secret_file",
+    "credential_file",
+];
+
 impl TokenError {
     /// How long the endpoint asked us to wait, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
@@ -181,7 +192,7 @@ impl TokenError {
     }
 
     /// The outcome label of `/metrics`: `http_<status>`, `invalid_response`, `timeout`,
-    /// `unreachable` or `secret_file`.
+    /// `unreachable`, `secret_file` or `credential_file` (one of [`OUTCOMES`]).
     pub fn outcome(&self) -> String {
         match self {
             TokenError::Rejected { status, .. } => format!("http_{status}"),
@@ -642,6 +653,29 @@ fn build_client(cfg: &CredentialConfig) -> Result<reqwest::Client, tls::TlsError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// README's `/metrics` table lists every outcome label, and the errors' labels are among
+    /// them.
+    #[test]
+    fn every_fetch_outcome_is_documented() {
+        let readme = include_str!("../../README.md");
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("| `token_proxy_token_fetches_total`"))
+            .expect("the metric's row");
+        for outcome in OUTCOMES {
+            assert!(
+                row.contains(&format!("`{outcome}`")),
+                "{outcome} not in {row}"
+            );
+        }
+        for e in [
+            TokenError::InvalidResponse(String::new()),
+            TokenError::Credential(String::new()),
+        ] {
+            assert!(OUTCOMES.contains(&e.outcome().as_str()), "{}", e.outcome());
+        }
+    }
 
     fn parse(status: u16, body: &str) -> Result<(Secret, Duration), TokenError> {
         parse_response(
