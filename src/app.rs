@@ -135,6 +135,7 @@ pub fn preflight(config: &Config) -> Result<(), StartError> {
             key: "routes".into(),
             problem: "no [[routes]] are configured, so there is nothing to proxy".into(),
             fix: "add a [[routes]] table with listen, upstream and credential".into(),
+            also: Vec::new(),
         }
         .into());
     }

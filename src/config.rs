@@ -46,9 +46,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default largest request body kept for a replay after an upstream 401.
 pub const DEFAULT_REPLAY_MAX_BODY_BYTES: u64 = 64 * 1024;
 
-/// A configuration problem: which file, which key, what is wrong and how to fix it.
-#[derive(Debug, thiserror::Error)]
-#[error("config error in {file}: {key}: {problem}\n  fix: {fix}")]
+/// A configuration problem: which file, which key, what is wrong and how to fix it; and the
+/// other problems found in the same file (`also`), so that one run reports them all.
+#[derive(Debug)]
 pub struct ConfigError {
     /// The file the problem is in.
     pub file: String,
@@ -58,6 +58,36 @@ pub struct ConfigError {
     pub problem: String,
     /// What to do about it.
     pub fix: String,
+    /// The file's other problems, each reported as this one is.
+    pub also: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "config error in {}: {}: {}\n  fix: {}",
+            self.file, self.key, self.problem, self.fix
+        )?;
+        for other in &self.also {
+            write!(f, "\n{other}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    /// The first of `errors`, holding the others; `None` when there are none.
+    fn all(mut errors: Vec<ConfigError>) -> Option<ConfigError> {
+        if errors.is_empty() {
+            return None;
+        }
+        let mut first = errors.remove(0);
+        first.also.extend(errors);
+        Some(first)
+    }
 }
 
 /// The validated configuration of one token-proxy process.
@@ -427,6 +457,7 @@ impl Config {
             key: "(file)".into(),
             problem: format!("cannot read the file: {e}"),
             fix: "pass an existing, readable TOML file with --config".into(),
+            also: Vec::new(),
         })?;
         Config::parse(&text, &file, &|name| std::env::var(name).ok())
     }
@@ -503,6 +534,7 @@ fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> ConfigError {
         key: location,
         problem,
         fix,
+        also: Vec::new(),
     }
 }
 
@@ -567,6 +599,15 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     in_table(document.get_ref(), at)
 }
 
+/// `r`'s value, or `default` with its error kept in `errors`: judging goes on, so that one
+/// run reports every problem.
+fn kept<T>(errors: &mut Vec<ConfigError>, r: Result<T, ConfigError>, default: T) -> T {
+    r.unwrap_or_else(|e| {
+        errors.push(e);
+        default
+    })
+}
+
 struct Validator<'a> {
     file: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
@@ -579,6 +620,7 @@ impl Validator<'_> {
             key: key.into(),
             problem: problem.to_string(),
             fix: fix.to_string(),
+            also: Vec::new(),
         }
     }
 
@@ -699,21 +741,36 @@ impl Validator<'_> {
         Ok(Some(path))
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let admin_listen = match self.optional("admin_listen", raw.admin_listen)? {
-            Some(a) => {
-                let addr = self.socket_addr("admin_listen", &a)?;
-                if !addr.ip().is_loopback() && !raw.admin_allow_remote {
-                    return Err(self.err(
-                        "admin_listen",
-                        format!("{addr} is not a loopback address"),
-                        "listen on 127.0.0.1, or set admin_allow_remote = true to expose /healthz and /readyz (e.g. to kubelet probes)",
-                    ));
-                }
-                Some(addr)
-            }
-            None => None,
+    /// `admin_listen`, which must be a loopback address unless `admin_allow_remote` is set.
+    fn admin_listen(
+        &self,
+        value: Option<String>,
+        allow_remote: bool,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        let Some(a) = self.optional("admin_listen", value)? else {
+            return Ok(None);
         };
+        let addr = self.socket_addr("admin_listen", &a)?;
+        if !addr.ip().is_loopback() && !allow_remote {
+            return Err(self.err(
+                "admin_listen",
+                format!("{addr} is not a loopback address"),
+                "listen on 127.0.0.1, or set admin_allow_remote = true to expose /healthz and /readyz (e.g. to kubelet probes)",
+            ));
+        }
+        Ok(Some(addr))
+    }
+
+    /// The whole config: each top-level key, each credential and each route is judged on its
+    /// own, and every problem found is reported together (see [`ConfigError::all`]). A route
+    /// whose credential has a problem is left for later: its errors would only repeat it.
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let admin_listen = kept(
+            &mut errors,
+            self.admin_listen(raw.admin_listen, raw.admin_allow_remote),
+            None,
+        );
         let positive = |key: &str, v: Option<usize>, default: usize| match v {
             Some(0) => Err(self.err(
                 key,
@@ -723,54 +780,89 @@ impl Validator<'_> {
             v => Ok(v.unwrap_or(default)),
         };
         let limits = ClientLimits {
-            header_read_timeout: self.secs(
-                "header_read_timeout_secs",
-                raw.header_read_timeout_secs,
+            header_read_timeout: kept(
+                &mut errors,
+                self.secs(
+                    "header_read_timeout_secs",
+                    raw.header_read_timeout_secs,
+                    DEFAULT_HEADER_READ_TIMEOUT,
+                ),
                 DEFAULT_HEADER_READ_TIMEOUT,
-            )?,
+            ),
             // hyper needs room for at least one read buffer.
-            max_header_bytes: positive(
-                "max_header_bytes",
-                raw.max_header_bytes,
+            max_header_bytes: kept(
+                &mut errors,
+                positive(
+                    "max_header_bytes",
+                    raw.max_header_bytes,
+                    DEFAULT_MAX_HEADER_BYTES,
+                ),
                 DEFAULT_MAX_HEADER_BYTES,
-            )?
+            )
             .max(8192),
-            max_headers: positive("max_headers", raw.max_headers, DEFAULT_MAX_HEADERS)?,
-            max_connections: positive(
-                "max_connections",
-                raw.max_connections,
+            max_headers: kept(
+                &mut errors,
+                positive("max_headers", raw.max_headers, DEFAULT_MAX_HEADERS),
+                DEFAULT_MAX_HEADERS,
+            ),
+            max_connections: kept(
+                &mut errors,
+                positive(
+                    "max_connections",
+                    raw.max_connections,
+                    DEFAULT_MAX_CONNECTIONS,
+                ),
                 DEFAULT_MAX_CONNECTIONS,
-            )?,
+            ),
         };
         if raw.workers == Some(0) {
-            return Err(self.err(
+            errors.push(self.err(
                 "workers",
                 "must be at least 1",
                 "remove it (one per core) or set e.g. workers = 2",
             ));
         }
-        let shutdown_grace = self.secs(
-            "shutdown_grace_secs",
-            raw.shutdown_grace_secs,
+        let shutdown_grace = kept(
+            &mut errors,
+            self.secs(
+                "shutdown_grace_secs",
+                raw.shutdown_grace_secs,
+                DEFAULT_SHUTDOWN_GRACE,
+            ),
             DEFAULT_SHUTDOWN_GRACE,
-        )?;
+        );
 
         if raw.credentials.is_empty() {
-            return Err(self.err(
+            errors.push(self.err(
                 "credentials",
                 "no credential is configured",
                 "add a [credentials.NAME] table with token_url, client_id and client_secret",
             ));
         }
-        let credentials = raw
-            .credentials
-            .into_iter()
-            .map(|(name, c)| self.credential(name, c))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut credentials = Vec::with_capacity(raw.credentials.len());
+        let mut failed = std::collections::HashSet::new();
+        for (name, c) in raw.credentials {
+            match self.credential(name.clone(), c) {
+                Ok(c) => credentials.push(c),
+                Err(e) => {
+                    errors.push(e);
+                    failed.insert(name);
+                }
+            }
+        }
 
         let mut routes = Vec::with_capacity(raw.routes.len());
         for (i, r) in raw.routes.into_iter().enumerate() {
-            let mut route = self.route(i, r, &credentials)?;
+            if r.credential.as_ref().is_some_and(|c| failed.contains(c)) {
+                continue;
+            }
+            let mut route = match self.route(i, r, &credentials) {
+                Ok(route) => route,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
             route.access_log = raw.access_log.unwrap_or(true);
             // Port 0 asks the OS for a free port, so it never clashes.
             let port_fixed = route.listen.tcp().is_none_or(|a| a.port() != 0);
@@ -778,20 +870,25 @@ impl Validator<'_> {
                 .iter()
                 .position(|o: &RouteConfig| port_fixed && o.listen == route.listen);
             if let Some(other) = clash {
-                return Err(self.err(
+                errors.push(self.err(
                     &format!("routes[{i}].listen"),
                     format!("{} is already used by routes[{other}]", route.listen),
                     "give every route its own listen address",
                 ));
+                continue;
             }
             if port_fixed && admin_listen.is_some() && admin_listen == route.listen.tcp() {
-                return Err(self.err(
+                errors.push(self.err(
                     &format!("routes[{i}].listen"),
                     format!("{} is also admin_listen", route.listen),
                     "use different addresses for routes and the admin listener",
                 ));
+                continue;
             }
             routes.push(route);
+        }
+        if let Some(e) = ConfigError::all(errors) {
+            return Err(e);
         }
         self.refuse_loops(&routes, admin_listen)?;
 
@@ -1517,6 +1614,38 @@ credential = "api"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, "test.toml", &env)
+    }
+
+    /// One run reports every problem of the file, each named as it would be alone; a route
+    /// whose credential has a problem is not judged until that is fixed.
+    #[test]
+    fn every_problem_is_reported_in_one_run() {
+        let text = "workers = 0\n".to_string()
+            + &GOOD
+                .replace("127.0.0.1:9901", "10.0.0.1:9901")
+                .replace("https://login.example.com/t/oauth2/v2.0/token", "not a url")
+            + "[[routes]]\nlisten = \"localhost\"\nupstream = \"https://b.example.com\"\ncredential = \"nope\"\n";
+        let e = parse(&text).unwrap_err();
+        let keys: Vec<&str> = std::iter::once(e.key.as_str())
+            .chain(e.also.iter().map(|o| o.key.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "admin_listen",
+                "workers",
+                "credentials.api.token_url",
+                "routes[1].listen"
+            ],
+            "{e}"
+        );
+        let text = e.to_string();
+        assert_eq!(
+            text.matches("config error in test.toml").count(),
+            4,
+            "{text}"
+        );
+        assert_eq!(text.matches("  fix: ").count(), 4, "{text}");
     }
 
     #[test]

@@ -220,6 +220,20 @@ async fn config_errors_name_file_key_and_fix_and_exit_2() {
             assert!(stderr.contains("fix:"), "says the fix: {stderr}");
         }
     }
+    // Every problem of the file in one run, each named.
+    let two = base
+        .replace("https://login.example.com/t/token", "not a url")
+        .replace("127.0.0.1:8080", "localhost")
+        .replace("credential = \"api\"", "credential = \"other\"");
+    let path = temp_file("two-errors.toml", &two);
+    let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("credentials.api.token_url") && stderr.contains("routes[0].listen"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("  fix: ").count(), 2, "{stderr}");
     // A variable that is set but empty is named, as an unset one is.
     let tenant = base.replace("/t/token", "/${TP_TEST_EMPTY_TENANT}/oauth2/v2.0/token");
     let path = temp_file("empty-var.toml", &tenant);
