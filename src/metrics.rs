@@ -399,6 +399,25 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+        // Every metric a scrape holds has its row in README's table, and every row a metric.
+        let readme = include_str!("../README.md");
+        let served: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        // A counter's `# TYPE` line names it without `_total` (OpenMetrics).
+        let documented: std::collections::BTreeSet<&str> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|name| name.starts_with("token_proxy_"))
+            .map(|name| name.strip_suffix("_total").unwrap_or(name))
+            .collect();
+        assert_eq!(
+            served, documented,
+            "README's /metrics table and a scrape differ"
+        );
     }
 
     #[test]
