@@ -190,6 +190,24 @@ async fn bodies_and_other_methods_take_the_general_path_on_the_same_connection()
     }
 }
 
+/// A `GET` with a body is not a bodiless request: its body reaches the upstream (the lean
+/// path, which takes bodiless streams only, would leave it behind).
+#[tokio::test]
+async fn a_get_with_a_body_keeps_its_body() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let mut send = connect(s.addr()).await;
+    let req = Request::get(format!("http://{}/query", s.addr()))
+        .body(Full::new(Bytes::from_static(b"{\"q\":1}")))
+        .unwrap();
+    let answer = exchange(&mut send, req).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let json = answer.json();
+    assert_eq!(
+        (json["method"].as_str(), json["body_bytes"].as_u64()),
+        (Some("GET"), Some(7))
+    );
+}
+
 #[tokio::test]
 async fn concurrent_streams_each_get_their_own_answer() {
     let s = Stack::start(LIFETIME, "", "").await;
