@@ -22,6 +22,18 @@ async fn cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
         .unwrap()
 }
 
+/// Whether `health --url readyz` exits 0 within `limit`, tried every 50 ms.
+async fn health_within(readyz: &str, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cli(&["health", "--url", readyz], &[]).await.status.code() == Some(0) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -375,14 +387,7 @@ async fn demo_subcommand_serves_the_echo_api_through_the_proxy() {
         printed.contains(&format!("token-proxy health --url {readyz}")),
         "{printed}"
     );
-    let mut ready = false;
-    for _ in 0..100 {
-        if cli(&["health", "--url", &readyz], &[]).await.status.code() == Some(0) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = health_within(&readyz, Duration::from_secs(5)).await;
     assert!(ready, "the demo's /readyz never answered 200");
     assert_eq!(get(admin, "/metrics").await.status, StatusCode::OK);
     proc.signal("TERM");
@@ -428,14 +433,7 @@ async fn json_access_log_metrics_and_the_health_probe() {
     );
     let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
-    let mut ready = false;
-    for _ in 0..100 {
-        if cli(&["health", "--url", &readyz], &[]).await.status.code() == Some(0) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = health_within(&readyz, Duration::from_secs(5)).await;
     assert!(ready, "health never exited 0: {}", proxy.stderr());
     // The same probe, finding the admin listener in the config.
     let by_config = cli(&["health", "--config", path.to_str().unwrap()], &[]).await;
