@@ -82,14 +82,14 @@ async fn respond(service: &ProxyService, limits: &ClientLimits, stream: Stream, 
     let method = head.method().cloned().unwrap_or_default();
     if !*body && takes_lean_path(service, head, &method) {
         let mut answer = respond_lean(service, limits, stream, head, &method).await;
-        match &mut answer {
-            Some(FrontAnswer::Streaming { body, .. }) => return send_body(stream, body).await,
-            Some(FrontAnswer::Response(_)) => {
-                if let Some(FrontAnswer::Response(response)) = answer {
-                    let head_only = method == Method::HEAD;
-                    return Box::pin(send_response(stream, *response, head_only)).await;
-                }
-                return;
+        match answer {
+            // Borrowed, not moved out: the body stays where the answer is.
+            Some(FrontAnswer::Streaming { ref mut body, .. }) => {
+                return send_body(stream, body).await
+            }
+            Some(FrontAnswer::Response(response)) => {
+                let head_only = method == Method::HEAD;
+                return Box::pin(send_response(stream, *response, head_only)).await;
             }
             // The upstream refused `http/1.1` before anything was sent: the general path
             // takes the stream (and the route's later ones).
