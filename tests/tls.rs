@@ -241,6 +241,19 @@ async fn https_token_endpoint_and_upstream_through_a_forward_proxys_connect_tunn
         String::from_utf8_lossy(&reply.body)
     );
     assert_eq!(stack.api.state().records().len(), 1);
+    // The same from an h2c client: a route without the lean path (the tunnel needs hyper's
+    // client) serves its bodiless streams through the general path.
+    let req = http::Request::get(format!("http://{}/x2", proxy.route_addrs()[0]))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let reply = send(&h2c_client(), req).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(stack.api.state().records().len(), 2);
     let seen = forward.requests();
     for port in [stack.idp_tls.port(), stack.api_tls.port()] {
         let tunnel = format!("CONNECT localhost:{port} HTTP/1.1");
