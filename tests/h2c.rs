@@ -40,6 +40,21 @@ struct Answer {
 }
 
 impl Answer {
+    /// The head has a `content-length` that is the body's, and a `date`.
+    fn has_length_and_date(&self) {
+        let length = self
+            .headers
+            .get("content-length")
+            .map(|v| v.to_str().unwrap());
+        assert_eq!(
+            length,
+            Some(self.body.len().to_string().as_str()),
+            "{:?}",
+            self.headers
+        );
+        assert!(self.headers.contains_key("date"), "{:?}", self.headers);
+    }
+
     fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
@@ -104,13 +119,7 @@ async fn a_get_reaches_the_upstream_as_over_http11() {
     assert_eq!(rec.headers.get_all("cookie").iter().count(), 1);
     assert_eq!(rec.headers["cookie"], "a=1; b=2");
     // The client's answer is framed by its stream: a length, a date, no HTTP/1.1 framing.
-    let length: usize = answer.headers["content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(length, answer.body.len());
-    assert!(answer.headers.contains_key("date"));
+    answer.has_length_and_date();
     assert!(!answer.headers.contains_key("transfer-encoding"));
     assert_eq!(
         answer.json()["target"],
@@ -274,13 +283,7 @@ async fn errors_are_json_on_their_stream_and_the_connection_serves_on() {
     assert_eq!(answer.json()["error"], "upstream_unavailable");
     assert_eq!(answer.headers["content-type"], "application/json");
     // As hyper's server sent the proxy's own answers: a length and a date.
-    let length: usize = answer.headers["content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(length, answer.body.len());
-    assert!(answer.headers.contains_key("date"), "{:?}", answer.headers);
+    answer.has_length_and_date();
 
     let mut send = connect(up).await;
     let slow = Request::get(format!("http://{up}/slow/2000"))
