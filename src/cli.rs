@@ -400,11 +400,11 @@ async fn check(config: &Config) -> ExitCode {
         let name = &route.name;
         match crate::probe::bind(&route.listen) {
             Ok(what) => println!("route {name}: listen {}: {what}", route.listen),
-            Err(why) => {
+            Err(e) => {
                 failed += 1;
                 println!(
-                    "route {name}: listen {}: FAILED: {why} (routes[{i}].listen: stop what holds it, or choose another address)",
-                    route.listen
+                    "route {name}: listen {}: FAILED: {} (routes[{i}].listen: {})",
+                    route.listen, e.why, e.fix
                 );
             }
         }

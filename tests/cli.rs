@@ -128,6 +128,144 @@ async fn check_tries_each_listener_and_upstream_and_ends_with_one_verdict() {
     drop(held);
 }
 
+/// `check` judges a Unix socket listener as `run` would bind it, without disturbing what is
+/// there; and through a forward proxy it reaches an `https` upstream through the proxy's
+/// `CONNECT` tunnel, TLS included, not only the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_tries_unix_listeners_and_upstreams_through_a_forward_proxy() {
+    let dir = temp_file("unused", "").parent().unwrap().to_owned();
+    let fresh = dir.join("fresh.sock");
+    let served = dir.join("served.sock");
+    let _server = std::os::unix::net::UnixListener::bind(&served).unwrap();
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let plain = temp_file("plain.sock", "not a socket");
+    let (idp, api, _) = stack_config(0, Duration::from_secs(60)).await;
+    let pki = support::tls::private_pki();
+    let (tls_addr, _guard) = support::tls::tls_front(&pki, api.addr()).await;
+    let ca = temp_file("check-ca.pem", &pki.ca_pem);
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = gone.local_addr().unwrap();
+    drop(gone);
+    let forward = ForwardProxy::start().await;
+    let route = |name: &str, listen: String, upstream: String, extra: &str| {
+        format!(
+            "[[routes]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\ncredential = \"api\"\n{extra}\n"
+        )
+    };
+    let via = format!(
+        "proxy = \"{}\"\nca_file = \"{}\"",
+        forward.url(),
+        ca.display()
+    );
+    let local = format!("http://{}/api", api.addr());
+    let config = [
+        format!(
+            "[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n\n",
+            demo::token_url(&idp)
+        ),
+        route("fresh", format!("unix:{}", fresh.display()), local.clone(), ""),
+        route("served", format!("unix:{}", served.display()), local.clone(), ""),
+        route("stale", format!("unix:{}", stale.display()), local.clone(), ""),
+        route("plain", format!("unix:{}", plain.display()), local.clone(), ""),
+        route(
+            "nodir",
+            format!("unix:{}", dir.join("missing/x.sock").display()),
+            local.clone(),
+            "",
+        ),
+        route(
+            "tunnel",
+            "127.0.0.1:0".into(),
+            format!("https://localhost:{}/api", tls_addr.port()),
+            &via,
+        ),
+        route(
+            "no-tunnel",
+            "127.0.0.1:0".into(),
+            format!("https://localhost:{}/api", dead.port()),
+            &via,
+        ),
+        route("absolute", "127.0.0.1:0".into(), local, &via),
+    ]
+    .concat();
+    let path = temp_file("check-unix.toml", &config);
+    let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    let line = |start: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} line in {stdout}"))
+            .to_owned()
+    };
+    assert!(
+        line("route fresh: listen").ends_with(": can be bound"),
+        "{stdout}"
+    );
+    assert!(!fresh.exists(), "check released the socket it bound");
+    let busy = line("route served: listen");
+    assert!(
+        busy.contains("FAILED: cannot be bound: another process is serving this socket")
+            && busy.contains("(routes[1].listen: stop what holds it"),
+        "{busy}"
+    );
+    assert!(served.exists(), "a served socket is left alone");
+    assert!(line("route stale: listen").ends_with("a stale socket file, which run replaces"));
+    assert!(
+        stale.exists(),
+        "check does not replace a stale socket; run does"
+    );
+    let other = line("route plain: listen");
+    assert!(
+        other.contains("FAILED: cannot be bound: the path exists and is not a socket")
+            && other.contains("routes[3].listen: remove what is at the path"),
+        "{other}"
+    );
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "not a socket");
+    let nodir = line("route nodir: listen");
+    assert!(
+        nodir.contains("FAILED: cannot be bound: No such file or directory")
+            && nodir.contains("routes[4].listen: create the socket's directory"),
+        "{nodir}"
+    );
+    let proxy_shown = format!("through forward proxy http://{}/", forward.addr);
+    let tunnel = line("route tunnel: upstream");
+    assert!(
+        tunnel.contains(&format!(
+            "TLS with localhost:{} {proxy_shown} ok (certificate verified, h2)",
+            tls_addr.port()
+        )),
+        "{tunnel}"
+    );
+    let no_tunnel = line("route no-tunnel: upstream");
+    assert!(
+        no_tunnel.contains(&format!(
+            "FAILED: cannot tunnel to localhost:{} {proxy_shown}",
+            dead.port()
+        )),
+        "{no_tunnel}"
+    );
+    assert!(
+        line("route absolute: upstream").contains("TCP connection to forward proxy"),
+        "{stdout}"
+    );
+    assert!(
+        forward
+            .requests()
+            .contains(&format!("CONNECT localhost:{} HTTP/1.1", tls_addr.port())),
+        "{:?}",
+        forward.requests()
+    );
+    assert!(!stdout.contains(PROXY_PASSWORD), "{stdout}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("check: FAILED (4 problems above)"),
+        "{stdout}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_with_a_wrong_secret_explains_and_fails() {
     let (_idp, _api, path) = stack_config(free_port(), Duration::from_secs(60)).await;
@@ -637,6 +775,28 @@ async fn a_private_key_that_is_not_the_certificates_is_a_config_error() {
         stderr.contains("credentials.api.private_key_file")
             && stderr.contains("is not the certificate's"),
         "{stderr}"
+    );
+    // One PEM with the certificate before the key, given for both, loads: `check` goes on to
+    // the token endpoint (refused here, exit 1) instead of stopping at the config (exit 2).
+    let both = dir.join("both.pem");
+    let pem = [std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()].concat();
+    std::fs::write(&both, pem).unwrap();
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = gone.local_addr().unwrap();
+    drop(gone);
+    let config = format!(
+        "[credentials.api]\ntoken_url = \"http://{dead}/t/token\"\nclient_id = \"id\"\n\
+         private_key_file = \"{b}\"\ncertificate_file = \"{b}\"\n\
+         [[routes]]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://{dead}\"\ncredential = \"api\"\n",
+        b = both.display()
+    );
+    let path = temp_file("cert-first.toml", &config);
+    let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("credential api: authenticates with private_key_jwt"),
+        "{stdout}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
