@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 use crate::admin::AdminService;
 use crate::config::{ClientLimits, Config, ConfigError, CredentialConfig, ListenAddr, RouteConfig};
 use crate::metrics::Metrics;
-use crate::proxy::service::ProxyService;
+use crate::proxy::service::{ProxyService, RouteService};
 use crate::server::{self, BoundAddr, Listener};
 use crate::tls::TlsError;
 use crate::token::refresh;
@@ -78,12 +78,21 @@ struct RunningCredential {
     stop: CancellationToken,
 }
 
-/// A route that runs: its settings, its swappable service, its bound address and the handle
-/// that stops its listener and drains its connections.
+/// A route that runs on a listener: its settings, its slot and its service.
 #[derive(Debug)]
 struct RunningRoute {
     config: RouteConfig,
     slot: Arc<TokenSlot>,
+    service: RouteService,
+}
+
+/// A listener that runs: its routes (one, or several told apart by `path_prefix`), the
+/// service its new connections get (swapped by a reload that changes a route), its bound
+/// address and the handle that stops it and drains its connections.
+#[derive(Debug)]
+struct RunningListener {
+    listen: ListenAddr,
+    routes: Vec<RunningRoute>,
     service: Arc<ArcSwap<ProxyService>>,
     addr: BoundAddr,
     stop: CancellationToken,
@@ -98,11 +107,11 @@ pub struct ReloadSummary {
     pub credentials_kept: usize,
     /// Credentials stopped (removed or replaced).
     pub credentials_stopped: usize,
-    /// Routes whose listener started.
+    /// Routes started: on a new listener, or with a new `path_prefix` on a kept one.
     pub routes_started: usize,
-    /// Routes whose service changed on the same listener.
+    /// Routes changed on the same listener and prefix.
     pub routes_updated: usize,
-    /// Routes whose listener stopped.
+    /// Routes stopped: with their listener, or removed from a kept one.
     pub routes_stopped: usize,
 }
 
@@ -111,7 +120,9 @@ pub struct ReloadSummary {
 pub struct Running {
     source: String,
     credentials: BTreeMap<String, RunningCredential>,
-    routes: Vec<RunningRoute>,
+    listeners: Vec<RunningListener>,
+    /// Where each route listens, in config order.
+    route_addrs: Vec<BoundAddr>,
     admin_addr: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     admin_slots: Arc<ArcSwap<Vec<Arc<TokenSlot>>>>,
@@ -170,7 +181,8 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     let mut running = Running {
         source: config.source.clone(),
         credentials: BTreeMap::new(),
-        routes: Vec::new(),
+        listeners: Vec::new(),
+        route_addrs: Vec::new(),
         admin_addr: None,
         admin_listen: config.admin_listen,
         metrics: Metrics::new(
@@ -212,22 +224,90 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
     Ok(running)
 }
 
-/// A route to start or update, prepared before anything changes.
+/// A route on a listener, prepared before anything changes: the running route at this index
+/// kept, or a new service (replacing the running route at the index, if any).
 enum RoutePlan {
     Keep(usize),
-    Update(usize, ProxyService),
-    /// The token stops the listener; the service was built with it, so that its `retired`
-    /// token fires with it too.
-    Start(Listener, ProxyService, CancellationToken),
+    New(RouteService, Option<usize>),
+}
+
+/// A listener, prepared before anything changes: the running one at this index, or a new
+/// one bound, with the token that stops it (its routes' services were built with it, so that
+/// their tasks stop with it too).
+enum ListenerPlan {
+    Existing(usize),
+    Start(Listener, CancellationToken),
+}
+
+/// The routes of `routes` that share a listener, each group in config order: routes with the
+/// same address share it, except on port `0`, where each route gets a port of its own.
+fn listener_groups(routes: &[RouteConfig]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, route) in routes.iter().enumerate() {
+        let shared = route.listen.tcp().is_none_or(|a| a.port() != 0);
+        match groups
+            .iter_mut()
+            .find(|g| shared && routes[g[0]].listen == route.listen)
+        {
+            Some(group) => group.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    groups
+}
+
+/// A route's `path_prefix` as written: `/` for every path.
+fn shown_prefix(prefix: &str) -> &str {
+    if prefix.is_empty() {
+        "/"
+    } else {
+        prefix
+    }
 }
 
 impl Running {
-    /// The bound TCP address of each TCP route, in config order.
+    /// The service of `config.routes[i]`, on the listener `stop` stops.
+    fn route_service(
+        &self,
+        config: &Config,
+        i: usize,
+        slot: Arc<TokenSlot>,
+        stop: &CancellationToken,
+    ) -> Result<RouteService, StartError> {
+        let route = &config.routes[i];
+        let metrics = self.metrics.route(&route.name);
+        RouteService::new(route, slot, metrics, self.serving.clone(), stop.clone()).map_err(
+            |source| StartError::Tls {
+                file: config.source.clone(),
+                key: format!("routes[{i}].{}", source.key()),
+                source,
+            },
+        )
+    }
+
+    /// The service a listener's connections get: its routes, retired with the listener or
+    /// by a reload that replaces it. What the listener answers before a route is known is
+    /// counted under its address when it has several routes.
+    fn listener_service(
+        &self,
+        listen: &ListenAddr,
+        routes: Vec<RouteService>,
+        stop: &CancellationToken,
+    ) -> ProxyService {
+        ProxyService::new(
+            routes,
+            || self.metrics.route(&listen.to_string()),
+            stop.child_token(),
+        )
+    }
+
+    /// The bound TCP address of each TCP route, in config order (routes that share a
+    /// listener share its address).
     pub fn route_addrs(&self) -> Vec<SocketAddr> {
-        self.routes
+        self.route_addrs
             .iter()
-            .filter_map(|r| match r.addr {
-                BoundAddr::Tcp(a) => Some(a),
+            .filter_map(|a| match a {
+                BoundAddr::Tcp(a) => Some(*a),
                 BoundAddr::Unix(_) => None,
             })
             .collect()
@@ -235,7 +315,7 @@ impl Running {
 
     /// Where each route listens (TCP or Unix socket), in config order.
     pub fn route_listeners(&self) -> Vec<BoundAddr> {
-        self.routes.iter().map(|r| r.addr.clone()).collect()
+        self.route_addrs.clone()
     }
 
     /// The bound admin address, if configured.
@@ -275,51 +355,58 @@ impl Running {
             }
         }
 
-        // Routes, matched by listen address (port 0 routes by position too).
-        let mut plans = Vec::with_capacity(config.routes.len());
-        for (i, route) in config.routes.iter().enumerate() {
-            let slot = slots[&route.credential].clone();
-            let existing = self.routes.iter().enumerate().position(|(j, r)| {
-                r.config.listen == route.listen
-                    && (route.listen.tcp().is_none_or(|a| a.port() != 0) || i == j)
+        // Listeners, matched by address (port 0 ones by position too); their routes by
+        // path_prefix.
+        let groups = listener_groups(&config.routes);
+        let mut plans = Vec::with_capacity(groups.len());
+        for (g, members) in groups.iter().enumerate() {
+            let first = members[0];
+            let listen = &config.routes[first].listen;
+            let existing = self.listeners.iter().enumerate().position(|(j, l)| {
+                l.listen == *listen && (listen.tcp().is_none_or(|a| a.port() != 0) || g == j)
             });
-            let tls_err = |source: TlsError| StartError::Tls {
-                file: config.source.clone(),
-                key: format!("routes[{i}].{}", source.key()),
-                source,
+            let stop = match existing {
+                Some(j) => self.listeners[j].stop.clone(),
+                None => self.stop_serving.child_token(),
             };
-            let plan = match existing {
-                Some(j)
-                    if self.routes[j].config == *route
-                        && Arc::ptr_eq(&self.routes[j].slot, &slot) =>
-                {
-                    RoutePlan::Keep(j)
-                }
-                Some(j) => {
-                    let stop = self.routes[j].stop.clone();
-                    let metrics = self.metrics.route(&route.name);
-                    let service =
-                        ProxyService::new(route, slot, metrics, self.serving.clone(), stop)
-                            .map_err(tls_err)?;
-                    RoutePlan::Update(j, service)
-                }
+            let mut routes = Vec::with_capacity(members.len());
+            for &i in members {
+                let route = &config.routes[i];
+                let slot = slots[&route.credential].clone();
+                let old = existing.and_then(|j| {
+                    self.listeners[j]
+                        .routes
+                        .iter()
+                        .position(|r| r.config.path_prefix == route.path_prefix)
+                });
+                let plan = match old {
+                    Some(k) => {
+                        let running = &self.listeners[existing.unwrap_or_default()].routes[k];
+                        if running.config == *route && Arc::ptr_eq(&running.slot, &slot) {
+                            RoutePlan::Keep(k)
+                        } else {
+                            RoutePlan::New(self.route_service(config, i, slot, &stop)?, Some(k))
+                        }
+                    }
+                    None => RoutePlan::New(self.route_service(config, i, slot, &stop)?, None),
+                };
+                routes.push(plan);
+            }
+            let listener = match existing {
+                Some(j) => ListenerPlan::Existing(j),
                 None => {
-                    let stop = self.stop_serving.child_token();
-                    let metrics = self.metrics.route(&route.name);
-                    let service =
-                        ProxyService::new(route, slot, metrics, self.serving.clone(), stop.clone())
-                            .map_err(tls_err)?;
+                    let route = &config.routes[first];
                     let listener = Listener::bind(&route.listen, route.socket_mode)
                         .await
                         .map_err(|source| StartError::Bind {
                             addr: route.listen.to_string(),
-                            key: format!("routes[{i}].listen"),
+                            key: format!("routes[{first}].listen"),
                             source,
                         })?;
-                    RoutePlan::Start(listener, service, stop)
+                    ListenerPlan::Start(listener, stop)
                 }
             };
-            plans.push((route.clone(), plan));
+            plans.push((members.clone(), listener, routes));
         }
 
         for (i, route) in config.routes.iter().enumerate() {
@@ -364,35 +451,75 @@ impl Running {
         }
         summary.credentials_kept = config.credentials.len() - summary.credentials_started;
 
-        let mut old_routes: Vec<Option<RunningRoute>> = std::mem::take(&mut self.routes)
+        let mut old_listeners: Vec<Option<RunningListener>> = std::mem::take(&mut self.listeners)
             .into_iter()
             .map(Some)
             .collect();
-        for (route, plan) in plans {
-            let slot = slots[&route.credential].clone();
-            let entry = match plan {
-                RoutePlan::Keep(j) => old_routes[j]
-                    .take()
-                    .expect("each old route is matched once"),
-                RoutePlan::Update(j, service) => {
-                    let mut entry = old_routes[j]
+        let mut route_addrs: Vec<Option<BoundAddr>> = vec![None; config.routes.len()];
+        for (members, listener, plans) in plans {
+            let listen = config.routes[members[0]].listen.clone();
+            let (mut kept, mut old_routes) = match &listener {
+                ListenerPlan::Existing(j) => {
+                    let mut old = old_listeners[*j]
                         .take()
-                        .expect("each old route is matched once");
-                    // New connections get the new service; open ones finish and close.
-                    entry.service.swap(Arc::new(service)).retire();
-                    entry.config = route;
-                    entry.slot = slot;
-                    summary.routes_updated += 1;
+                        .expect("each old listener is matched once");
+                    let routes = std::mem::take(&mut old.routes);
+                    (Some(old), routes.into_iter().map(Some).collect())
+                }
+                ListenerPlan::Start(..) => (None, Vec::new()),
+            };
+            let mut routes = Vec::with_capacity(members.len());
+            let mut changed = false;
+            for (&i, plan) in members.iter().zip(plans) {
+                let route = &config.routes[i];
+                match plan {
+                    RoutePlan::Keep(k) => routes.push(
+                        old_routes[k]
+                            .take()
+                            .expect("each old route is matched once"),
+                    ),
+                    RoutePlan::New(service, replacing) => {
+                        changed = true;
+                        match replacing.and_then(|k| old_routes[k].take()) {
+                            Some(old) => {
+                                old.service.retire();
+                                summary.routes_updated += 1;
+                            }
+                            None => summary.routes_started += 1,
+                        }
+                        routes.push(RunningRoute {
+                            config: route.clone(),
+                            slot: slots[&route.credential].clone(),
+                            service,
+                        });
+                    }
+                }
+            }
+            for old in old_routes.into_iter().flatten() {
+                changed = true;
+                info!(listen = %listen, path_prefix = %shown_prefix(&old.config.path_prefix), "route removed; its listener stays");
+                old.service.retire();
+                summary.routes_stopped += 1;
+            }
+            let services: Vec<RouteService> = routes.iter().map(|r| r.service.clone()).collect();
+            let entry = match (listener, kept.take()) {
+                (ListenerPlan::Existing(_), Some(mut entry)) => {
+                    if changed {
+                        // New connections get the new set; open ones finish and close.
+                        let service = self.listener_service(&listen, services, &entry.stop);
+                        entry.service.swap(Arc::new(service)).retire();
+                    }
+                    entry.routes = routes;
                     entry
                 }
-                RoutePlan::Start(listener, service, stop) => {
-                    let addr = listener
-                        .bound_addr()
-                        .unwrap_or_else(|_| match &route.listen {
-                            ListenAddr::Tcp(a) => BoundAddr::Tcp(*a),
-                            ListenAddr::Unix(p) => BoundAddr::Unix(p.clone()),
-                        });
-                    let service = Arc::new(ArcSwap::from_pointee(service));
+                (ListenerPlan::Start(listener, stop), _) => {
+                    let addr = listener.bound_addr().unwrap_or_else(|_| match &listen {
+                        ListenAddr::Tcp(a) => BoundAddr::Tcp(*a),
+                        ListenAddr::Unix(p) => BoundAddr::Unix(p.clone()),
+                    });
+                    let service = Arc::new(ArcSwap::from_pointee(
+                        self.listener_service(&listen, services, &stop),
+                    ));
                     let current = service.clone();
                     self.serving.spawn(server::serve(
                         listener,
@@ -410,24 +537,30 @@ impl Running {
                         self.serving.clone(),
                         "route",
                     ));
-                    summary.routes_started += 1;
-                    RunningRoute {
-                        config: route,
-                        slot,
+                    RunningListener {
+                        listen,
+                        routes,
                         service,
                         addr,
                         stop,
                     }
                 }
+                (ListenerPlan::Existing(_), None) => unreachable!("an existing listener is taken"),
             };
-            info!(listen = %entry.addr, upstream = %entry.config.upstream.url, credential = %entry.config.credential, "route ready");
-            self.routes.push(entry);
+            for (&i, route) in members.iter().zip(&entry.routes) {
+                route_addrs[i] = Some(entry.addr.clone());
+                info!(listen = %entry.addr, path_prefix = %shown_prefix(&route.config.path_prefix), upstream = %route.config.upstream.url, credential = %route.config.credential, "route ready");
+            }
+            self.listeners.push(entry);
         }
-        for old in old_routes.into_iter().flatten() {
-            info!(listen = %old.addr, "route removed: stop accepting, drain its connections");
+        for old in old_listeners.into_iter().flatten() {
+            for route in &old.routes {
+                info!(listen = %old.addr, path_prefix = %shown_prefix(&route.config.path_prefix), "route removed: its listener stops accepting and drains its connections");
+            }
             old.stop.cancel();
-            summary.routes_stopped += 1;
+            summary.routes_stopped += old.routes.len();
         }
+        self.route_addrs = route_addrs.into_iter().flatten().collect();
         let removed: Vec<String> = self
             .credentials
             .keys()

@@ -398,14 +398,31 @@ async fn check(config: &Config) -> ExitCode {
     let mut failed = 0;
     for (i, route) in config.routes.iter().enumerate() {
         let name = &route.name;
-        match crate::probe::bind(&route.listen) {
-            Ok(what) => println!("route {name}: listen {}: {what}", route.listen),
-            Err(e) => {
-                failed += 1;
-                println!(
-                    "route {name}: listen {}: FAILED: {} (routes[{i}].listen: {})",
-                    route.listen, e.why, e.fix
-                );
+        let port_fixed = route.listen.tcp().is_none_or(|a| a.port() != 0);
+        let shared = config.routes[..i]
+            .iter()
+            .find(|o| port_fixed && o.listen == route.listen);
+        if let Some(first) = shared {
+            println!(
+                "route {name}: listen {} (path_prefix {}): shared with route {}",
+                route.listen,
+                if route.path_prefix.is_empty() {
+                    "/"
+                } else {
+                    &route.path_prefix
+                },
+                first.name
+            );
+        } else {
+            match crate::probe::bind(&route.listen) {
+                Ok(what) => println!("route {name}: listen {}: {what}", route.listen),
+                Err(e) => {
+                    failed += 1;
+                    println!(
+                        "route {name}: listen {}: FAILED: {} (routes[{i}].listen: {})",
+                        route.listen, e.why, e.fix
+                    );
+                }
             }
         }
         match crate::probe::upstream(route).await {

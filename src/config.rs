@@ -325,8 +325,14 @@ pub struct RouteConfig {
     pub inbound_token_file: Option<PathBuf>,
     /// Only these client networks may connect (empty: any).
     pub allowed_clients: Vec<Cidr>,
-    /// The route's name in logs and metrics (default: its listen address).
+    /// The route's name in logs and metrics (default: its listen address, then its
+    /// `path_prefix` unless that is `/`).
     pub name: String,
+    /// The paths this route takes on its listener: `""` for every path (`path_prefix = "/"`),
+    /// else `/a/b` without a trailing slash, matched on whole segments.
+    pub path_prefix: String,
+    /// Whether the prefix is cut from the path before it goes under the upstream's base path.
+    pub strip_prefix: bool,
     /// The forward proxy to the upstream, if any.
     pub proxy: Option<ForwardProxy>,
     /// The client certificate for an upstream that asks for one (mutual TLS).
@@ -422,6 +428,8 @@ enum Scopes {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     name: Option<String>,
+    path_prefix: Option<String>,
+    strip_prefix: Option<bool>,
     proxy: Option<String>,
     client_certificate_file: Option<String>,
     client_key_file: Option<String>,
@@ -852,6 +860,8 @@ impl Validator<'_> {
         }
 
         let mut routes = Vec::with_capacity(raw.routes.len());
+        // Each kept route's index in the file, for messages.
+        let mut indices = Vec::with_capacity(raw.routes.len());
         for (i, r) in raw.routes.into_iter().enumerate() {
             if r.credential.as_ref().is_some_and(|c| failed.contains(c)) {
                 continue;
@@ -864,17 +874,47 @@ impl Validator<'_> {
                 }
             };
             route.access_log = raw.access_log.unwrap_or(true);
-            // Port 0 asks the OS for a free port, so it never clashes.
+            // Port 0 asks the OS for a free port, so it is never shared. Routes with the same
+            // address share its listener, told apart by path_prefix.
             let port_fixed = route.listen.tcp().is_none_or(|a| a.port() != 0);
-            let clash = routes
+            let sharing = routes
                 .iter()
-                .position(|o: &RouteConfig| port_fixed && o.listen == route.listen);
-            if let Some(other) = clash {
-                errors.push(self.err(
-                    &format!("routes[{i}].listen"),
-                    format!("{} is already used by routes[{other}]", route.listen),
-                    "give every route its own listen address",
-                ));
+                .enumerate()
+                .filter(|(_, o): &(usize, &RouteConfig)| port_fixed && o.listen == route.listen);
+            let mut clashed = false;
+            for (other, o) in sharing {
+                let other = indices[other];
+                let shown = |p: &str| {
+                    if p.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        p.to_owned()
+                    }
+                };
+                if o.path_prefix == route.path_prefix {
+                    errors.push(self.err(
+                        &format!("routes[{i}].path_prefix"),
+                        format!(
+                            "{} on {} is already routes[{other}]'s",
+                            shown(&route.path_prefix),
+                            route.listen
+                        ),
+                        "give each route on one listener its own path_prefix, or its own listen address",
+                    ));
+                    clashed = true;
+                } else if o.socket_mode != route.socket_mode {
+                    errors.push(self.err(
+                        &format!("routes[{i}].socket_mode"),
+                        format!("differs from routes[{other}]'s, which shares {}", route.listen),
+                        "set the same socket_mode on every route of one listener: it is the socket file's",
+                    ));
+                    clashed = true;
+                }
+                if clashed {
+                    break;
+                }
+            }
+            if clashed {
                 continue;
             }
             if port_fixed && admin_listen.is_some() && admin_listen == route.listen.tcp() {
@@ -886,6 +926,7 @@ impl Validator<'_> {
                 continue;
             }
             routes.push(route);
+            indices.push(i);
         }
         if let Some(e) = ConfigError::all(errors) {
             return Err(e);
@@ -1446,8 +1487,15 @@ impl Validator<'_> {
                 ));
             }
         };
+        let path_prefix = self.path_prefix(&k("path_prefix"), raw.path_prefix)?;
+        let name = match raw.name {
+            Some(name) => name,
+            None => format!("{listen_text}{path_prefix}"),
+        };
         Ok(RouteConfig {
             client_identity,
+            path_prefix,
+            strip_prefix: raw.strip_prefix.unwrap_or(true),
             listen,
             socket_mode,
             upstream,
@@ -1476,13 +1524,39 @@ impl Validator<'_> {
             inbound_token,
             inbound_token_file,
             allowed_clients,
-            name: raw.name.unwrap_or(listen_text),
+            name,
             access_log: true,
             proxy,
             upgrades: self.upgrades(&k("upgrades"), raw.upgrades)?,
             rewrite_location: raw.rewrite_location.unwrap_or(true),
             via: raw.via.unwrap_or(true),
         })
+    }
+
+    /// The route's `path_prefix`: `/` (every path, kept as `""`) when not set, else an absolute
+    /// path of plain segments, its trailing `/` dropped. What matching reads as equal (dot
+    /// segments, percent-encoding) is refused here, so that two prefixes never overlap unseen.
+    fn path_prefix(&self, key: &str, raw: Option<String>) -> Result<String, ConfigError> {
+        let Some(text) = self.optional(key, raw)? else {
+            return Ok(String::new());
+        };
+        let prefix = text.trim_end_matches('/');
+        let plain = |segment: &str| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b))
+        };
+        if !text.starts_with('/') || !prefix.split('/').skip(1).all(plain) {
+            return Err(self.err(
+                key,
+                format!("`{text}` is not a path prefix"),
+                "write an absolute path of plain segments, such as path_prefix = \"/graph\" (no `%`, `?`, `#`, `.` or `..` segments, no `//`)",
+            ));
+        }
+        Ok(prefix.to_owned())
     }
 
     /// The route's `upgrades`: protocol names as `Upgrade` carries them (`websocket`, or a
@@ -2076,6 +2150,10 @@ credential = "api"
             (
                 "config/azure-china.toml",
                 include_str!("../config/azure-china.toml"),
+            ),
+            (
+                "config/one-port.toml",
+                include_str!("../config/one-port.toml"),
             ),
         ] {
             if let Err(e) = Config::parse(text, name, &env) {

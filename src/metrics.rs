@@ -40,7 +40,7 @@ const DURATION_BUCKETS: [f64; 14] = [
 ];
 
 /// The proxy's own error codes (`ProxyError::code`), in the order of `RouteMetrics::errors`.
-const ERROR_CODES: [&str; 10] = [
+pub(crate) const ERROR_CODES: [&str; 11] = [
     "token_unavailable",
     "upstream_unavailable",
     "upstream_timeout",
@@ -51,6 +51,7 @@ const ERROR_CODES: [&str; 10] = [
     "loop_detected",
     "headers_too_large",
     "not_implemented",
+    "no_route",
 ];
 
 fn method_index(m: &Method) -> usize {

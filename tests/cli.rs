@@ -186,7 +186,13 @@ async fn check_tries_unix_listeners_and_upstreams_through_a_forward_proxy() {
             format!("https://localhost:{}/api", dead.port()),
             &via,
         ),
-        route("absolute", "127.0.0.1:0".into(), local, &via),
+        route("absolute", "127.0.0.1:0".into(), local.clone(), &via),
+        route(
+            "fresh-b",
+            format!("unix:{}", fresh.display()),
+            local,
+            "path_prefix = \"/b\"",
+        ),
     ]
     .concat();
     let path = temp_file("check-unix.toml", &config);
@@ -205,6 +211,10 @@ async fn check_tries_unix_listeners_and_upstreams_through_a_forward_proxy() {
         "{stdout}"
     );
     assert!(!fresh.exists(), "check released the socket it bound");
+    assert!(
+        line("route fresh-b: listen").ends_with("(path_prefix /b): shared with route fresh"),
+        "{stdout}"
+    );
     let busy = line("route served: listen");
     assert!(
         busy.contains("FAILED: cannot be bound: another process is serving this socket")
@@ -354,6 +364,22 @@ async fn config_errors_name_file_key_and_fix_and_exit_2() {
         (
             base.replace("\"127.0.0.1:8080\"", "8080"),
             "routes[0].listen (line 6): expected a string, found",
+        ),
+        // Routes sharing a listener: prefixes must differ and be plain paths.
+        (
+            format!("{base}[[routes]]\nlisten = \"127.0.0.1:8080\"\nupstream = \"https://b.example.com\"\ncredential = \"api\"\n"),
+            "routes[1].path_prefix: / on 127.0.0.1:8080 is already routes[0]'s",
+        ),
+        (
+            base.replace("credential = \"api\"", "credential = \"api\"\npath_prefix = \"/a/../b\""),
+            "routes[0].path_prefix: `/a/../b` is not a path prefix",
+        ),
+        (
+            format!(
+                "{}[[routes]]\nlisten = \"unix:/tmp/tp-x.sock\"\npath_prefix = \"/b\"\nsocket_mode = \"0600\"\nupstream = \"https://b.example.com\"\ncredential = \"api\"\n",
+                base.replace("127.0.0.1:8080", "unix:/tmp/tp-x.sock")
+            ),
+            "routes[1].socket_mode: differs from routes[0]'s",
         ),
     ];
     for (config, key) in cases {

@@ -142,7 +142,7 @@ where
             close,
             te: request.te,
             trailers: Vec::new(),
-            relocate: service.relocation(view.values(b"host").next()),
+            relocate: None,
             http2: false,
         };
         let answer = service

@@ -152,7 +152,7 @@ async fn respond_lean(
         // Trailers go to an HTTP/2 client whatever it sent, as hyper's server sends them.
         te: false,
         trailers: Vec::new(),
-        relocate: service.relocation(view.values(b"host").next()),
+        relocate: None,
         http2: true,
     };
     let answer = service

@@ -206,6 +206,9 @@ pub struct Relocation<'a> {
     pub upstream: &'a crate::config::Upstream,
     /// The authority the client addressed.
     pub client_host: Option<&'a [u8]>,
+    /// The path prefix the client's path had that the upstream did not see (the route's
+    /// `path_prefix`, cut), or `""`.
+    pub client_prefix: &'a str,
 }
 
 impl Relocation<'_> {
@@ -238,7 +241,8 @@ impl Relocation<'_> {
             out.extend_from_slice(b"http://");
             out.extend_from_slice(host);
         }
-        if !under.starts_with(b"/") {
+        out.extend_from_slice(self.client_prefix.as_bytes());
+        if !under.starts_with(b"/") && self.client_prefix.is_empty() {
             out.push(b'/');
         }
         out.extend_from_slice(under);
@@ -492,6 +496,7 @@ mod tests {
         let r = Relocation {
             upstream,
             client_host: Some(b"127.0.0.1:8080"),
+            client_prefix: "",
         };
         let rw = |v: &str| {
             r.rewrite(v.as_bytes())
@@ -528,10 +533,33 @@ mod tests {
         let relative = Relocation {
             upstream,
             client_host: None,
+            client_prefix: "",
         };
         assert_eq!(
             relative.rewrite(b"https://api.example.cn/base/a").unwrap(),
             b"/a"
+        );
+        // Under the prefix a route cut from the client's path.
+        let prefixed = Relocation {
+            client_prefix: "/items",
+            ..r
+        };
+        let rw = |v: &str| {
+            prefixed
+                .rewrite(v.as_bytes())
+                .map(|v| String::from_utf8(v).unwrap())
+        };
+        assert_eq!(
+            rw("https://api.example.cn/base/a?b=1"),
+            to("http://127.0.0.1:8080/items/a?b=1")
+        );
+        assert_eq!(
+            rw("https://api.example.cn/base"),
+            to("http://127.0.0.1:8080/items")
+        );
+        assert_eq!(
+            rw("https://api.example.cn/base?x"),
+            to("http://127.0.0.1:8080/items?x")
         );
     }
 

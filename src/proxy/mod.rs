@@ -25,6 +25,7 @@ pub mod front_h2;
 pub mod gate;
 pub mod h2;
 pub mod headers;
+pub mod mount;
 pub mod pool;
 pub mod raw;
 pub mod service;
@@ -73,6 +74,9 @@ pub enum ProxyError {
     /// The request uses a transfer coding the proxy does not forward.
     #[error("{0}")]
     NotImplemented(String),
+    /// No route of the listener takes the request's path (`path_prefix`).
+    #[error("{0}")]
+    NoRoute(String),
 }
 
 impl From<codec::Refusal> for ProxyError {
@@ -99,6 +103,7 @@ impl ProxyError {
             ProxyError::LoopDetected(_) => StatusCode::LOOP_DETECTED,
             ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -115,6 +120,7 @@ impl ProxyError {
             ProxyError::LoopDetected(_) => "loop_detected",
             ProxyError::HeadersTooLarge(_) => "headers_too_large",
             ProxyError::NotImplemented(_) => "not_implemented",
+            ProxyError::NoRoute(_) => "no_route",
         }
     }
 
@@ -196,6 +202,7 @@ mod tests {
             ProxyError::LoopDetected(m()),
             ProxyError::HeadersTooLarge(m()),
             ProxyError::NotImplemented(m()),
+            ProxyError::NoRoute(m()),
         ];
         // A new variant must join the list above: this match stops compiling without it.
         for e in &all {
@@ -209,10 +216,16 @@ mod tests {
                 | ProxyError::PayloadTooLarge(_)
                 | ProxyError::LoopDetected(_)
                 | ProxyError::HeadersTooLarge(_)
-                | ProxyError::NotImplemented(_) => {}
+                | ProxyError::NotImplemented(_)
+                | ProxyError::NoRoute(_) => {}
             }
             let row = format!("| `{}` | {} |", e.code(), e.status().as_u16());
             assert!(readme.contains(&row), "README's error codes lack {row:?}");
+            assert!(
+                crate::metrics::ERROR_CODES.contains(&e.code()),
+                "token_proxy_errors_total cannot count {}",
+                e.code()
+            );
         }
     }
 }

@@ -1145,6 +1145,7 @@ mod tests {
                 relocate: Some(headers::Relocation {
                     upstream,
                     client_host: Some(b"127.0.0.1:8080"),
+                    client_prefix: "",
                 }),
                 http2,
             };

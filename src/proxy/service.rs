@@ -34,6 +34,7 @@ use super::body::ResponseBody;
 use super::codec::Field;
 use super::deadline::Deadline;
 use super::headers;
+use super::mount;
 use super::pool::{self, Checkin, Http1Pool};
 use super::raw::{ClientFraming, ClientHead};
 use super::upload::{BodyTooLarge, ClientBody, UpstreamBody};
@@ -80,6 +81,10 @@ impl Clients {
 }
 
 struct Inner {
+    /// The paths this route takes on its listener (`""`: every path).
+    prefix: Box<str>,
+    /// The prefix is cut before the path goes under the base path.
+    strip: bool,
     metrics: &'static RouteMetrics,
     access_log: bool,
     upstream: Upstream,
@@ -151,6 +156,15 @@ impl<'a> FrontRequest<'a> {
         })
     }
 
+    /// The first value of the field named `name` (lowercase), borrowed from the head.
+    pub fn first_value(&self, name: &[u8]) -> Option<&'a [u8]> {
+        let head = self.head;
+        self.fields
+            .iter()
+            .find(|f| head[f.name.0..f.name.1].eq_ignore_ascii_case(name))
+            .map(|f| &head[f.value.0..f.value.1])
+    }
+
     /// The values of the fields named `name` (lowercase).
     pub fn values<'n>(&'n self, name: &'n [u8]) -> impl Iterator<Item = &'n [u8]> {
         self.fields()
@@ -178,22 +192,89 @@ pub enum FrontAnswer {
     ToHyper,
 }
 
-/// Forwards requests of one route to its upstream with its credential's token. One clone
-/// serves one client connection and knows that client's address.
+/// One route: its upstream, credential, pools and checks. Built once per route and kept by
+/// a reload that leaves the route unchanged, so its pooled connections and file watchers live
+/// on; the listener's [`ProxyService`] picks it by path.
+#[derive(Clone)]
+pub struct RouteService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RouteService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteService")
+            .field("prefix", &self.inner.prefix)
+            .field("upstream", &self.inner.upstream.url.as_str())
+            .field("credential", &self.inner.slot.name())
+            .finish()
+    }
+}
+
+/// The routes of one listener, longest `path_prefix` first, and where the listener's own
+/// answers are counted (those given before a route is known).
+struct Routes {
+    routes: Vec<RouteService>,
+    unrouted: Ledger,
+    /// Fired when a reload replaces this set: its connections finish and close.
+    retired: CancellationToken,
+}
+
+/// Forwards each request of a listener to the route its path picks, with that route's token.
+/// One clone serves one client connection and knows that client's address.
 #[derive(Clone)]
 pub struct ProxyService {
-    inner: Arc<Inner>,
+    routes: Arc<Routes>,
     peer: Option<IpAddr>,
 }
 
 impl std::fmt::Debug for ProxyService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProxyService")
-            .field("upstream", &self.inner.upstream.url.as_str())
-            .field("credential", &self.inner.slot.name())
+            .field("routes", &self.routes.routes)
             .field("peer", &self.peer)
             .finish()
     }
+}
+
+/// One request's route, borrowed from the listener's set for the request: no reference count
+/// is touched on the request path.
+#[derive(Clone, Copy)]
+struct Route<'a> {
+    inner: &'a Inner,
+    peer: &'a Option<IpAddr>,
+}
+
+/// Where a request's target goes: normalised (when that changed it) and with the route's
+/// prefix cut (`cut` bytes) when the route strips it.
+#[derive(Debug, Default)]
+struct Target {
+    normalised: Option<String>,
+    cut: usize,
+}
+
+impl Target {
+    /// What goes under the upstream's base path, from the target as `sent`.
+    fn rest<'a>(&'a self, sent: &'a str) -> &'a str {
+        &self.normalised.as_deref().unwrap_or(sent)[self.cut..]
+    }
+
+    /// Whether the target goes as it was sent.
+    fn as_sent(&self) -> bool {
+        self.normalised.is_none() && self.cut == 0
+    }
+}
+
+/// Names a lifetime that an `impl Future` return captures (edition 2021 captures only those
+/// named in its bounds).
+pub trait Captures<'a> {}
+impl<T: ?Sized> Captures<'_> for T {}
+
+/// What records a request: the metrics of a route (or of a listener, for what it answers
+/// before a route is known) and whether access lines are logged.
+#[derive(Clone, Copy)]
+struct Ledger {
+    metrics: &'static RouteMetrics,
+    access_log: bool,
 }
 
 /// A pooled upstream client; `http2` lets ALPN pick HTTP/2 on `https` upstreams.
@@ -222,7 +303,7 @@ fn upstream_client(route: &RouteConfig, tls: rustls::ClientConfig, http2: bool) 
         .build(connector)
 }
 
-impl ProxyService {
+impl RouteService {
     /// Builds the service; `tunnels` owns upgraded connections, which end when `cancel` fires.
     pub fn new(
         route: &RouteConfig,
@@ -230,7 +311,7 @@ impl ProxyService {
         metrics: &'static RouteMetrics,
         tunnels: TaskTracker,
         cancel: CancellationToken,
-    ) -> Result<ProxyService, tls::TlsError> {
+    ) -> Result<RouteService, tls::TlsError> {
         let built = Clients::build(route)?;
         let upstream = &route.upstream;
         let host = upstream.authority.host();
@@ -268,6 +349,8 @@ impl ProxyService {
         };
         let clients = Arc::new(ArcSwap::from_pointee(built));
         let inner = Arc::new(Inner {
+            prefix: route.path_prefix.clone().into_boxed_str(),
+            strip: route.strip_prefix,
             metrics,
             access_log: route.access_log,
             upstream: route.upstream.clone(),
@@ -314,26 +397,109 @@ impl ProxyService {
                 inner.retired.clone(),
             ));
         }
-        Ok(ProxyService { inner, peer: None })
+        Ok(RouteService { inner })
     }
 
-    /// The token fired when this service is retired (its route's listener stops, or a reload
-    /// replaces it).
+    /// Retires this route: the tasks it runs (file watchers) stop. Its listener's
+    /// [`ProxyService`] is retired apart.
+    pub fn retire(&self) {
+        self.inner.retired.cancel();
+    }
+
+    fn borrow<'a>(&'a self, peer: &'a Option<IpAddr>) -> Route<'a> {
+        Route {
+            inner: &self.inner,
+            peer,
+        }
+    }
+
+    /// Whether this route's bodiless requests can take the lean exchange.
+    fn has_lean_path(&self) -> bool {
+        self.borrow(&None).has_lean_path()
+    }
+}
+
+impl ProxyService {
+    /// The service of a listener that `routes` share (in any order; the longest prefix is
+    /// tried first). `unrouted` names the listener in metrics for what it answers before a
+    /// route is known, when it has more than one route; `retired` is fired when a reload
+    /// replaces the set.
+    pub fn new(
+        mut routes: Vec<RouteService>,
+        unrouted: impl FnOnce() -> &'static RouteMetrics,
+        retired: CancellationToken,
+    ) -> ProxyService {
+        routes.sort_by_key(|r| std::cmp::Reverse(r.inner.prefix.len()));
+        let access_log = routes.iter().any(|r| r.inner.access_log);
+        // One route alone counts everything under its own name, as a listener of one route
+        // always has.
+        let metrics = match routes.as_slice() {
+            [only] => only.inner.metrics,
+            _ => unrouted(),
+        };
+        ProxyService {
+            routes: Arc::new(Routes {
+                routes,
+                unrouted: Ledger {
+                    metrics,
+                    access_log,
+                },
+                retired,
+            }),
+            peer: None,
+        }
+    }
+
+    /// The token fired when this service is retired (its listener stops, or a reload replaces
+    /// it).
     pub fn retired(&self) -> CancellationToken {
-        self.inner.retired.clone()
+        self.routes.retired.clone()
     }
 
     /// Retires this service: its open connections finish their requests and close.
     pub fn retire(&self) {
-        self.inner.retired.cancel();
+        self.routes.retired.cancel();
     }
 
     /// This service for a connection from `peer` (`None` on a Unix socket).
     pub fn for_peer(&self, peer: Option<SocketAddr>) -> ProxyService {
         ProxyService {
-            inner: self.inner.clone(),
+            routes: self.routes.clone(),
             peer: peer.map(|p| p.ip()),
         }
+    }
+
+    /// The route that takes `target` (origin-form), and what of it goes upstream: the path
+    /// normalised (see `mount.rs`), matched on whole segments, longest prefix first.
+    fn pick(&self, target: &str) -> Result<(Route<'_>, Target), ProxyError> {
+        if !target.starts_with('/') {
+            return Err(ProxyError::BadRequest(format!(
+                "request target {target:?} is not an absolute path"
+            )));
+        }
+        let normalised =
+            mount::normalise(target).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let path = mount::path_of(&normalised);
+        let Some(route) = self
+            .routes
+            .routes
+            .iter()
+            .find(|r| mount::under(path, &r.inner.prefix))
+        else {
+            return Err(ProxyError::NoRoute(format!(
+                "no route on this listener takes the path {path:?} (path_prefix)"
+            )));
+        };
+        let cut = if route.inner.strip {
+            route.inner.prefix.len()
+        } else {
+            0
+        };
+        let normalised = match normalised {
+            std::borrow::Cow::Borrowed(_) => None,
+            std::borrow::Cow::Owned(s) => Some(s),
+        };
+        Ok((route.borrow(&self.peer), Target { normalised, cut }))
     }
 
     /// Handles one request; never fails (errors become JSON responses).
@@ -343,92 +509,123 @@ impl ProxyService {
 
     /// [`handle`](Self::handle) for a request whose body came from either server.
     pub async fn handle_body(&self, req: Request<ClientBody>) -> Response<ProxyBody> {
-        let access = self.access(req.method(), req.uri());
-        let result = self.forward(req).await;
-        self.respond(access, result)
+        let sent = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
+        match self.pick(sent) {
+            Ok((route, target)) => {
+                let access = route.ledger().access(req.method(), req.uri());
+                let result = route.forward(req, &target).await;
+                route.ledger().respond(access, result)
+            }
+            Err(e) => {
+                let ledger = self.routes.unrouted;
+                let access = ledger.access(req.method(), req.uri());
+                ledger.respond(access, Err(e))
+            }
+        }
     }
 
-    /// Whether the front door (`front.rs`) may take this route's bodiless HTTP/1.1 requests:
-    /// they can go through the lean exchange (a plain-`http` upstream, or an `https` one that
-    /// has not refused `http/1.1`).
+    /// Whether the front door (`front.rs`) may take bodiless HTTP/1.1 requests on this
+    /// listener: a route of it can take them through the lean exchange (a plain-`http`
+    /// upstream, or an `https` one that has not refused `http/1.1`). A request whose route
+    /// cannot goes to hyper ([`FrontAnswer::ToHyper`]).
     pub fn has_lean_path(&self) -> bool {
-        self.inner
-            .pool
-            .as_ref()
-            .is_some_and(Http1Pool::serves_front)
+        self.routes.routes.iter().any(RouteService::has_lean_path)
     }
 
     /// Handles a bodiless `GET`, `HEAD`, `DELETE` or `OPTIONS` read by the front door, as
     /// [`handle`](Self::handle) would, but from bytes to bytes: the upstream's request head is
-    /// written into `up`, and the response head for the client into `client.out`. Never fails
-    /// (errors become JSON responses).
-    pub async fn handle_front(
-        &self,
-        req: &FrontRequest<'_>,
-        up: &mut Vec<u8>,
-        client: &mut ClientHead<'_>,
-        timer: &mut Deadline,
-    ) -> FrontAnswer {
-        let inner = &*self.inner;
-        // The target is only parsed for the access log.
-        let uri = inner
-            .access_log
-            .then(|| Uri::try_from(req.target).unwrap_or_default());
-        // One reading of the clock for the record, the token's validity and the deadline.
-        let now = Instant::now();
-        let access = Access::started_at(inner.metrics, req.method.clone(), uri, now);
-        match self.forward_front(req, up, client, timer, now).await {
-            Ok((status, body, framing)) => {
-                let mut body = ResponseBody::lean(body);
-                body.finish_with(access, status);
-                FrontAnswer::Streaming { body, framing }
-            }
-            Err(Bodiless::Http11Refused) => FrontAnswer::ToHyper,
-            Err(Bodiless::Failed(e)) => {
+    /// written into `up`, and the response head for the client into `client.out` (redirects
+    /// to the route's upstream rewritten to the client's `Host`). Never fails (errors become
+    /// JSON responses).
+    pub fn handle_front<'s, 'f>(
+        &'s self,
+        req: &'f FrontRequest<'s>,
+        up: &'f mut Vec<u8>,
+        client: &'f mut ClientHead<'s>,
+        timer: &'f mut Deadline,
+    ) -> impl Future<Output = FrontAnswer> + Captures<'s> + 'f
+    where
+        's: 'f,
+    {
+        use tokio_util::either::Either::{Left, Right};
+        // Not an `async fn`: the connection's future holds room for this one, idle or not,
+        // and an async layer here would add its own state to the route's.
+        // The front door takes printable ASCII targets only (`front::plain_target`).
+        let sent = std::str::from_utf8(req.target).unwrap_or("");
+        let (route, target) = match self.pick(sent) {
+            Ok(picked) => picked,
+            Err(e) => {
+                let ledger = self.routes.unrouted;
+                let uri = ledger
+                    .access_log
+                    .then(|| Uri::try_from(req.target).unwrap_or_default());
+                let access =
+                    Access::started_at(ledger.metrics, req.method.clone(), uri, Instant::now());
                 client.out.clear();
-                FrontAnswer::Response(Box::new(self.respond(access, Err(e))))
+                let answer = FrontAnswer::Response(Box::new(ledger.respond(access, Err(e))));
+                return Left(std::future::ready(answer));
             }
+        };
+        if !route.has_lean_path() {
+            return Left(std::future::ready(FrontAnswer::ToHyper));
+        }
+        client.relocate = route.relocation(req.first_value(b"host"), &target);
+        match target.normalised {
+            // Nearly every request: what goes upstream is a part of the target as sent.
+            None => {
+                let rest = &req.target[target.cut..];
+                Right(Left(route.handle_front(req, rest, up, client, timer)))
+            }
+            Some(normalised) => Right(Right(Box::pin(async move {
+                let rest = &normalised.as_bytes()[target.cut..];
+                route.handle_front(req, rest, up, client, timer).await
+            }))),
         }
     }
 
     /// The answer, as HTTP/1.1 bytes that close the connection, to a request the front door
     /// or the gate refused before it could be read as one (see `codec::Refusal`): logged and
-    /// counted once, here, as every error is. Its method is unknown, so the record has `-`.
+    /// counted once, here, as every error is, under the listener's name when it has several
+    /// routes (which one is not known). Its method is unknown, so the record has `-`.
     pub fn refuse(&self, e: ProxyError) -> bytes::Bytes {
+        let ledger = self.routes.unrouted;
         let unknown = Method::from_bytes(b"-").expect("a token");
         let access = Access::started_at(
-            self.inner.metrics,
+            ledger.metrics,
             unknown,
-            self.inner.access_log.then(Uri::default),
+            ledger.access_log.then(Uri::default),
             Instant::now(),
         );
         let wire = e.to_http1_closing();
-        self.record_error(access, &e, wire.len() as u64);
+        ledger.record_error(access, &e, wire.len() as u64);
         wire
     }
 
     /// [`refuse`](Self::refuse) as a response, for a client whose connection goes on (an
     /// HTTP/2 stream refused on its own): logged and counted once, here.
     pub fn refusal(&self, method: &Method, e: ProxyError) -> Response<ProxyBody> {
+        let ledger = self.routes.unrouted;
         let access = Access::started_at(
-            self.inner.metrics,
+            ledger.metrics,
             method.clone(),
-            self.inner.access_log.then(Uri::default),
+            ledger.access_log.then(Uri::default),
             Instant::now(),
         );
-        self.respond(access, Err(e))
+        ledger.respond(access, Err(e))
     }
+}
 
+impl Ledger {
     /// The record finished when the response ends (the uri clone bumps a reference count, and
     /// only when the access log is on).
-    fn access(&self, method: &Method, uri: &Uri) -> Access {
-        let uri = self.inner.access_log.then(|| uri.clone());
-        Access::new(self.inner.metrics, method.clone(), uri)
+    fn access(self, method: &Method, uri: &Uri) -> Access {
+        let uri = self.access_log.then(|| uri.clone());
+        Access::new(self.metrics, method.clone(), uri)
     }
 
     /// The response to send: the upstream's, or the JSON for an error (logged once, here).
     fn respond(
-        &self,
+        self,
         access: Access,
         result: Result<Response<ProxyBody>, ProxyError>,
     ) -> Response<ProxyBody> {
@@ -454,10 +651,58 @@ impl ProxyService {
 
     /// Logs and counts an error the proxy answers itself, and finishes its record (`bytes`
     /// of answer sent).
-    fn record_error(&self, access: Access, e: &ProxyError, bytes: u64) {
-        warn!(route = self.inner.metrics.name(), error = e.code(), message = %e, "request failed");
-        self.inner.metrics.error(e.code());
+    fn record_error(self, access: Access, e: &ProxyError, bytes: u64) {
+        warn!(route = self.metrics.name(), error = e.code(), message = %e, "request failed");
+        self.metrics.error(e.code());
         access.finish(e.status(), bytes, true);
+    }
+}
+
+impl<'a> Route<'a> {
+    fn ledger(&self) -> Ledger {
+        Ledger {
+            metrics: self.inner.metrics,
+            access_log: self.inner.access_log,
+        }
+    }
+
+    fn has_lean_path(&self) -> bool {
+        self.inner
+            .pool
+            .as_ref()
+            .is_some_and(Http1Pool::serves_front)
+    }
+
+    /// [`ProxyService::handle_front`] once the route is known: `rest` is what of the target
+    /// goes under the base path.
+    async fn handle_front(
+        self,
+        req: &FrontRequest<'_>,
+        rest: &[u8],
+        up: &mut Vec<u8>,
+        client: &mut ClientHead<'_>,
+        timer: &mut Deadline,
+    ) -> FrontAnswer {
+        let inner = self.inner;
+        // The target is only parsed for the access log.
+        let uri = inner
+            .access_log
+            .then(|| Uri::try_from(req.target).unwrap_or_default());
+        // One reading of the clock for the record, the token's validity and the deadline.
+        let now = Instant::now();
+        let access = Access::started_at(inner.metrics, req.method.clone(), uri, now);
+        match self.forward_front(req, rest, up, client, timer, now).await {
+            Ok((status, body, framing)) => {
+                let mut body = ResponseBody::lean(body);
+                body.finish_with(access, status);
+                FrontAnswer::Streaming { body, framing }
+            }
+            Err(Bodiless::Http11Refused) => FrontAnswer::ToHyper,
+            Err(Bodiless::Failed(e)) => {
+                client.out.clear();
+                FrontAnswer::Response(Box::new(self.ledger().respond(access, Err(e))))
+            }
+        }
     }
 
     /// Refuses what the route does not accept, before anything else is looked at.
@@ -495,7 +740,7 @@ impl ProxyService {
     /// The client's address must be allowed, and its `Proxy-Authorization` (`sent`) must carry
     /// the inbound token where the route has one.
     fn admit_client(&self, sent: Option<&[u8]>) -> Result<(), ProxyError> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         if !inner.allowed_clients.is_empty() {
             let allowed = self
                 .peer
@@ -519,8 +764,9 @@ impl ProxyService {
     async fn forward(
         &self,
         mut req: Request<ClientBody>,
+        target: &Target,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         let size = req.body().size_hint().exact();
         self.admit(
             Head {
@@ -561,7 +807,14 @@ impl ProxyService {
         // The pool speaks to one upstream and sends the origin-form target; hyper-util's
         // client takes the absolute URI and does the same on the wire.
         let pooled = lean.is_some() || (!upgrade && self.hyper_pool().is_some());
-        self.prepare(&mut parts, authorization.clone(), pooled, upgrade, streamed)?;
+        self.prepare(
+            &mut parts,
+            authorization.clone(),
+            pooled,
+            upgrade,
+            streamed,
+            target,
+        )?;
 
         if let Some(pool) = lean {
             match self
@@ -581,7 +834,7 @@ impl ProxyService {
                 }
                 Err(Bodiless::Failed(e)) => return Err(e),
                 Ok(mut response) => {
-                    self.relocate(response.headers_mut(), client_host.as_ref());
+                    self.relocate(response.headers_mut(), client_host.as_ref(), target);
                     return Ok(response);
                 }
             }
@@ -677,7 +930,7 @@ impl ProxyService {
         }
         let streamed = response.body().size_hint().exact().is_none();
         headers::prepare_response(response.headers_mut(), switching, streamed);
-        self.relocate(response.headers_mut(), client_host.as_ref());
+        self.relocate(response.headers_mut(), client_host.as_ref(), target);
         Ok(response.map(|body| Either::Left(ResponseBody::new(body, checkin))))
     }
 
@@ -685,12 +938,13 @@ impl ProxyService {
     async fn forward_front(
         &self,
         req: &FrontRequest<'_>,
+        rest: &[u8],
         up: &mut Vec<u8>,
         client: &mut ClientHead<'_>,
         timer: &mut Deadline,
         now: Instant,
     ) -> Result<(StatusCode, pool::LeanBody, ClientFraming), Bodiless> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         self.admit_client(req.values(b"proxy-authorization").next())?;
         let hosts = req.values(b"host").count();
         admit_head(hosts, true, req.values(b"via").any(headers::names_us))?;
@@ -705,12 +959,12 @@ impl ProxyService {
         // the request wait for one (and own it).
         let sent_token = match inner
             .slot
-            .with_header_at(now, |token| self.write_upstream_head(req, token, up))
+            .with_header_at(now, |token| self.write_upstream_head(req, rest, token, up))
         {
             Some(range) => range,
             None => {
                 let token = self.authorization(now).await?;
-                self.write_upstream_head(req, token.as_bytes(), up)
+                self.write_upstream_head(req, rest, token.as_bytes(), up)
             }
         };
         let answer = self
@@ -724,7 +978,7 @@ impl ProxyService {
                 client.out.clear();
                 client.trailers.clear();
                 up.clear();
-                self.write_upstream_head(req, fresh.as_bytes(), up);
+                self.write_upstream_head(req, rest, fresh.as_bytes(), up);
                 return self
                     .send_for_client(pool, up, req.method, client, timer, Instant::now())
                     .await;
@@ -741,10 +995,11 @@ impl ProxyService {
     fn write_upstream_head(
         &self,
         req: &FrontRequest<'_>,
+        rest: &[u8],
         token: &[u8],
         up: &mut Vec<u8>,
     ) -> std::ops::Range<usize> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         let upstream = &inner.upstream;
         up.extend_from_slice(req.method.as_str().as_bytes());
         up.push(b' ');
@@ -754,7 +1009,11 @@ impl ProxyService {
             up.extend_from_slice(upstream.authority.as_str().as_bytes());
         }
         up.extend_from_slice(upstream.base_path.as_bytes());
-        up.extend_from_slice(req.target);
+        // A target that was only the route's prefix leaves nothing, or a query alone.
+        if upstream.base_path.is_empty() && !rest.starts_with(b"/") {
+            up.push(b'/');
+        }
+        up.extend_from_slice(rest);
         up.extend_from_slice(b" HTTP/1.1\r\n");
         // Fields a `Connection` header names besides its options (rare).
         let named: Vec<&[u8]> = req
@@ -811,7 +1070,7 @@ impl ProxyService {
         timer: &mut Deadline,
         now: Instant,
     ) -> Result<(StatusCode, pool::LeanBody, ClientFraming), Bodiless> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         let sent = pin!(pool.send_for_client(head, method, client));
         match timer.bound_for(now, inner.response_timeout, sent).await {
             Some(Err(pool::SendError::Http11Refused)) => Err(Bodiless::Http11Refused),
@@ -843,12 +1102,14 @@ impl ProxyService {
         pooled: bool,
         upgrade: bool,
         streamed: bool,
+        target: &Target,
     ) -> Result<(), ProxyError> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         let via_proxy = pooled && inner.proxy.is_some();
         parts.uri = upstream_uri(
             &inner.upstream,
             parts.uri.path_and_query(),
+            target,
             !pooled || via_proxy,
         )?;
         parts.version = Version::HTTP_11;
@@ -878,26 +1139,36 @@ impl ProxyService {
     }
 
     /// Where redirects to the upstream's own origin go for a client that addressed
-    /// `client_host`, if the route rewrites them.
-    pub fn relocation<'a>(
-        &'a self,
-        client_host: Option<&'a [u8]>,
-    ) -> Option<headers::Relocation<'a>> {
-        self.inner.rewrite_location.then_some(headers::Relocation {
-            upstream: &self.inner.upstream,
+    /// `client_host`, if the route rewrites them: under the prefix the client's path had, when
+    /// the route cut it for `target`.
+    fn relocation<'h>(
+        &self,
+        client_host: Option<&'h [u8]>,
+        target: &Target,
+    ) -> Option<headers::Relocation<'h>>
+    where
+        'a: 'h,
+    {
+        let inner: &'a Inner = self.inner;
+        inner.rewrite_location.then_some(headers::Relocation {
+            upstream: &inner.upstream,
             client_host,
+            client_prefix: if target.cut > 0 { &inner.prefix } else { "" },
         })
     }
 
     /// Rewrites redirects to the upstream's own origin (`rewrite_location`) as the client's
     /// address, `client_host`.
-    fn relocate(&self, headers: &mut http::HeaderMap, client_host: Option<&http::HeaderValue>) {
-        if self.inner.rewrite_location {
-            headers::Relocation {
-                upstream: &self.inner.upstream,
-                client_host: client_host.map(http::HeaderValue::as_bytes),
-            }
-            .apply(headers);
+    fn relocate(
+        &self,
+        headers: &mut http::HeaderMap,
+        client_host: Option<&http::HeaderValue>,
+        target: &Target,
+    ) {
+        if let Some(relocation) =
+            self.relocation(client_host.map(http::HeaderValue::as_bytes), target)
+        {
+            relocation.apply(headers);
         }
     }
 
@@ -909,7 +1180,7 @@ impl ProxyService {
         parts: &mut http::request::Parts,
         authorization: &http::HeaderValue,
     ) -> Result<Response<ProxyBody>, Bodiless> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         let mut response = self.send_bodiless(pool, parts).await?;
         if response.status() == StatusCode::UNAUTHORIZED && inner.retry_on_401 {
             if let Some(fresh) = self.token_after_401(authorization.as_bytes()).await {
@@ -946,7 +1217,7 @@ impl ProxyService {
         pool: &Http1Pool,
         parts: &http::request::Parts,
     ) -> Result<Response<super::raw::RawBody>, Bodiless> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         match tokio::time::timeout(inner.response_timeout, pool.send_bodiless(parts)).await {
             Ok(Err(pool::SendError::Http11Refused)) => Err(Bodiless::Http11Refused),
             Ok(r) => r.map_err(|e| Bodiless::Failed(pool_error(inner, &e))),
@@ -962,7 +1233,7 @@ impl ProxyService {
 
     /// The answer when the upstream sent no response head in time.
     fn response_timed_out(&self) -> ProxyError {
-        let inner = &*self.inner;
+        let inner = self.inner;
         ProxyError::UpstreamTimeout(format!(
             "upstream {} sent no response within {:.1} s",
             inner.upstream.url,
@@ -979,7 +1250,7 @@ impl ProxyService {
         req: Request<UpstreamBody>,
         fresh: bool,
     ) -> Result<(Response<Incoming>, Option<Checkin>), SendFailed> {
-        let inner = &*self.inner;
+        let inner = self.inner;
         let failed = |error| SendFailed {
             error,
             stale: false,
@@ -1163,26 +1434,31 @@ async fn watch_inbound_token(
 }
 
 /// The upstream URI: the route's scheme and authority (when `absolute`), its base path, then
-/// the client's path and query byte for byte. The client's own authority is never used.
+/// what of the client's target goes under it (`target`: normalised, its prefix cut), byte for
+/// byte. The client's own authority is never used.
 fn upstream_uri(
     upstream: &Upstream,
-    target: Option<&PathAndQuery>,
+    sent: Option<&PathAndQuery>,
+    target: &Target,
     absolute: bool,
 ) -> Result<Uri, ProxyError> {
-    let target_str = target.map_or("/", PathAndQuery::as_str);
-    if !target_str.starts_with('/') {
+    let sent_str = sent.map_or("/", PathAndQuery::as_str);
+    if !sent_str.starts_with('/') {
         return Err(ProxyError::BadRequest(format!(
-            "request target {target_str:?} is not an absolute path"
+            "request target {sent_str:?} is not an absolute path"
         )));
     }
-    let path_and_query = if upstream.base_path.is_empty() {
-        target
-            .cloned()
+    let path_and_query = if upstream.base_path.is_empty() && target.as_sent() {
+        sent.cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"))
     } else {
-        let mut joined = String::with_capacity(upstream.base_path.len() + target_str.len());
+        let rest = target.rest(sent_str);
+        let mut joined = String::with_capacity(upstream.base_path.len() + rest.len() + 1);
         joined.push_str(&upstream.base_path);
-        joined.push_str(target_str);
+        if joined.is_empty() && !rest.starts_with('/') {
+            joined.push('/');
+        }
+        joined.push_str(rest);
         PathAndQuery::try_from(joined)
             .map_err(|e| ProxyError::BadRequest(format!("invalid request target: {e}")))?
     };
@@ -1349,17 +1625,35 @@ mod tests {
     fn target_is_joined_under_the_base_path_byte_for_byte() {
         let up = upstream("https://api.example.cn/base/");
         let pq = PathAndQuery::from_static("/v1/items%2Fx?a=1&b=%20c&a=2");
-        let uri = upstream_uri(&up, Some(&pq), true).unwrap();
+        let sent = Target::default();
+        let uri = upstream_uri(&up, Some(&pq), &sent, true).unwrap();
         assert_eq!(
             uri.to_string(),
             "https://api.example.cn/base/v1/items%2Fx?a=1&b=%20c&a=2"
         );
         let plain = upstream("http://127.0.0.1:9000");
         assert_eq!(
-            upstream_uri(&plain, Some(&pq), true).unwrap().to_string(),
+            upstream_uri(&plain, Some(&pq), &sent, true)
+                .unwrap()
+                .to_string(),
             "http://127.0.0.1:9000/v1/items%2Fx?a=1&b=%20c&a=2"
         );
-        assert_eq!(upstream_uri(&plain, None, true).unwrap().path(), "/");
-        assert!(upstream_uri(&plain, Some(&PathAndQuery::from_static("*")), true).is_err());
+        assert_eq!(upstream_uri(&plain, None, &sent, true).unwrap().path(), "/");
+        let star = PathAndQuery::from_static("*");
+        assert!(upstream_uri(&plain, Some(&star), &sent, true).is_err());
+        // A prefix cut: what is left goes under the base path, a bare query after a `/`.
+        let graph = PathAndQuery::from_static("/graph?x=1");
+        let cut = Target {
+            normalised: None,
+            cut: "/graph".len(),
+        };
+        assert_eq!(
+            upstream_uri(&plain, Some(&graph), &cut, false).unwrap(),
+            "/?x=1"
+        );
+        assert_eq!(
+            upstream_uri(&up, Some(&graph), &cut, false).unwrap(),
+            "/base?x=1"
+        );
     }
 }
