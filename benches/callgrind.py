@@ -94,10 +94,20 @@ http {{
     return conf
 
 
-def proxy_conf(d: Path, kind: str, listen: int, ports: dict, ca: Path) -> Path:
+def proxy_conf(d: Path, kind: str, listen: int, ports: dict, ca: Path, prefixed: bool) -> Path:
     plain = ports["http"]
     upstream = f"http://127.0.0.1:{plain}" if kind == "http" else f"https://localhost:{ports[kind]}"
     extra = f'ca_file = "{ca}"\n' if kind != "http" else ""
+    if prefixed:
+        # Two routes share the listener; requests go to the second (see PATH).
+        extra += f"""path_prefix = "/items"
+
+[[routes]]
+listen = "127.0.0.1:{listen}"
+path_prefix = "/graph"
+upstream = "{upstream}/other"
+credential = "bench"
+{extra}"""
     conf = d / f"token-proxy-{kind}.toml"
     conf.write_text(f"""\
 workers = 1
@@ -116,11 +126,16 @@ credential = "bench"
     return conf
 
 
+#: What the clients ask for: under the prefixed route's `/items` with `--prefixed`, and the same
+#: path with one route, so that the two runs differ only in the routing.
+PATH = "/items/x"
+
+
 def h2load(port: int, n: int, c: int, client: str) -> None:
     # h1: HTTP/1.1 keep-alive; h2c: HTTP/2 with prior knowledge, 10 streams per connection.
     mode = ["--h1"] if client == "h1" else ["-m", "10"]
     out = subprocess.run(
-        ["h2load", *mode, "-n", str(n), "-c", str(c), "-t", "1", f"http://127.0.0.1:{port}/"],
+        ["h2load", *mode, "-n", str(n), "-c", str(c), "-t", "1", f"http://127.0.0.1:{port}{PATH}"],
         capture_output=True, text=True, timeout=600)
     m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out.stdout)
     if out.returncode != 0 or not m or int(m.group(3)) != n:
@@ -128,9 +143,9 @@ def h2load(port: int, n: int, c: int, client: str) -> None:
 
 
 def measure(kind: str, d: Path, binary: Path, ports: dict, ca: Path,
-            n: int, c: int, top: int, client: str) -> int:
+            n: int, c: int, top: int, client: str, prefixed: bool) -> int:
     listen = free_port()
-    conf = proxy_conf(d, kind, listen, ports, ca)
+    conf = proxy_conf(d, kind, listen, ports, ca, prefixed)
     out = d / f"callgrind-{kind}.out"
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
@@ -183,6 +198,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--top", type=int, default=0, help="print the N costliest functions")
+    p.add_argument("--prefixed", action="store_true",
+                   help="two routes on the listener, told apart by path_prefix (the request "
+                        "goes to the longer-matching one)")
     p.add_argument("--binary", default=str(ROOT / "target" / "profiling" / "token-proxy"))
     p.add_argument("--keep", metavar="DIR",
                    help="keep the callgrind output files (callgrind-KIND.out) in DIR")
@@ -207,7 +225,7 @@ def main() -> None:
                 wait_port(port)
             for kind in args.upstream.split(","):
                 measure(kind, d, binary, ports, ca, args.requests, args.connections, args.top,
-                        args.client)
+                        args.client, args.prefixed)
         finally:
             os.killpg(nginx.pid, signal.SIGTERM)
             nginx.wait(timeout=30)

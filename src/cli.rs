@@ -425,6 +425,26 @@ async fn check(config: &Config) -> ExitCode {
                 }
             }
         }
+        let set: Vec<&str> = route
+            .set_headers
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(route.set_header_files.iter().map(|(n, _, _)| n.as_str()))
+            .collect();
+        if !set.is_empty() || !route.token_stamp.is_default() {
+            let stamp = &route.token_stamp;
+            println!(
+                "route {name}: token in {}: {}{{token}}{}; sets {} (values not shown)",
+                stamp.header,
+                stamp.prefix,
+                stamp.suffix,
+                if set.is_empty() {
+                    "no other field".to_owned()
+                } else {
+                    set.join(", ")
+                }
+            );
+        }
         match crate::probe::upstream(route).await {
             Ok(what) => println!("route {name}: upstream {}: {what}", route.upstream.url),
             Err(why) => {

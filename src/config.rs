@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use url::Url;
 
@@ -333,6 +333,14 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Whether the prefix is cut from the path before it goes under the upstream's base path.
     pub strip_prefix: bool,
+    /// Fields set on every forwarded request, replacing any the client sent (`set_headers`).
+    /// Their values are secrets.
+    pub set_headers: Vec<(HeaderName, Secret)>,
+    /// Fields whose values are read from files (`set_header_files`), re-read when they change;
+    /// with the value each file held when the config was loaded.
+    pub set_header_files: Vec<(HeaderName, PathBuf, Secret)>,
+    /// Where and how the token is sent (`token_header`, `token_format`).
+    pub token_stamp: TokenStamp,
     /// The forward proxy to the upstream, if any.
     pub proxy: Option<ForwardProxy>,
     /// The client certificate for an upstream that asks for one (mutual TLS).
@@ -348,6 +356,54 @@ pub struct RouteConfig {
     /// Add this process's `Via` entry to forwarded requests.
     pub via: bool,
 }
+
+/// Where a route sends the token: the field `header`, its value `prefix`, the token, `suffix`.
+/// The default is `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStamp {
+    /// The field (lowercase).
+    pub header: HeaderName,
+    /// What comes before the token (`"Bearer "` by default).
+    pub prefix: String,
+    /// What comes after it.
+    pub suffix: String,
+}
+
+impl Default for TokenStamp {
+    fn default() -> Self {
+        TokenStamp {
+            header: http::header::AUTHORIZATION,
+            prefix: "Bearer ".into(),
+            suffix: String::new(),
+        }
+    }
+}
+
+impl TokenStamp {
+    /// Whether this is `Authorization: Bearer <token>`, the value the token slot holds.
+    pub fn is_default(&self) -> bool {
+        self.header == http::header::AUTHORIZATION
+            && self.prefix == "Bearer "
+            && self.suffix.is_empty()
+    }
+}
+
+/// Fields a route may not set (`set_headers`, `set_header_files`, `token_header`): hop-by-hop
+/// ones, those the proxy sets itself, and the message's framing.
+const UNSETTABLE_HEADERS: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+    "host",
+    "content-length",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
 
 // ---- raw, as in the file ----
 
@@ -430,6 +486,10 @@ struct RawRoute {
     name: Option<String>,
     path_prefix: Option<String>,
     strip_prefix: Option<bool>,
+    set_headers: Option<BTreeMap<String, String>>,
+    set_header_files: Option<BTreeMap<String, String>>,
+    token_header: Option<String>,
+    token_format: Option<String>,
     proxy: Option<String>,
     client_certificate_file: Option<String>,
     client_key_file: Option<String>,
@@ -1488,6 +1548,9 @@ impl Validator<'_> {
             }
         };
         let path_prefix = self.path_prefix(&k("path_prefix"), raw.path_prefix)?;
+        let token_stamp = self.token_stamp(&k(""), raw.token_header, raw.token_format)?;
+        let (set_headers, set_header_files) =
+            self.set_headers(&k(""), raw.set_headers, raw.set_header_files, &token_stamp)?;
         let name = match raw.name {
             Some(name) => name,
             None => format!("{listen_text}{path_prefix}"),
@@ -1496,6 +1559,9 @@ impl Validator<'_> {
             client_identity,
             path_prefix,
             strip_prefix: raw.strip_prefix.unwrap_or(true),
+            set_headers,
+            set_header_files,
+            token_stamp,
             listen,
             socket_mode,
             upstream,
@@ -1557,6 +1623,124 @@ impl Validator<'_> {
             ));
         }
         Ok(prefix.to_owned())
+    }
+
+    /// A field name a route may set, or the error at `key`.
+    fn settable_header(&self, key: &str, name: &str) -> Result<HeaderName, ConfigError> {
+        let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            self.err(
+                key,
+                format!("`{name}` is not a header field name"),
+                "write a field name such as \"X-Api-Key\" (letters, digits and -)",
+            )
+        })?;
+        if UNSETTABLE_HEADERS.contains(&parsed.as_str()) {
+            return Err(self.err(
+                key,
+                format!("`{name}` cannot be set: it is hop-by-hop, set by token-proxy itself, or frames the message"),
+                "remove it; token-proxy sets Host and the framing, and hop-by-hop fields never reach the upstream",
+            ));
+        }
+        Ok(parsed)
+    }
+
+    /// `token_header` and `token_format` (keys under `prefix`, as `routes[0].`).
+    fn token_stamp(
+        &self,
+        prefix: &str,
+        header: Option<String>,
+        format: Option<String>,
+    ) -> Result<TokenStamp, ConfigError> {
+        let mut stamp = TokenStamp::default();
+        if let Some(name) = self.optional(&format!("{prefix}token_header"), header)? {
+            stamp.header = self.settable_header(&format!("{prefix}token_header"), &name)?;
+        }
+        if let Some(text) = self.optional(&format!("{prefix}token_format"), format)? {
+            let key = format!("{prefix}token_format");
+            let Some((before, after)) = text.split_once("{token}") else {
+                return Err(self.err(&key, format!("`{text}` has no {{token}}"), "write e.g. token_format = \"Bearer {token}\", or \"{token}\" for the bare token"));
+            };
+            let plain = |s: &str| {
+                s.bytes()
+                    .all(|b| b == b' ' || b == b'\t' || (0x21..0x7f).contains(&b))
+            };
+            if after.contains("{token}") || !plain(before) || !plain(after) {
+                return Err(self.err(
+                    &key,
+                    format!("`{text}` is not a header value with one {{token}}"),
+                    "write printable ASCII around exactly one {token}, e.g. \"Bearer {token}\"",
+                ));
+            }
+            stamp.prefix = before.to_owned();
+            stamp.suffix = after.to_owned();
+        }
+        Ok(stamp)
+    }
+
+    /// `set_headers` and `set_header_files` (keys under `prefix`): names a route may set, each
+    /// once, none the token's own field; values valid header values (never shown in errors:
+    /// they are secrets).
+    #[allow(clippy::type_complexity)]
+    fn set_headers(
+        &self,
+        prefix: &str,
+        inline: Option<BTreeMap<String, String>>,
+        files: Option<BTreeMap<String, String>>,
+        stamp: &TokenStamp,
+    ) -> Result<
+        (
+            Vec<(HeaderName, Secret)>,
+            Vec<(HeaderName, PathBuf, Secret)>,
+        ),
+        ConfigError,
+    > {
+        let mut seen: Vec<HeaderName> = Vec::new();
+        let mut named = |key: &str, name: &str| -> Result<HeaderName, ConfigError> {
+            let header = self.settable_header(key, name)?;
+            if header == stamp.header {
+                return Err(self.err(
+                    key,
+                    format!("`{name}` is the field the token goes in (token_header)"),
+                    "set it with token_format, or choose another token_header",
+                ));
+            }
+            if seen.contains(&header) {
+                return Err(self.err(
+                    key,
+                    format!("`{name}` is set twice"),
+                    "set each field once, in set_headers or set_header_files",
+                ));
+            }
+            seen.push(header.clone());
+            Ok(header)
+        };
+        let mut set = Vec::new();
+        for (name, value) in inline.unwrap_or_default() {
+            let key = format!("{prefix}set_headers.{name}");
+            let header = named(&key, &name)?;
+            let value = self.expand(&key, &value)?;
+            if HeaderValue::from_str(&value).is_err() {
+                return Err(self.err(
+                    &key,
+                    "the value is not a valid header value (a control character or a line break?)",
+                    "give a value of printable characters",
+                ));
+            }
+            set.push((header, Secret::new(value)));
+        }
+        let mut from_files = Vec::new();
+        for (name, path) in files.unwrap_or_default() {
+            let key = format!("{prefix}set_header_files.{name}");
+            let header = named(&key, &name)?;
+            let Some(path) = self.path(&key, Some(path))? else {
+                continue;
+            };
+            let value = read_header_file(&path).map_err(|problem| {
+                self.err(&key, problem, "put the value in a file token-proxy can read (surrounding whitespace is ignored)")
+            })?;
+            from_files.push((header, path, value));
+        }
+        Ok((set, from_files))
     }
 
     /// The route's `upgrades`: protocol names as `Upgrade` carries them (`websocket`, or a
@@ -1636,6 +1820,23 @@ impl Validator<'_> {
             url,
         })
     }
+}
+
+/// Reads a `set_header_files` file: its trimmed content, which must be a valid header value.
+/// The file's bytes are zeroed once the value is copied out.
+pub fn read_header_file(path: &Path) -> Result<Secret, String> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+    );
+    let value = text.trim();
+    if value.is_empty() || HeaderValue::from_str(value).is_err() {
+        return Err(format!(
+            "{} is empty or does not hold a valid header value",
+            path.display()
+        ));
+    }
+    Ok(Secret::new(value))
 }
 
 /// Reads an inbound token file: the trimmed content, at least 16 characters. The file's bytes
@@ -2155,8 +2356,13 @@ credential = "api"
                 "config/one-port.toml",
                 include_str!("../config/one-port.toml"),
             ),
+            ("config/apim.toml", include_str!("../config/apim.toml")),
         ] {
-            if let Err(e) = Config::parse(text, name, &env) {
+            // The files a config reads at load, where a test can make them.
+            let key = std::env::temp_dir().join(format!("tp-example-key-{}", std::process::id()));
+            std::fs::write(&key, "example-key").unwrap();
+            let text = text.replace("/run/secrets/api-key", key.to_str().unwrap());
+            if let Err(e) = Config::parse(&text, name, &env) {
                 panic!("{e}");
             }
         }

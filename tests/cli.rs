@@ -276,6 +276,31 @@ async fn check_tries_unix_listeners_and_upstreams_through_a_forward_proxy() {
     );
 }
 
+/// `check` names the fields a route sets and where its token goes, never a value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_lists_the_fields_a_route_sets_without_their_values() {
+    let (_idp, _api, path) = stack_config(0, Duration::from_secs(60)).await;
+    let key = temp_file("key", "file-value-never-shown");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let extra = format!(
+        "set_headers = {{ \"Ocp-Apim-Subscription-Key\" = \"inline-value-never-shown\" }}\nset_header_files = {{ \"X-Api-Key\" = \"{}\" }}\ntoken_header = \"api-key\"\ntoken_format = \"{{token}}\"\n",
+        key.display()
+    );
+    std::fs::write(&path, format!("{config}{extra}")).unwrap();
+    let out = cli(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)],
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains(": token in api-key: {token}; sets ocp-apim-subscription-key, x-api-key (values not shown)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("never-shown"), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_with_a_wrong_secret_explains_and_fails() {
     let (_idp, _api, path) = stack_config(free_port(), Duration::from_secs(60)).await;
@@ -468,12 +493,24 @@ async fn sigterm_drains_requests_in_flight_and_exits_0() {
 async fn logs_at_trace_level_hold_no_secret_and_no_token() {
     let port = free_port();
     let (idp, _api, path) = stack_config(port, Duration::from_secs(2)).await;
+    // A field the route sets is a secret too.
+    let set = "set-header-secret-never-logged";
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{config}set_headers = {{ \"X-Api-Key\" = \"{set}\" }}\n"),
+    )
+    .unwrap();
     let mut proc = Process::run_with(&path, "trace", &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)]);
     let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
     for path in ["/a?token=1", "/status/401", "/b"] {
         get(addr, path).await;
     }
+    let post = http::Request::post(format!("http://{addr}/p"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send(&client(), post).await.status, StatusCode::OK);
     // Let a refresh or two happen, then a failing one.
     assert!(eventually(Duration::from_secs(5), || idp.state().request_count() >= 2).await);
     idp.state().set_canned(Some(demo::CannedResponse {
@@ -500,6 +537,10 @@ async fn logs_at_trace_level_hold_no_secret_and_no_token() {
     assert!(
         !log.contains(DEMO_CLIENT_SECRET),
         "the client secret leaked into the log"
+    );
+    assert!(
+        !log.contains(set),
+        "a set_headers value leaked into the log"
     );
     let tokens = idp.state().tokens.all();
     assert!(!tokens.is_empty());

@@ -7,8 +7,8 @@
 //! the only case where trailers can follow. `TE: trailers` is re-sent as such, as gRPC needs.
 
 use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, HeaderValue, CONNECTION, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::HeaderMap;
 
@@ -68,12 +68,9 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
             .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
-/// Whether a request field named `name` (as sent) stays behind: a hop-by-hop field, or one
-/// the proxy sets itself (`Authorization`, `Host`).
-pub fn is_hop_by_hop_or_replaced(name: &[u8]) -> bool {
-    is_hop_by_hop(name)
-        || name.eq_ignore_ascii_case(b"authorization")
-        || name.eq_ignore_ascii_case(b"host")
+/// The token of a token slot's `Bearer <token>` value (a value without the word as it is).
+pub fn bare_token(value: &[u8]) -> &[u8] {
+    value.strip_prefix(b"Bearer ").unwrap_or(value)
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
@@ -135,7 +132,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, streamed: bool) 
 /// goes on: it belongs to an `h2c` upgrade, which is never tunnelled.
 pub fn prepare_request(
     headers: &mut HeaderMap,
-    authorization: HeaderValue,
+    (token_header, token): (HeaderName, HeaderValue),
     host: Option<&HeaderValue>,
     upgrade: bool,
     streamed: bool,
@@ -146,7 +143,7 @@ pub fn prepare_request(
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
     headers.remove(&HTTP2_SETTINGS);
-    headers.insert(AUTHORIZATION, authorization);
+    headers.insert(token_header, token);
     match host {
         Some(host) => headers.insert(HOST, host.clone()),
         None => headers.remove(HOST),
@@ -350,6 +347,7 @@ pub fn prepare_response(headers: &mut HeaderMap, upgrade: bool, streamed: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::AUTHORIZATION;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
@@ -380,7 +378,7 @@ mod tests {
         ]);
         prepare_request(
             &mut h,
-            HeaderValue::from_static("Bearer t"),
+            (AUTHORIZATION, HeaderValue::from_static("Bearer t")),
             Some(&HeaderValue::from_static("up:1")),
             false,
             false,
@@ -402,7 +400,7 @@ mod tests {
         ]);
         prepare_request(
             &mut h,
-            HeaderValue::from_static("Bearer ours"),
+            (AUTHORIZATION, HeaderValue::from_static("Bearer ours")),
             Some(&HeaderValue::from_static("up")),
             false,
             false,
@@ -423,7 +421,7 @@ mod tests {
         assert!(is_upgrade_request(&h));
         prepare_request(
             &mut h,
-            HeaderValue::from_static("Bearer t"),
+            (AUTHORIZATION, HeaderValue::from_static("Bearer t")),
             Some(&HeaderValue::from_static("up")),
             true,
             false,
@@ -440,7 +438,7 @@ mod tests {
         assert!(!is_loop(&h));
         prepare_request(
             &mut h,
-            HeaderValue::from_static("Bearer t"),
+            (AUTHORIZATION, HeaderValue::from_static("Bearer t")),
             Some(&HeaderValue::from_static("up")),
             false,
             false,
@@ -473,7 +471,7 @@ mod tests {
         assert!(!offer_allowed_upgrades(&mut h, &allowed));
         prepare_request(
             &mut h,
-            HeaderValue::from_static("Bearer t"),
+            (AUTHORIZATION, HeaderValue::from_static("Bearer t")),
             Some(&HeaderValue::from_static("up")),
             false,
             false,

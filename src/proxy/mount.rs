@@ -13,8 +13,6 @@
 //! A path that needs none of this (no `.`, `%` or `\` in it: nearly every request) is matched
 //! as sent, without a copy.
 
-use std::borrow::Cow;
-
 /// Why a request path is refused before routing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmbiguousPath;
@@ -27,18 +25,47 @@ impl std::fmt::Display for AmbiguousPath {
     }
 }
 
-/// The origin-form `target` (path and query) with its path normalised: as sent when it needs
-/// nothing, else a new string.
-pub fn normalise(target: &str) -> Result<Cow<'_, str>, AmbiguousPath> {
-    let (path, query) = match target.find('?') {
-        Some(i) => target.split_at(i),
-        None => (target, ""),
-    };
-    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
-        return Ok(Cow::Borrowed(target));
+/// The origin-form `target` (path and query), its path normalised.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Normalised {
+    /// The target needs nothing: it goes as sent. Its path ends at `path_end`.
+    AsSent { path_end: usize },
+    /// The target with its dot segments removed.
+    Changed(Vec<u8>),
+}
+
+impl Normalised {
+    /// The path (without the query) of the target as it goes, `sent` being the target as sent.
+    pub fn path<'a>(&'a self, sent: &'a [u8]) -> &'a [u8] {
+        match self {
+            Normalised::AsSent { path_end } => &sent[..*path_end],
+            Normalised::Changed(t) => path_of(t),
+        }
     }
+}
+
+/// `target` normalised: one pass over its bytes decides, and only a path with a dot segment
+/// in it is copied. Bytes, not `str`: the front door's targets are checked ASCII already, and
+/// a UTF-8 check or a `char` search would cost more than the rest of the routing.
+pub fn normalise(target: &[u8]) -> Result<Normalised, AmbiguousPath> {
+    let mut path_end = target.len();
+    let mut special = false;
+    for (i, &b) in target.iter().enumerate() {
+        match b {
+            b'?' => {
+                path_end = i;
+                break;
+            }
+            b'.' | b'%' | b'\\' => special = true,
+            _ => {}
+        }
+    }
+    if !special {
+        return Ok(Normalised::AsSent { path_end });
+    }
+    let (path, query) = target.split_at(path_end);
     let mut dotted = false;
-    for segment in path.split('/') {
+    for segment in path.split(|&b| b == b'/') {
         if is_dot_segment(segment) {
             dotted = true;
         } else if hides_dot_segment(segment) {
@@ -46,11 +73,11 @@ pub fn normalise(target: &str) -> Result<Cow<'_, str>, AmbiguousPath> {
         }
     }
     if !dotted {
-        return Ok(Cow::Borrowed(target));
+        return Ok(Normalised::AsSent { path_end });
     }
     // RFC 3986 §5.2.4 on whole segments: `.` goes, `..` takes the previous segment with it.
-    let mut kept: Vec<&str> = Vec::new();
-    let mut segments = path.split('/').skip(1).peekable();
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let mut segments = path.split(|&b| b == b'/').skip(1).peekable();
     let mut trailing = false;
     while let Some(segment) = segments.next() {
         let last = segments.peek().is_none();
@@ -66,16 +93,16 @@ pub fn normalise(target: &str) -> Result<Cow<'_, str>, AmbiguousPath> {
             }
         }
     }
-    let mut out = String::with_capacity(target.len());
+    let mut out = Vec::with_capacity(target.len());
     for segment in &kept {
-        out.push('/');
-        out.push_str(segment);
+        out.push(b'/');
+        out.extend_from_slice(segment);
     }
     if trailing || kept.is_empty() {
-        out.push('/');
+        out.push(b'/');
     }
-    out.push_str(query);
-    Ok(Cow::Owned(out))
+    out.extend_from_slice(query);
+    Ok(Normalised::Changed(out))
 }
 
 enum Dot {
@@ -84,8 +111,7 @@ enum Dot {
 }
 
 /// `.` or `..`, with any of its dots written `%2E` or `%2e`.
-fn dot_kind(segment: &str) -> Option<Dot> {
-    let b = segment.as_bytes();
+fn dot_kind(segment: &[u8]) -> Option<Dot> {
     let dot = |s: &[u8]| -> Option<usize> {
         if s.first() == Some(&b'.') {
             Some(1)
@@ -95,21 +121,20 @@ fn dot_kind(segment: &str) -> Option<Dot> {
             None
         }
     };
-    let first = dot(b)?;
-    if first == b.len() {
+    let first = dot(segment)?;
+    if first == segment.len() {
         return Some(Dot::One);
     }
-    let second = dot(&b[first..])?;
-    (first + second == b.len()).then_some(Dot::Two)
+    let second = dot(&segment[first..])?;
+    (first + second == segment.len()).then_some(Dot::Two)
 }
 
-fn is_dot_segment(segment: &str) -> bool {
+fn is_dot_segment(segment: &[u8]) -> bool {
     dot_kind(segment).is_some()
 }
 
 /// Whether `segment`, split where an encoded slash or a backslash stands, holds a dot segment.
-fn hides_dot_segment(segment: &str) -> bool {
-    let b = segment.as_bytes();
+fn hides_dot_segment(b: &[u8]) -> bool {
     let (mut start, mut i, mut split) = (0, 0, false);
     while i < b.len() {
         let slash = if b[i] == b'\\' {
@@ -124,33 +149,48 @@ fn hides_dot_segment(segment: &str) -> bool {
             i += 1;
             continue;
         };
-        if is_dot_segment(&segment[start..i]) {
+        if is_dot_segment(&b[start..i]) {
             return true;
         }
         split = true;
         i += slash;
         start = i;
     }
-    split && is_dot_segment(&segment[start..])
+    split && is_dot_segment(&b[start..])
 }
 
-/// Whether `path` (no query) lies under `prefix` on whole segments: `prefix` is `""` (the
+/// Whether `path` (no query) lies under `prefix` on whole segments: `prefix` is empty (the
 /// route takes every path) or `/a/b` without a trailing slash, matching `/a/b` and `/a/b/…`
 /// but not `/a/bc`.
-pub fn under(path: &str, prefix: &str) -> bool {
+pub fn under(path: &[u8], prefix: &[u8]) -> bool {
     prefix.is_empty()
-        || (path.starts_with(prefix)
-            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+        || (path.starts_with(prefix) && matches!(path.get(prefix.len()), None | Some(b'/')))
 }
 
 /// The path of an origin-form target, without its query.
-pub fn path_of(target: &str) -> &str {
-    target.split_once('?').map_or(target, |(p, _)| p)
+pub fn path_of(target: &[u8]) -> &[u8] {
+    target
+        .iter()
+        .position(|&b| b == b'?')
+        .map_or(target, |i| &target[..i])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn norm(t: &str) -> Result<String, AmbiguousPath> {
+        Ok(match normalise(t.as_bytes())? {
+            Normalised::AsSent { path_end } => {
+                assert_eq!(
+                    &t[..path_end],
+                    std::str::from_utf8(path_of(t.as_bytes())).unwrap()
+                );
+                t.to_owned()
+            }
+            Normalised::Changed(v) => String::from_utf8(v).unwrap(),
+        })
+    }
 
     #[test]
     fn a_plain_path_is_matched_as_sent() {
@@ -161,9 +201,10 @@ mod tests {
             "/items%2Fx",
             "/a\\b",
             "/file.json",
+            "/x?a/../b",
         ] {
             assert!(
-                matches!(normalise(t), Ok(Cow::Borrowed(s)) if s == t),
+                matches!(normalise(t.as_bytes()), Ok(Normalised::AsSent { .. })),
                 "{t}"
             );
         }
@@ -188,7 +229,7 @@ mod tests {
             ("/a/.b/c", "/a/.b/c"),
         ];
         for (sent, want) in cases {
-            assert_eq!(normalise(sent).unwrap(), want, "{sent}");
+            assert_eq!(norm(sent).unwrap(), want, "{sent}");
         }
     }
 
@@ -203,15 +244,16 @@ mod tests {
             "/items/x%2F..%2F..",
             "/items/x%2F.",
         ] {
-            assert_eq!(normalise(t), Err(AmbiguousPath), "{t}");
+            assert_eq!(normalise(t.as_bytes()), Err(AmbiguousPath), "{t}");
         }
         for t in ["/items/a%2Fb", "/items/a%2F.b", "/x%2", "/x%2F", "/x%5"] {
-            assert!(normalise(t).is_ok(), "{t}");
+            assert!(normalise(t.as_bytes()).is_ok(), "{t}");
         }
     }
 
     #[test]
     fn prefixes_match_whole_segments() {
+        let under = |p: &str, pre: &str| under(p.as_bytes(), pre.as_bytes());
         assert!(under("/graph", "/graph"));
         assert!(under("/graph/", "/graph"));
         assert!(under("/graph/x", "/graph"));
@@ -221,7 +263,7 @@ mod tests {
         assert!(under("/anything", ""));
         assert!(under("/a/b/c", "/a/b"));
         assert!(!under("/a/bc", "/a/b"));
-        assert_eq!(path_of("/a/b?x=/c"), "/a/b");
-        assert_eq!(path_of("/a"), "/a");
+        assert_eq!(path_of(b"/a/b?x=/c"), b"/a/b");
+        assert_eq!(path_of(b"/a"), b"/a");
     }
 }

@@ -39,7 +39,7 @@ use super::pool::{self, Checkin, Http1Pool};
 use super::raw::{ClientFraming, ClientHead};
 use super::upload::{BodyTooLarge, ClientBody, UpstreamBody};
 use super::{ProxyBody, ProxyError};
-use crate::config::{Cidr, RouteConfig, Upstream};
+use crate::config::{Cidr, RouteConfig, TokenStamp, Upstream};
 use crate::egress;
 use crate::metrics::RouteMetrics;
 use crate::secret::Secret;
@@ -85,6 +85,12 @@ struct Inner {
     prefix: Box<str>,
     /// The prefix is cut before the path goes under the base path.
     strip: bool,
+    /// Where and how the token is sent (`Authorization: Bearer <token>` by default).
+    stamp: TokenStamp,
+    /// The fields set on every request (`set_headers`, then `set_header_files`), values marked
+    /// sensitive; swapped when a file changes. `None` when the route sets none, so the request
+    /// path does not look.
+    set_headers: Option<Arc<ArcSwap<SetHeaders>>>,
     metrics: &'static RouteMetrics,
     access_log: bool,
     upstream: Upstream,
@@ -351,6 +357,9 @@ impl RouteService {
         let inner = Arc::new(Inner {
             prefix: route.path_prefix.clone().into_boxed_str(),
             strip: route.strip_prefix,
+            stamp: route.token_stamp.clone(),
+            set_headers: (!route.set_headers.is_empty() || !route.set_header_files.is_empty())
+                .then(|| Arc::new(ArcSwap::from_pointee(set_header_values(route, None)))),
             metrics,
             access_log: route.access_log,
             upstream: route.upstream.clone(),
@@ -387,6 +396,13 @@ impl RouteService {
                 route.clone(),
                 inner.clients.clone(),
                 lean_tls,
+                inner.retired.clone(),
+            ));
+        }
+        if let (false, Some(values)) = (route.set_header_files.is_empty(), &inner.set_headers) {
+            inner.tunnels.spawn(watch_header_files(
+                route.clone(),
+                values.clone(),
                 inner.retired.clone(),
             ));
         }
@@ -471,23 +487,25 @@ impl ProxyService {
 
     /// The route that takes `target` (origin-form), and what of it goes upstream: the path
     /// normalised (see `mount.rs`), matched on whole segments, longest prefix first.
-    fn pick(&self, target: &str) -> Result<(Route<'_>, Target), ProxyError> {
-        if !target.starts_with('/') {
+    fn pick(&self, target: &[u8]) -> Result<(Route<'_>, Target), ProxyError> {
+        if target.first() != Some(&b'/') {
             return Err(ProxyError::BadRequest(format!(
-                "request target {target:?} is not an absolute path"
+                "request target {:?} is not an absolute path",
+                String::from_utf8_lossy(target)
             )));
         }
         let normalised =
             mount::normalise(target).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-        let path = mount::path_of(&normalised);
+        let path = normalised.path(target);
         let Some(route) = self
             .routes
             .routes
             .iter()
-            .find(|r| mount::under(path, &r.inner.prefix))
+            .find(|r| mount::under(path, r.inner.prefix.as_bytes()))
         else {
             return Err(ProxyError::NoRoute(format!(
-                "no route on this listener takes the path {path:?} (path_prefix)"
+                "no route on this listener takes the path {:?} (path_prefix)",
+                String::from_utf8_lossy(path)
             )));
         };
         let cut = if route.inner.strip {
@@ -496,8 +514,9 @@ impl ProxyService {
             0
         };
         let normalised = match normalised {
-            std::borrow::Cow::Borrowed(_) => None,
-            std::borrow::Cow::Owned(s) => Some(s),
+            mount::Normalised::AsSent { .. } => None,
+            // Made of the target's bytes (UTF-8, or the front door's ASCII) split at ASCII `/`.
+            mount::Normalised::Changed(t) => Some(String::from_utf8_lossy(&t).into_owned()),
         };
         Ok((route.borrow(&self.peer), Target { normalised, cut }))
     }
@@ -510,7 +529,7 @@ impl ProxyService {
     /// [`handle`](Self::handle) for a request whose body came from either server.
     pub async fn handle_body(&self, req: Request<ClientBody>) -> Response<ProxyBody> {
         let sent = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-        match self.pick(sent) {
+        match self.pick(sent.as_bytes()) {
             Ok((route, target)) => {
                 let access = route.ledger().access(req.method(), req.uri());
                 let result = route.forward(req, &target).await;
@@ -550,9 +569,7 @@ impl ProxyService {
         use tokio_util::either::Either::{Left, Right};
         // Not an `async fn`: the connection's future holds room for this one, idle or not,
         // and an async layer here would add its own state to the route's.
-        // The front door takes printable ASCII targets only (`front::plain_target`).
-        let sent = std::str::from_utf8(req.target).unwrap_or("");
-        let (route, target) = match self.pick(sent) {
+        let (route, target) = match self.pick(req.target) {
             Ok(picked) => picked,
             Err(e) => {
                 let ledger = self.routes.unrouted;
@@ -884,7 +901,7 @@ impl<'a> Route<'a> {
                         debug!("upstream answered 401: replaying once with a new token");
                         inner.metrics.replay_401();
                         (response, checkin) = self
-                            .send(upgrade, replay.request(Some(fresh)), false)
+                            .send(upgrade, replay.request(Some(self.stamped(&fresh))), false)
                             .await
                             .map_err(|f| f.error)?;
                     }
@@ -1021,10 +1038,18 @@ impl<'a> Route<'a> {
             .flat_map(|v| headers::connection_named(v, false))
             .collect();
         let mut sized = false;
+        let stamp = &inner.stamp;
+        let set = inner.set_headers.as_ref().map(|s| s.load());
         for (name, value) in req.fields() {
-            if headers::is_hop_by_hop_or_replaced(name)
+            if headers::is_hop_by_hop(name)
+                || name.eq_ignore_ascii_case(b"host")
+                || name.eq_ignore_ascii_case(stamp.header.as_str().as_bytes())
                 || headers::is_http2_settings(name)
                 || named.iter().any(|n| n.eq_ignore_ascii_case(name))
+                || set.as_ref().is_some_and(|set| {
+                    set.iter()
+                        .any(|(n, _)| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+                })
             {
                 continue;
             }
@@ -1041,10 +1066,22 @@ impl<'a> Route<'a> {
         if req.te {
             up.extend_from_slice(b"te: trailers\r\n");
         }
-        up.extend_from_slice(b"authorization: ");
+        // The token's own bytes are where `sent_token` says, whatever its format.
+        up.extend_from_slice(stamp.header.as_str().as_bytes());
+        up.extend_from_slice(b": ");
+        up.extend_from_slice(stamp.prefix.as_bytes());
         let start = up.len();
-        up.extend_from_slice(token);
+        up.extend_from_slice(headers::bare_token(token));
         let sent_token = start..up.len();
+        up.extend_from_slice(stamp.suffix.as_bytes());
+        if let Some(set) = &set {
+            for (name, value) in set.iter() {
+                up.extend_from_slice(b"\r\n");
+                up.extend_from_slice(name.as_str().as_bytes());
+                up.extend_from_slice(b": ");
+                up.extend_from_slice(value.as_bytes());
+            }
+        }
         up.extend_from_slice(b"\r\nhost: ");
         up.extend_from_slice(upstream.host_header.as_bytes());
         if let Some(auth) = inner.proxy.as_ref().and_then(|p| p.authorization()) {
@@ -1077,6 +1114,22 @@ impl<'a> Route<'a> {
             Some(r) => r.map_err(|e| Bodiless::Failed(pool_error(inner, &e))),
             None => Err(Bodiless::Failed(self.response_timed_out())),
         }
+    }
+
+    /// The field and value the token goes upstream in, from the slot's `Bearer <token>`:
+    /// that value itself for the default `Authorization: Bearer <token>` (a reference count
+    /// bumped, no copy), else the route's `token_format` around the token.
+    fn stamped(&self, slot_value: &http::HeaderValue) -> (http::HeaderName, http::HeaderValue) {
+        let stamp = &self.inner.stamp;
+        if stamp.is_default() {
+            return (http::header::AUTHORIZATION, slot_value.clone());
+        }
+        let bare = headers::bare_token(slot_value.as_bytes());
+        let value = [stamp.prefix.as_bytes(), bare, stamp.suffix.as_bytes()].concat();
+        let mut value = http::HeaderValue::from_bytes(&value)
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        value.set_sensitive(true);
+        (stamp.header.clone(), value)
     }
 
     /// The `Authorization` value to send: the token valid at `now`, lock-free and without
@@ -1115,12 +1168,17 @@ impl<'a> Route<'a> {
         parts.version = Version::HTTP_11;
         headers::prepare_request(
             &mut parts.headers,
-            authorization,
+            self.stamped(&authorization),
             pooled.then_some(&inner.upstream.host_header),
             upgrade,
             streamed,
             inner.via,
         );
+        if let Some(set) = &inner.set_headers {
+            for (name, value) in set.load().iter() {
+                parts.headers.insert(name.clone(), value.clone());
+            }
+        }
         // hyper's client sends no body with a `GET` or `HEAD` of unknown length unless told
         // to; a body the client sent is never dropped.
         if streamed && matches!(parts.method, Method::GET | Method::HEAD) {
@@ -1186,7 +1244,8 @@ impl<'a> Route<'a> {
             if let Some(fresh) = self.token_after_401(authorization.as_bytes()).await {
                 debug!("upstream answered 401: replaying once with a new token");
                 inner.metrics.replay_401();
-                parts.headers.insert(http::header::AUTHORIZATION, fresh);
+                let (name, value) = self.stamped(&fresh);
+                parts.headers.insert(name, value);
                 response = self.send_bodiless(pool, parts).await?;
             }
         }
@@ -1202,7 +1261,9 @@ impl<'a> Route<'a> {
             return None;
         }
         match slot.wait_for_header(self.inner.token_wait).await {
-            Ok(fresh) if fresh.as_bytes() != used => Some(fresh),
+            Ok(fresh) if headers::bare_token(fresh.as_bytes()) != headers::bare_token(used) => {
+                Some(fresh)
+            }
             Ok(_) => None,
             Err(e) => {
                 debug!(error = %e, "no new token after a 401: passing it on");
@@ -1337,16 +1398,98 @@ struct Replay {
 }
 
 impl Replay {
-    /// The request again, with a new `Authorization` if given.
-    fn request(&self, authorization: Option<http::HeaderValue>) -> Request<UpstreamBody> {
+    /// The request again, with a new token field if given.
+    fn request(
+        &self,
+        authorization: Option<(http::HeaderName, http::HeaderValue)>,
+    ) -> Request<UpstreamBody> {
         let mut req = Request::new(UpstreamBody::buffered(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = self.headers.clone();
-        if let Some(value) = authorization {
-            req.headers_mut().insert(http::header::AUTHORIZATION, value);
+        if let Some((name, value)) = authorization {
+            req.headers_mut().insert(name, value);
         }
         req
+    }
+}
+
+/// The fields a route sets on every request, with their values.
+type SetHeaders = Vec<(http::HeaderName, http::HeaderValue)>;
+
+/// The values of the route's `set_headers`, then of its `set_header_files` (from `read` where
+/// given, else as the config read them), marked sensitive.
+fn set_header_values(route: &RouteConfig, read: Option<&[Secret]>) -> SetHeaders {
+    let inline = route.set_headers.iter().map(|(n, v)| (n, v));
+    let files = route
+        .set_header_files
+        .iter()
+        .enumerate()
+        .map(|(i, (n, _, v))| (n, read.and_then(|r| r.get(i)).unwrap_or(v)));
+    inline
+        .chain(files)
+        .filter_map(|(name, value)| {
+            let mut value = http::HeaderValue::from_str(value.expose()).ok()?;
+            value.set_sensitive(true);
+            Some((name.clone(), value))
+        })
+        .collect()
+}
+
+/// How often a route's `set_header_files` are read again.
+const HEADER_FILES_POLL: Duration = Duration::from_secs(2);
+
+/// Reads the route's `set_header_files` every [`HEADER_FILES_POLL`] until `stop` fires, and
+/// swaps in the new values when one changed. A file that cannot be read, or no longer holds
+/// a valid value, keeps the value in use and logs a warning (naming the file, never a value).
+async fn watch_header_files(
+    route: RouteConfig,
+    values: Arc<ArcSwap<SetHeaders>>,
+    stop: CancellationToken,
+) {
+    let mut current: Vec<Secret> = route
+        .set_header_files
+        .iter()
+        .map(|(_, _, v)| v.clone())
+        .collect();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEADER_FILES_POLL) => {}
+        }
+        let paths: Vec<PathBuf> = route
+            .set_header_files
+            .iter()
+            .map(|(_, p, _)| p.clone())
+            .collect();
+        let read = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .map(|p| crate::config::read_header_file(p))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        let Ok(read) = read else { continue };
+        let mut changed = false;
+        for (i, r) in read.into_iter().enumerate() {
+            match r {
+                Ok(v) if v != current[i] => {
+                    current[i] = v;
+                    changed = true;
+                }
+                Ok(_) => {}
+                Err(problem) => {
+                    warn!(route = route.name.as_str(), %problem, "set_header_files: keeping the value in use")
+                }
+            }
+        }
+        if changed {
+            values.store(Arc::new(set_header_values(&route, Some(&current))));
+            debug!(
+                route = route.name.as_str(),
+                "set_header_files: a value changed"
+            );
+        }
     }
 }
 

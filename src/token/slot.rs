@@ -207,7 +207,11 @@ impl TokenSlot {
         let Some(token) = current.as_deref() else {
             return true;
         };
-        if token.header().as_bytes() != used || !token.is_valid_at(now) {
+        // Compared without the `Bearer ` word: a route may send the token in another format.
+        fn bare(v: &[u8]) -> &[u8] {
+            v.strip_prefix(b"Bearer ").unwrap_or(v)
+        }
+        if bare(token.header().as_bytes()) != bare(used) || !token.is_valid_at(now) {
             // A newer token is already here, or this one is already retired and being replaced.
             return true;
         }
