@@ -215,7 +215,38 @@ pub enum ClientCredential {
     /// A JWT made by someone else (a federated workload identity token), read from this file
     /// for each request.
     AssertionFile(PathBuf),
+    /// No secret: the platform's identity endpoint (Azure IMDS, or App Service's) issues the
+    /// token for the identity of the machine or app (`managed_identity`).
+    ManagedIdentity(ManagedIdentity),
 }
+
+/// An Azure managed identity, as a token source: which endpoint, which identity, for which
+/// resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagedIdentity {
+    /// How the endpoint is asked.
+    pub endpoint: IdentityEndpoint,
+    /// A user-assigned identity: the query parameter naming it and its value (`client_id`,
+    /// `object_id` or `msi_res_id` on IMDS; `client_id`, `principal_id` or `mi_res_id` on App
+    /// Service). `None`: the system-assigned identity.
+    pub identity: Option<(&'static str, String)>,
+    /// The `resource` asked for: the credential's `scope` without its `/.default`.
+    pub resource: String,
+}
+
+/// The two kinds of managed identity endpoint Azure has.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdentityEndpoint {
+    /// The Instance Metadata Service of VMs, scale sets and AKS nodes: `GET` with
+    /// `Metadata: true`, `api-version=2018-02-01`.
+    Imds,
+    /// App Service, Functions and Container Apps: `IDENTITY_ENDPOINT`, with `IDENTITY_HEADER`
+    /// sent as `X-IDENTITY-HEADER`, `api-version=2019-08-01`.
+    AppService(Secret),
+}
+
+/// Where IMDS issues managed identity tokens.
+pub const IMDS_TOKEN_URL: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 
 impl CredentialConfig {
     /// How the client authenticates, as `check` reports it: `client_secret_post`,
@@ -226,6 +257,10 @@ impl CredentialConfig {
             (ClientCredential::Secret(_), AuthMethod::ClientSecretBasic) => "client_secret_basic",
             (ClientCredential::PrivateKey(_), _) => "private_key_jwt",
             (ClientCredential::AssertionFile(_), _) => "client_assertion_file",
+            (ClientCredential::ManagedIdentity(mi), _) => match mi.endpoint {
+                IdentityEndpoint::Imds => "managed_identity (IMDS)",
+                IdentityEndpoint::AppService(_) => "managed_identity (App Service)",
+            },
         }
     }
 }
@@ -451,6 +486,24 @@ struct RawCredential {
     #[serde(default)]
     allow_insecure_token_url: bool,
     proxy: Option<String>,
+    managed_identity: Option<RawManagedIdentity>,
+}
+
+/// `managed_identity = true`, or a table naming a user-assigned identity or the endpoint.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawManagedIdentity {
+    On(bool),
+    Table(RawIdentity),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    client_id: Option<String>,
+    object_id: Option<String>,
+    resource_id: Option<String>,
+    endpoint: Option<String>,
 }
 
 /// The keys that say how a client authenticates, taken out of [`RawCredential`].
@@ -1056,9 +1109,18 @@ impl Validator<'_> {
     fn credential(
         &self,
         name: String,
-        raw: RawCredential,
+        mut raw: RawCredential,
     ) -> Result<CredentialConfig, ConfigError> {
         let k = |field: &str| format!("credentials.{name}.{field}");
+        if let Some(mi) = raw.managed_identity.take() {
+            match mi {
+                RawManagedIdentity::On(false) => {}
+                RawManagedIdentity::On(true) => {
+                    return self.managed_identity(name, raw, RawIdentity::default())
+                }
+                RawManagedIdentity::Table(t) => return self.managed_identity(name, raw, t),
+            }
+        }
         let azure = raw.azure.is_some();
         let token_url = match (raw.token_url, raw.azure) {
             (Some(_), Some(_)) => {
@@ -1127,6 +1189,7 @@ impl Validator<'_> {
             | (None | Some("private_key_jwt"), ClientCredential::AssertionFile(_)) => {
                 AuthMethod::ClientSecretPost
             }
+            (_, ClientCredential::ManagedIdentity(_)) => AuthMethod::ClientSecretPost,
             (Some(other), _) => {
                 return Err(self.err(
                     &k("auth_method"),
@@ -1284,6 +1347,156 @@ impl Validator<'_> {
         };
         let text = format!("{}/{tenant}/oauth2/v2.0/token", host.trim_end_matches('/'));
         self.http_url(&format!("{key}.authority_host"), &text)
+    }
+
+    /// A `managed_identity` credential: no secret, the platform's endpoint, one identity, and
+    /// the `scope` as the `resource` the endpoint wants.
+    fn managed_identity(
+        &self,
+        name: String,
+        raw: RawCredential,
+        table: RawIdentity,
+    ) -> Result<CredentialConfig, ConfigError> {
+        let k = |field: &str| format!("credentials.{name}.{field}");
+        let not_with = [
+            ("token_url", raw.token_url.is_some()),
+            ("azure", raw.azure.is_some()),
+            ("client_id", raw.client_id.is_some()),
+            ("client_secret", raw.client_secret.is_some()),
+            ("client_secret_file", raw.client_secret_file.is_some()),
+            ("private_key_file", raw.private_key_file.is_some()),
+            ("certificate_file", raw.certificate_file.is_some()),
+            ("assertion_algorithm", raw.assertion_algorithm.is_some()),
+            ("client_assertion_file", raw.client_assertion_file.is_some()),
+            ("auth_method", raw.auth_method.is_some()),
+            ("audience", raw.audience.is_some()),
+            ("resource", raw.resource.is_some()),
+            ("extra_params", !raw.extra_params.is_empty()),
+            ("proxy", raw.proxy.is_some()),
+            ("allow_insecure_token_url", raw.allow_insecure_token_url),
+        ];
+        if let Some((key, _)) = not_with.iter().find(|(_, set)| *set) {
+            return Err(self.err(
+                &k(key),
+                "is set, but a managed identity has no secret and asks the platform's own endpoint",
+                format!("remove {key}; for a user-assigned identity write managed_identity = {{ client_id = \"<uuid>\" }}"),
+            ));
+        }
+        let mut ids = Vec::new();
+        for (key, value) in [
+            ("client_id", table.client_id),
+            ("object_id", table.object_id),
+            ("resource_id", table.resource_id),
+        ] {
+            if let Some(v) = self.optional(&k(&format!("managed_identity.{key}")), value)? {
+                ids.push((key, v));
+            }
+        }
+        if ids.len() > 1 {
+            return Err(self.err(
+                &k("managed_identity"),
+                format!(
+                    "{} are all set",
+                    ids.iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+                "name the user-assigned identity one way: client_id, object_id or resource_id",
+            ));
+        }
+        let endpoint = match (
+            self.optional(&k("managed_identity.endpoint"), table.endpoint)?,
+            (self.env)("IDENTITY_ENDPOINT").filter(|v| !v.is_empty()),
+        ) {
+            (Some(text), _) => Some((k("managed_identity.endpoint"), text)),
+            (None, Some(text)) => Some(("IDENTITY_ENDPOINT".to_string(), text)),
+            (None, None) => None,
+        };
+        let header = (self.env)("IDENTITY_HEADER").filter(|v| !v.is_empty());
+        let (token_url, flavor) = match (endpoint, header) {
+            (None, _) => (
+                Url::parse(IMDS_TOKEN_URL).expect("a valid URL"),
+                IdentityEndpoint::Imds,
+            ),
+            (Some((key, text)), header) => {
+                let url = self.http_url(&key, &text)?;
+                match header {
+                    Some(h) => (url, IdentityEndpoint::AppService(Secret::new(h))),
+                    None if key == "IDENTITY_ENDPOINT" => {
+                        return Err(self.err(
+                            &k("managed_identity"),
+                            "IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not",
+                            "App Service, Functions and Container Apps set both; set IDENTITY_HEADER too, or unset IDENTITY_ENDPOINT to use IMDS",
+                        ))
+                    }
+                    None => (url, IdentityEndpoint::Imds),
+                }
+            }
+        };
+        let app_service = matches!(flavor, IdentityEndpoint::AppService(_));
+        let identity = ids.pop().map(|(key, v)| {
+            let param = match (key, app_service) {
+                ("client_id", _) => "client_id",
+                ("object_id", false) => "object_id",
+                ("object_id", true) => "principal_id",
+                (_, false) => "msi_res_id",
+                (_, true) => "mi_res_id",
+            };
+            (param, v)
+        });
+        let scope = match raw.scope {
+            Some(Scopes::One(s)) => self.expand(&k("scope"), &s)?,
+            Some(Scopes::Many(list)) if list.len() == 1 => self.expand(&k("scope"), &list[0])?,
+            Some(Scopes::Many(_)) => {
+                return Err(self.err(
+                    &k("scope"),
+                    "holds several scopes, but a managed identity token is for one resource",
+                    "give one scope, such as scope = \"<app-id>/.default\"",
+                ))
+            }
+            None => String::new(),
+        };
+        let resource = scope.trim().trim_end_matches("/.default").to_string();
+        if resource.is_empty() || resource.contains(' ') {
+            return Err(self.err(
+                &k("scope"),
+                "is missing, empty or holds several scopes: a managed identity token is for one resource",
+                "set scope = \"<app-id or app-id-uri>/.default\" (sent as resource=<app-id or app-id-uri>)",
+            ));
+        }
+        Ok(CredentialConfig {
+            proxy: None,
+            scope: Some(scope),
+            audience: None,
+            resource: None,
+            ca_file: self.path(&k("ca_file"), raw.ca_file)?,
+            token_timeout: self.secs(
+                &k("token_timeout_secs"),
+                raw.token_timeout_secs,
+                DEFAULT_TOKEN_TIMEOUT,
+            )?,
+            refresh_before: self.secs(
+                &k("refresh_before_secs"),
+                raw.refresh_before_secs,
+                DEFAULT_REFRESH_BEFORE,
+            )?,
+            default_expires_in: self.secs(
+                &k("default_expires_in_secs"),
+                raw.default_expires_in_secs,
+                DEFAULT_EXPIRES_IN,
+            )?,
+            name,
+            token_url,
+            client_id: String::new(),
+            client_credential: ClientCredential::ManagedIdentity(ManagedIdentity {
+                endpoint: flavor,
+                identity,
+                resource,
+            }),
+            auth_method: AuthMethod::ClientSecretPost,
+            extra_params: Vec::new(),
+        })
     }
 
     /// The one way the client proves its identity: a secret (inline or file), a signing
@@ -2341,7 +2554,10 @@ credential = "api"
     #[test]
     fn the_shipped_example_configs_are_valid() {
         let env = |name: &str| {
-            (!name.to_ascii_uppercase().contains("PROXY")).then(|| "value-from-env".to_string())
+            // Not the proxy variables, nor App Service's identity endpoint: unset, as on a VM.
+            let upper = name.to_ascii_uppercase();
+            (!upper.contains("PROXY") && !upper.starts_with("IDENTITY_"))
+                .then(|| "value-from-env".to_string())
         };
         for (name, text) in [
             (
@@ -2357,6 +2573,10 @@ credential = "api"
                 include_str!("../config/one-port.toml"),
             ),
             ("config/apim.toml", include_str!("../config/apim.toml")),
+            (
+                "config/managed-identity.toml",
+                include_str!("../config/managed-identity.toml"),
+            ),
         ] {
             // The files a config reads at load, where a test can make them.
             let key = std::env::temp_dir().join(format!("tp-example-key-{}", std::process::id()));

@@ -76,7 +76,8 @@ impl std::fmt::Debug for IssuedTokens {
 }
 
 impl IssuedTokens {
-    fn issue(&self, lifetime: Duration) -> String {
+    /// Issues a new token, current for `lifetime` (also for fake endpoints in tests).
+    pub fn issue(&self, lifetime: Duration) -> String {
         let token = format!(
             "demo-{}",
             (0..40)

@@ -301,6 +301,30 @@ async fn check_lists_the_fields_a_route_sets_without_their_values() {
     assert!(!stdout.contains("never-shown"), "{stdout}");
 }
 
+/// `check` with a managed identity: the endpoint asked as `run` asks it, the kind and the
+/// token's lifetime reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fetches_a_managed_identity_token() {
+    let fake = FakeIdentity::start(None, &[]).await;
+    let config = format!(
+        "[credentials.mi]\nmanaged_identity = {{ endpoint = \"{}\" }}\nscope = \"api://x/.default\"\n\n\
+         [[routes]]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9/api\"\ncredential = \"mi\"\n",
+        fake.url()
+    );
+    let path = temp_file("mi.toml", &config);
+    let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("credential mi: authenticates with managed_identity (IMDS)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("credential mi: ok, token lifetime 3599 s"),
+        "{stdout}"
+    );
+    assert_eq!(fake.state().requests.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_with_a_wrong_secret_explains_and_fails() {
     let (_idp, _api, path) = stack_config(free_port(), Duration::from_secs(60)).await;

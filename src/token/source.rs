@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::assertion::{SigningKey, ASSERTION_TYPE};
-use crate::config::{AuthMethod, ClientCredential, CredentialConfig, SecretSource};
+use crate::config::{
+    AuthMethod, ClientCredential, CredentialConfig, IdentityEndpoint, ManagedIdentity, SecretSource,
+};
 use crate::secret::Secret;
 use crate::tls;
 
@@ -48,11 +50,19 @@ pub struct OAuthError {
     pub trace_id: Option<String>,
     /// Azure's `correlation_id`.
     pub correlation_id: Option<String>,
+    /// It came from a managed identity endpoint, whose fixes differ (see [`hint`](Self::hint)).
+    pub managed_identity: bool,
 }
 
 impl OAuthError {
     /// A hint at the likely fix, by error code.
     pub fn hint(&self) -> &'static str {
+        if self.managed_identity {
+            return match self.error.as_str() {
+                "invalid_request" => "check that the identity (managed_identity's client_id, object_id or resource_id, or the system-assigned one) is enabled and assigned to this machine or app, and check scope",
+                _ => "the platform's identity endpoint refused: check that a managed identity is enabled here; token-proxy retries transient answers with backoff",
+            };
+        }
         match self.error.as_str() {
             "invalid_client" => "check client_id and the client secret (wrong or expired secret; Azure AADSTS7000215 = wrong secret, AADSTS7000222 = expired)",
             "unauthorized_client" => "the client may not use the client_credentials grant; check the app registration and tenant",
@@ -278,6 +288,11 @@ impl TokenSource {
                     other => other,
                 })
             }
+            // App Service's `IDENTITY_HEADER` is the one secret a managed identity request holds.
+            ClientCredential::ManagedIdentity(mi) => Ok(match &mi.endpoint {
+                IdentityEndpoint::AppService(header) => header.clone(),
+                IdentityEndpoint::Imds => Secret::new(""),
+            }),
             ClientCredential::PrivateKey(files) => {
                 let (files, client_id) = (files.clone(), self.config.client_id.clone());
                 let audience = self.config.token_url.to_string();
@@ -329,6 +344,8 @@ impl TokenSource {
                 form.append_pair("client_assertion_type", ASSERTION_TYPE);
                 form.append_pair("client_assertion", secret.expose());
             }
+            // A managed identity's request is a `GET` (see `managed_identity_request`).
+            ClientCredential::ManagedIdentity(_) => {}
         }
         for (name, value) in [
             ("scope", &self.config.scope),
@@ -345,10 +362,56 @@ impl TokenSource {
         form.finish()
     }
 
+    /// A managed identity's token request: a `GET` of the endpoint with the API version,
+    /// the resource and the identity in the query, and the header that proves the request
+    /// comes from the machine (`Metadata: true`) or the app (`X-IDENTITY-HEADER`). No proxy:
+    /// the endpoint is local, and IMDS refuses a request that carries `X-Forwarded-For`.
+    fn managed_identity_request(
+        &self,
+        mi: &ManagedIdentity,
+        secret: &Secret,
+    ) -> reqwest::RequestBuilder {
+        let mut url = self.config.token_url.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            let version = match mi.endpoint {
+                IdentityEndpoint::Imds => "2018-02-01",
+                IdentityEndpoint::AppService(_) => "2019-08-01",
+            };
+            query.append_pair("api-version", version);
+            query.append_pair("resource", &mi.resource);
+            if let Some((param, value)) = &mi.identity {
+                query.append_pair(param, value);
+            }
+        }
+        let request = self.client().get(url).header(ACCEPT, "application/json");
+        match mi.endpoint {
+            IdentityEndpoint::Imds => request.header("Metadata", "true"),
+            IdentityEndpoint::AppService(_) => {
+                let mut value = HeaderValue::from_str(secret.expose())
+                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                value.set_sensitive(true);
+                request.header("X-IDENTITY-HEADER", value)
+            }
+        }
+    }
+
     /// Makes one token request.
     pub async fn fetch(&self) -> Result<Fetched, TokenError> {
         let secret = self.proof().await?;
         let requested_at = Instant::now();
+        if let ClientCredential::ManagedIdentity(mi) = &self.config.client_credential {
+            let request = self.managed_identity_request(mi, &secret);
+            return self
+                .exchange(request, secret, requested_at)
+                .await
+                .map_err(|mut e| {
+                    if let TokenError::Rejected { oauth: Some(o), .. } = &mut e {
+                        o.managed_identity = true;
+                    }
+                    e
+                });
+        }
         let mut request = self
             .client()
             .post(self.config.token_url.clone())
@@ -362,6 +425,16 @@ impl TokenSource {
         {
             request = request.header(AUTHORIZATION, basic_auth(&self.config.client_id, &secret));
         }
+        self.exchange(request, secret, requested_at).await
+    }
+
+    /// Sends a token request and reads its answer, within `token_timeout`.
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        secret: Secret,
+        requested_at: Instant,
+    ) -> Result<Fetched, TokenError> {
         let url = self.config.token_url.as_str();
         let exchange = async {
             let mut response = request.send().await?;
@@ -500,6 +573,7 @@ fn oauth_error(v: &serde_json::Value, secret: &Secret) -> Option<OAuthError> {
             .unwrap_or_default(),
         trace_id: string_field(v, "trace_id", secret),
         correlation_id: string_field(v, "correlation_id", secret),
+        managed_identity: false,
     })
 }
 
@@ -595,7 +669,22 @@ pub fn parse_response(
         }
     }
     let lifetime = match json.get("expires_in") {
-        None | Some(serde_json::Value::Null) => default_expires_in,
+        // App Service's managed identity endpoint gives only `expires_on`, the Unix time.
+        None | Some(serde_json::Value::Null) => match json.get("expires_on").and_then(unix_time) {
+            Some(at) => {
+                let now = SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let secs = at - now;
+                if secs < 1.0 {
+                    return Err(TokenError::InvalidResponse(format!(
+                        "expires_on {at} is not in the future"
+                    )));
+                }
+                Duration::from_secs_f64(secs.min(MAX_LIFETIME.as_secs_f64()))
+            }
+            None => default_expires_in,
+        },
         Some(v) => {
             let secs = match v {
                 serde_json::Value::Number(n) => n.as_f64(),
@@ -616,6 +705,16 @@ pub fn parse_response(
         }
     };
     Ok((access_token, lifetime))
+}
+
+/// A Unix time in seconds, as a number or a string of digits (`expires_on`).
+fn unix_time(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok().map(|n| n as f64),
+        _ => None,
+    }
+    .filter(|t| t.is_finite() && *t > 0.0)
 }
 
 /// The token endpoint's client: TLS with the built-in roots and `ca_file`, the proxy decided
@@ -753,6 +852,45 @@ mod tests {
         assert!(!parse(500, "{}").unwrap_err().is_permanent());
         assert!(!parse(429, "{}").unwrap_err().is_permanent());
         assert!(parse(400, "{}").unwrap_err().is_permanent());
+    }
+
+    /// The IMDS retry rules (Azure's managed identity docs): `404`, `410` (while the endpoint
+    /// starts), `429` and `5xx` are tried again on the backoff; `400` (an unknown identity) is
+    /// permanent.
+    #[test]
+    fn imds_answers_are_transient_except_400() {
+        for status in [404, 410, 429, 500, 503] {
+            let e = parse(
+                status,
+                r#"{"error":"invalid_request","error_description":"x"}"#,
+            )
+            .unwrap_err();
+            assert!(!e.is_permanent(), "{status}");
+        }
+        let e = parse(
+            400,
+            r#"{"error":"invalid_request","error_description":"Identity not found"}"#,
+        )
+        .unwrap_err();
+        assert!(e.is_permanent());
+    }
+
+    /// App Service's endpoint gives only `expires_on` (a Unix time, as a string).
+    #[test]
+    fn expires_on_alone_gives_the_lifetime() {
+        let at = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let (_, lifetime) = parse(
+            200,
+            &format!(r#"{{"access_token":"t","expires_on":"{at}","token_type":"Bearer"}}"#),
+        )
+        .unwrap();
+        assert!((598..=600).contains(&lifetime.as_secs()), "{lifetime:?}");
+        let past = parse(200, r#"{"access_token":"t","expires_on":"1000"}"#).unwrap_err();
+        assert!(past.to_string().contains("expires_on"), "{past}");
     }
 
     #[test]

@@ -641,3 +641,171 @@ pub async fn proxy_to_scripted(
     let proxy = start_proxy(&text).await;
     (idp, proxy)
 }
+
+/// A fake Azure managed identity endpoint on loopback that keeps the real rules: IMDS
+/// (`Metadata: true` required, `X-Forwarded-For` refused, `api-version=2018-02-01`, `expires_in`
+/// as a string) or App Service (`X-IDENTITY-HEADER` required, `api-version=2019-08-01`, only
+/// `expires_on`). An unknown user-assigned identity gets `400`. Its tokens are current for the
+/// echo API built on [`FakeIdentity::tokens`].
+pub struct FakeIdentity {
+    pub addr: SocketAddr,
+    pub tokens: Arc<demo::IssuedTokens>,
+    state: Arc<std::sync::Mutex<IdentityState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`FakeIdentity`] was asked, and how it answers.
+#[derive(Default)]
+pub struct IdentityState {
+    /// Each request's query string and headers, in order.
+    pub requests: Vec<(String, HeaderMap)>,
+    /// Statuses to answer first, one per request (`410` while IMDS starts, `429`, `500`).
+    pub fail_first: std::collections::VecDeque<u16>,
+    /// The user-assigned identities known (`client_id`, `object_id` or `msi_res_id` values).
+    pub known: Vec<String>,
+    /// App Service mode: the `X-IDENTITY-HEADER` value required.
+    pub app_service_header: Option<String>,
+}
+
+impl FakeIdentity {
+    pub async fn start(app_service_header: Option<&str>, known: &[&str]) -> FakeIdentity {
+        let listener = tokio::net::TcpListener::bind(LOOPBACK).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tokens = Arc::new(demo::IssuedTokens::default());
+        let state = Arc::new(std::sync::Mutex::new(IdentityState {
+            known: known.iter().map(|s| s.to_string()).collect(),
+            app_service_header: app_service_header.map(str::to_owned),
+            ..Default::default()
+        }));
+        let (t, s) = (tokens.clone(), state.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (t, s) = (t.clone(), s.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let answer = identity_answer(&req, &t, &s);
+                        async move { Ok::<_, std::convert::Infallible>(answer) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeIdentity {
+            addr,
+            tokens,
+            state,
+            task,
+        }
+    }
+
+    /// The IMDS path on this endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}/metadata/identity/oauth2/token", self.addr)
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, IdentityState> {
+        self.state.lock().unwrap()
+    }
+}
+
+impl Drop for FakeIdentity {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn identity_answer(
+    req: &Request<hyper::body::Incoming>,
+    tokens: &demo::IssuedTokens,
+    state: &std::sync::Mutex<IdentityState>,
+) -> http::Response<Full<Bytes>> {
+    let reply = |status: u16, body: String| {
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let refuse = |status: u16, description: &str| {
+        reply(
+            status,
+            format!("{{\"error\":\"invalid_request\",\"error_description\":\"{description}\"}}"),
+        )
+    };
+    let query = req.uri().query().unwrap_or("").to_string();
+    let mut state = state.lock().unwrap();
+    state.requests.push((query.clone(), req.headers().clone()));
+    let params: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+    let app_service = state.app_service_header.clone();
+    if req.method() != http::Method::GET {
+        return refuse(405, "GET only");
+    }
+    match &app_service {
+        None => {
+            if req.headers().get("metadata").map(|v| v.as_bytes()) != Some(b"true") {
+                return refuse(400, "Required metadata header not specified");
+            }
+            if req.headers().contains_key("x-forwarded-for") {
+                return refuse(400, "Request contains X-Forwarded-For header");
+            }
+            if params.get("api-version").map(String::as_str) != Some("2018-02-01") {
+                return refuse(400, "Missing or unsupported api-version");
+            }
+        }
+        Some(secret) => {
+            let sent = req.headers().get("x-identity-header").map(|v| v.as_bytes());
+            if sent != Some(secret.as_bytes()) {
+                return refuse(401, "X-IDENTITY-HEADER missing or wrong");
+            }
+            if params.get("api-version").map(String::as_str) != Some("2019-08-01") {
+                return refuse(400, "Missing or unsupported api-version");
+            }
+        }
+    }
+    let Some(resource) = params.get("resource") else {
+        return refuse(400, "Required audience parameter not specified");
+    };
+    let named = [
+        "client_id",
+        "object_id",
+        "msi_res_id",
+        "principal_id",
+        "mi_res_id",
+    ]
+    .iter()
+    .find_map(|p| params.get(*p));
+    if let Some(id) = named {
+        if !state.known.contains(id) {
+            return refuse(400, "Identity not found");
+        }
+    }
+    if let Some(status) = state.fail_first.pop_front() {
+        return refuse(status, "try again");
+    }
+    // App Service's tokens here last 30 minutes, IMDS's an hour: a lifetime read from the
+    // wrong field shows.
+    let lifetime = if app_service.is_some() { 1800 } else { 3600 };
+    let token = tokens.issue(Duration::from_secs(lifetime));
+    let expires_on = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + lifetime;
+    let body = match app_service {
+        None => format!(
+            "{{\"access_token\":\"{token}\",\"expires_in\":\"3599\",\"expires_on\":\"{expires_on}\",\"resource\":\"{resource}\",\"token_type\":\"Bearer\"}}"
+        ),
+        Some(_) => format!(
+            "{{\"access_token\":\"{token}\",\"expires_on\":\"{expires_on}\",\"resource\":\"{resource}\",\"token_type\":\"Bearer\"}}"
+        ),
+    };
+    reply(200, body)
+}
