@@ -250,7 +250,8 @@ pub const IMDS_TOKEN_URL: &str = "http://169.254.169.254/metadata/identity/oauth
 
 impl CredentialConfig {
     /// How the client authenticates, as `check` reports it: `client_secret_post`,
-    /// `client_secret_basic`, `private_key_jwt` or `client_assertion_file`.
+    /// `client_secret_basic`, `private_key_jwt`, `client_assertion_file`, or
+    /// `managed_identity (IMDS)` / `managed_identity (App Service)`.
     pub fn kind(&self) -> &'static str {
         match (&self.client_credential, self.auth_method) {
             (ClientCredential::Secret(_), AuthMethod::ClientSecretPost) => "client_secret_post",

@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use super::codec::{self, Field, Parsed, RequestBody};
 use super::deadline::Deadline;
 use super::raw::{ClientFraming, ClientHead};
-use super::service::{FrontAnswer, FrontRequest, ProxyService};
+use super::service::{FrontAnswer, FrontPick, FrontRequest, ProxyService};
 use super::spare;
 use super::{ProxyBody, ProxyError};
 use crate::config::ClientLimits;
@@ -128,7 +128,7 @@ where
             fields,
         } = &mut b;
         let head = &buf[..request.len];
-        let view = FrontRequest::new(
+        let mut view = FrontRequest::new(
             &request.method,
             &head[request.target.0..request.target.1],
             head,
@@ -145,9 +145,24 @@ where
             relocate: None,
             http2: false,
         };
-        let answer = service
-            .handle_front(&view, up, &mut client, &mut timer)
-            .await;
+        // The route's future is awaited here, in this one: made in place, never moved.
+        let answer = match service.pick_front(&view, &mut client) {
+            FrontPick::Refused(response) => FrontAnswer::Response(response),
+            FrontPick::ToHyper => FrontAnswer::ToHyper,
+            FrontPick::Route(route, cut) => {
+                view.rest = &view.target[cut..];
+                route.serve_front(&view, up, &mut client, &mut timer).await
+            }
+            FrontPick::Normalised(normalised) => {
+                let (view, client, timer) = (&view, &mut client, &mut timer);
+                Box::pin(async move {
+                    let (route, target, cut) = *normalised;
+                    let view = view.with_rest(&target.as_bytes()[cut..]);
+                    route.serve_front(&view, up, client, timer).await
+                })
+                .await
+            }
+        };
         let trailers = std::mem::take(&mut client.trailers);
         let head_only = request.method == Method::HEAD;
         let written = match answer {

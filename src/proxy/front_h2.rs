@@ -35,7 +35,7 @@ use super::h2::request::RequestHead;
 use super::h2::serve::{self as h2serve, RequestBody, Stream};
 use super::h2::server::Arrived;
 use super::raw::{ClientFraming, ClientHead};
-use super::service::{FrontAnswer, FrontRequest, ProxyService};
+use super::service::{FrontAnswer, FrontPick, FrontRequest, ProxyService};
 use super::spare;
 use super::upload::ClientBody;
 use super::{ProxyBody, ProxyError};
@@ -139,7 +139,7 @@ async fn respond_lean(
     method: &Method,
 ) -> Option<FrontAnswer> {
     let path = head.path().unwrap_or_default();
-    let view = FrontRequest::new(method, path, head.bytes(), head.fields(), head.te_trailers);
+    let mut view = FrontRequest::new(method, path, head.bytes(), head.fields(), head.te_trailers);
     // Borrowed for the exchange only, as the HTTP/1.1 side's (`spare.rs`): given back before
     // the body is sent, however long that takes.
     let mut b = spare::Scratch::take();
@@ -155,9 +155,25 @@ async fn respond_lean(
         relocate: None,
         http2: true,
     };
-    let answer = service
-        .handle_front(&view, &mut b.up, &mut client, timer)
-        .await;
+    let answer = match service.pick_front(&view, &mut client) {
+        FrontPick::Refused(response) => FrontAnswer::Response(response),
+        FrontPick::ToHyper => FrontAnswer::ToHyper,
+        FrontPick::Route(route, cut) => {
+            view.rest = &view.target[cut..];
+            route
+                .serve_front(&view, &mut b.up, &mut client, timer)
+                .await
+        }
+        FrontPick::Normalised(normalised) => {
+            let (view, up, client) = (&view, &mut b.up, &mut client);
+            Box::pin(async move {
+                let (route, target, cut) = *normalised;
+                let view = view.with_rest(&target.as_bytes()[cut..]);
+                route.serve_front(&view, up, client, timer).await
+            })
+            .await
+        }
+    };
     let answer = match answer {
         FrontAnswer::Streaming { body, framing } => {
             let end = framing == ClientFraming::None || body.is_end_stream();

@@ -128,6 +128,10 @@ pub struct FrontRequest<'a> {
     pub method: &'a Method,
     /// The origin-form target, as sent.
     pub target: &'a [u8],
+    /// What of it goes under the upstream's base path: the target, normalised and with the
+    /// route's prefix cut where that applies (set once the route is picked). Kept here, not
+    /// passed along: every future of the request path would hold room for it.
+    pub rest: &'a [u8],
     head: &'a [u8],
     fields: &'a [Field],
     /// The client's `TE` accepts trailers.
@@ -146,6 +150,7 @@ impl<'a> FrontRequest<'a> {
         FrontRequest {
             method,
             target,
+            rest: target,
             head,
             fields,
             te,
@@ -160,6 +165,14 @@ impl<'a> FrontRequest<'a> {
                 &self.head[f.value.0..f.value.1],
             )
         })
+    }
+
+    /// This request with `rest` going under the base path.
+    pub fn with_rest<'r>(&self, rest: &'r [u8]) -> FrontRequest<'r>
+    where
+        'a: 'r,
+    {
+        FrontRequest { rest, ..*self }
     }
 
     /// The first value of the field named `name` (lowercase), borrowed from the head.
@@ -242,12 +255,36 @@ impl std::fmt::Debug for ProxyService {
     }
 }
 
+/// What the front door does with a request ([`ProxyService::pick_front`]).
+#[derive(Debug)]
+pub enum FrontPick<'s> {
+    /// The proxy's own answer (an error), before anything went upstream.
+    Refused(Box<Response<ProxyBody>>),
+    /// The route has no lean exchange: hyper serves the request ([`FrontAnswer::ToHyper`]).
+    ToHyper,
+    /// This route serves it: what follows the first `usize` bytes of the target as sent goes
+    /// under the upstream's base path.
+    Route(Route<'s>, usize),
+    /// As `Route`, from the target normalised (dot segments removed; rare, so boxed: the
+    /// connection's future holds room for what this holds).
+    Normalised(Box<(Route<'s>, String, usize)>),
+}
+
 /// One request's route, borrowed from the listener's set for the request: no reference count
 /// is touched on the request path.
 #[derive(Clone, Copy)]
-struct Route<'a> {
+pub struct Route<'a> {
     inner: &'a Inner,
     peer: &'a Option<IpAddr>,
+}
+
+impl std::fmt::Debug for Route<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("prefix", &self.inner.prefix)
+            .field("upstream", &self.inner.upstream.url.as_str())
+            .finish()
+    }
 }
 
 /// Where a request's target goes: normalised (when that changed it) and with the route's
@@ -269,11 +306,6 @@ impl Target {
         self.normalised.is_none() && self.cut == 0
     }
 }
-
-/// Names a lifetime that an `impl Future` return captures (edition 2021 captures only those
-/// named in its bounds).
-pub trait Captures<'a> {}
-impl<T: ?Sized> Captures<'_> for T {}
 
 /// What records a request: the metrics of a route (or of a listener, for what it answers
 /// before a route is known) and whether access lines are logged.
@@ -551,24 +583,17 @@ impl ProxyService {
         self.routes.routes.iter().any(RouteService::has_lean_path)
     }
 
-    /// Handles a bodiless `GET`, `HEAD`, `DELETE` or `OPTIONS` read by the front door, as
-    /// [`handle`](Self::handle) would, but from bytes to bytes: the upstream's request head is
-    /// written into `up`, and the response head for the client into `client.out` (redirects
-    /// to the route's upstream rewritten to the client's `Host`). Never fails (errors become
-    /// JSON responses).
-    pub fn handle_front<'s, 'f>(
+    /// Decides what becomes of a bodiless `GET`, `HEAD`, `DELETE` or `OPTIONS` the front door
+    /// read, before anything is awaited: the route its path picks (with the redirects to that
+    /// route's upstream set to come back to the client's `Host`), or the answer already (an
+    /// error, or hyper for a route without the lean exchange). The caller awaits the route's
+    /// [`Route::serve_front`] itself, in its own future: a future returned from here would be
+    /// copied on its way out (hundreds of bytes per request, callgrind showed).
+    pub fn pick_front<'s>(
         &'s self,
-        req: &'f FrontRequest<'s>,
-        up: &'f mut Vec<u8>,
-        client: &'f mut ClientHead<'s>,
-        timer: &'f mut Deadline,
-    ) -> impl Future<Output = FrontAnswer> + Captures<'s> + 'f
-    where
-        's: 'f,
-    {
-        use tokio_util::either::Either::{Left, Right};
-        // Not an `async fn`: the connection's future holds room for this one, idle or not,
-        // and an async layer here would add its own state to the route's.
+        req: &FrontRequest<'s>,
+        client: &mut ClientHead<'s>,
+    ) -> FrontPick<'s> {
         let (route, target) = match self.pick(req.target) {
             Ok(picked) => picked,
             Err(e) => {
@@ -579,24 +604,16 @@ impl ProxyService {
                 let access =
                     Access::started_at(ledger.metrics, req.method.clone(), uri, Instant::now());
                 client.out.clear();
-                let answer = FrontAnswer::Response(Box::new(ledger.respond(access, Err(e))));
-                return Left(std::future::ready(answer));
+                return FrontPick::Refused(Box::new(ledger.respond(access, Err(e))));
             }
         };
         if !route.has_lean_path() {
-            return Left(std::future::ready(FrontAnswer::ToHyper));
+            return FrontPick::ToHyper;
         }
         client.relocate = route.relocation(req.first_value(b"host"), &target);
         match target.normalised {
-            // Nearly every request: what goes upstream is a part of the target as sent.
-            None => {
-                let rest = &req.target[target.cut..];
-                Right(Left(route.handle_front(req, rest, up, client, timer)))
-            }
-            Some(normalised) => Right(Right(Box::pin(async move {
-                let rest = &normalised.as_bytes()[target.cut..];
-                route.handle_front(req, rest, up, client, timer).await
-            }))),
+            None => FrontPick::Route(route, target.cut),
+            Some(normalised) => FrontPick::Normalised(Box::new((route, normalised, target.cut))),
         }
     }
 
@@ -690,12 +707,12 @@ impl<'a> Route<'a> {
             .is_some_and(Http1Pool::serves_front)
     }
 
-    /// [`ProxyService::handle_front`] once the route is known: `rest` is what of the target
-    /// goes under the base path.
-    async fn handle_front(
+    /// Serves a request the front door read on this route ([`ProxyService::pick_front`]),
+    /// from bytes to bytes: the upstream's request head is written into `up`, and the response
+    /// head for the client into `client.out`. what goes under the base path is `req.rest`. Never fails (errors become JSON responses).
+    pub async fn serve_front(
         self,
         req: &FrontRequest<'_>,
-        rest: &[u8],
         up: &mut Vec<u8>,
         client: &mut ClientHead<'_>,
         timer: &mut Deadline,
@@ -708,7 +725,7 @@ impl<'a> Route<'a> {
         // One reading of the clock for the record, the token's validity and the deadline.
         let now = Instant::now();
         let access = Access::started_at(inner.metrics, req.method.clone(), uri, now);
-        match self.forward_front(req, rest, up, client, timer, now).await {
+        match self.forward_front(req, up, client, timer, now).await {
             Ok((status, body, framing)) => {
                 let mut body = ResponseBody::lean(body);
                 body.finish_with(access, status);
@@ -955,7 +972,6 @@ impl<'a> Route<'a> {
     async fn forward_front(
         &self,
         req: &FrontRequest<'_>,
-        rest: &[u8],
         up: &mut Vec<u8>,
         client: &mut ClientHead<'_>,
         timer: &mut Deadline,
@@ -976,12 +992,12 @@ impl<'a> Route<'a> {
         // the request wait for one (and own it).
         let sent_token = match inner
             .slot
-            .with_header_at(now, |token| self.write_upstream_head(req, rest, token, up))
+            .with_header_at(now, |token| self.write_upstream_head(req, token, up))
         {
             Some(range) => range,
             None => {
                 let token = self.authorization(now).await?;
-                self.write_upstream_head(req, rest, token.as_bytes(), up)
+                self.write_upstream_head(req, token.as_bytes(), up)
             }
         };
         let answer = self
@@ -995,7 +1011,7 @@ impl<'a> Route<'a> {
                 client.out.clear();
                 client.trailers.clear();
                 up.clear();
-                self.write_upstream_head(req, rest, fresh.as_bytes(), up);
+                self.write_upstream_head(req, fresh.as_bytes(), up);
                 return self
                     .send_for_client(pool, up, req.method, client, timer, Instant::now())
                     .await;
@@ -1012,7 +1028,6 @@ impl<'a> Route<'a> {
     fn write_upstream_head(
         &self,
         req: &FrontRequest<'_>,
-        rest: &[u8],
         token: &[u8],
         up: &mut Vec<u8>,
     ) -> std::ops::Range<usize> {
@@ -1027,10 +1042,10 @@ impl<'a> Route<'a> {
         }
         up.extend_from_slice(upstream.base_path.as_bytes());
         // A target that was only the route's prefix leaves nothing, or a query alone.
-        if upstream.base_path.is_empty() && !rest.starts_with(b"/") {
+        if upstream.base_path.is_empty() && !req.rest.starts_with(b"/") {
             up.push(b'/');
         }
-        up.extend_from_slice(rest);
+        up.extend_from_slice(req.rest);
         up.extend_from_slice(b" HTTP/1.1\r\n");
         // Fields a `Connection` header names besides its options (rare).
         let named: Vec<&[u8]> = req
