@@ -1251,27 +1251,22 @@ impl Validator<'_> {
             extra_params.push((key, value));
         }
         let proxy = self.proxy(&k("proxy"), raw.proxy, &token_url)?;
+        let (ca_file, token_timeout, refresh_before, default_expires_in) = self.token_client(
+            &k,
+            raw.ca_file,
+            raw.token_timeout_secs,
+            raw.refresh_before_secs,
+            raw.default_expires_in_secs,
+        )?;
         Ok(CredentialConfig {
             proxy,
             scope,
             audience,
             resource,
-            ca_file: self.path(&k("ca_file"), raw.ca_file)?,
-            token_timeout: self.secs(
-                &k("token_timeout_secs"),
-                raw.token_timeout_secs,
-                DEFAULT_TOKEN_TIMEOUT,
-            )?,
-            refresh_before: self.secs(
-                &k("refresh_before_secs"),
-                raw.refresh_before_secs,
-                DEFAULT_REFRESH_BEFORE,
-            )?,
-            default_expires_in: self.secs(
-                &k("default_expires_in_secs"),
-                raw.default_expires_in_secs,
-                DEFAULT_EXPIRES_IN,
-            )?,
+            ca_file,
+            token_timeout,
+            refresh_before,
+            default_expires_in,
             name,
             token_url,
             client_id,
@@ -1348,6 +1343,36 @@ impl Validator<'_> {
         };
         let text = format!("{}/{tenant}/oauth2/v2.0/token", host.trim_end_matches('/'));
         self.http_url(&format!("{key}.authority_host"), &text)
+    }
+
+    /// The keys of a credential's token client, shared by every kind: `ca_file` and the
+    /// timings, with their defaults.
+    fn token_client(
+        &self,
+        k: &dyn Fn(&str) -> String,
+        ca_file: Option<String>,
+        token_timeout: Option<f64>,
+        refresh_before: Option<f64>,
+        default_expires_in: Option<f64>,
+    ) -> Result<(Option<PathBuf>, Duration, Duration, Duration), ConfigError> {
+        Ok((
+            self.path(&k("ca_file"), ca_file)?,
+            self.secs(
+                &k("token_timeout_secs"),
+                token_timeout,
+                DEFAULT_TOKEN_TIMEOUT,
+            )?,
+            self.secs(
+                &k("refresh_before_secs"),
+                refresh_before,
+                DEFAULT_REFRESH_BEFORE,
+            )?,
+            self.secs(
+                &k("default_expires_in_secs"),
+                default_expires_in,
+                DEFAULT_EXPIRES_IN,
+            )?,
+        ))
     }
 
     /// A `managed_identity` credential: no secret, the platform's endpoint, one identity, and
@@ -1466,27 +1491,22 @@ impl Validator<'_> {
                 "set scope = \"<app-id or app-id-uri>/.default\" (sent as resource=<app-id or app-id-uri>)",
             ));
         }
+        let (ca_file, token_timeout, refresh_before, default_expires_in) = self.token_client(
+            &k,
+            raw.ca_file,
+            raw.token_timeout_secs,
+            raw.refresh_before_secs,
+            raw.default_expires_in_secs,
+        )?;
         Ok(CredentialConfig {
             proxy: None,
             scope: Some(scope),
             audience: None,
             resource: None,
-            ca_file: self.path(&k("ca_file"), raw.ca_file)?,
-            token_timeout: self.secs(
-                &k("token_timeout_secs"),
-                raw.token_timeout_secs,
-                DEFAULT_TOKEN_TIMEOUT,
-            )?,
-            refresh_before: self.secs(
-                &k("refresh_before_secs"),
-                raw.refresh_before_secs,
-                DEFAULT_REFRESH_BEFORE,
-            )?,
-            default_expires_in: self.secs(
-                &k("default_expires_in_secs"),
-                raw.default_expires_in_secs,
-                DEFAULT_EXPIRES_IN,
-            )?,
+            ca_file,
+            token_timeout,
+            refresh_before,
+            default_expires_in,
             name,
             token_url,
             client_id: String::new(),
