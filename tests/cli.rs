@@ -34,6 +34,15 @@ async fn health_within(readyz: &str, limit: Duration) -> bool {
     false
 }
 
+/// The line of `output` that starts with `start` (the test fails without one).
+fn line_starting(output: &str, start: &str) -> String {
+    output
+        .lines()
+        .find(|l| l.starts_with(start))
+        .unwrap_or_else(|| panic!("no {start:?} line in {output}"))
+        .to_owned()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -104,13 +113,7 @@ async fn check_tries_each_listener_and_upstream_and_ends_with_one_verdict() {
     let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
-    let line = |start: &str| {
-        stdout
-            .lines()
-            .find(|l| l.starts_with(start))
-            .unwrap_or_else(|| panic!("no {start:?} line in {stdout}"))
-            .to_owned()
-    };
+    let line = |start: &str| line_starting(&stdout, start);
     assert!(line(&format!("route busy: listen {busy}: FAILED")).contains("routes[0].listen"));
     assert!(line("route busy: upstream").contains(&format!("FAILED: cannot connect to {dead}")));
     assert!(line("route trusted: upstream").contains("ok (certificate verified, h2)"));
@@ -199,13 +202,7 @@ async fn check_tries_unix_listeners_and_upstreams_through_a_forward_proxy() {
     let out = cli(&["check", "--config", path.to_str().unwrap()], &[]).await;
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
-    let line = |start: &str| {
-        stdout
-            .lines()
-            .find(|l| l.starts_with(start))
-            .unwrap_or_else(|| panic!("no {start:?} line in {stdout}"))
-            .to_owned()
-    };
+    let line = |start: &str| line_starting(&stdout, start);
     assert!(
         line("route fresh: listen").ends_with(": can be bound"),
         "{stdout}"
