@@ -200,6 +200,15 @@ mod tests {
         assert_eq!(skew(S(3599)), S(30));
     }
 
+    /// The margin is applied, from when the request was sent: a token stated to last 100 s is
+    /// sent for 90 s, and Azure's 3599 s for 3569 s.
+    #[test]
+    fn a_token_is_used_until_its_margin_before_the_stated_expiry() {
+        let sent = Instant::now();
+        assert_eq!(usable_until(sent, S(100)), sent + S(90));
+        assert_eq!(usable_until(sent, S(3599)), sent + S(3569));
+    }
+
     #[test]
     fn backoff_is_spread_from_a_third_of_a_doubling_cap() {
         assert_eq!(retry_in(&failure(1), 0.0).idle, S(3));
