@@ -48,14 +48,14 @@ fn text(bytes: &[u8]) -> String {
 }
 
 async fn stack_config(
-    port: u16,
+    listen: std::net::SocketAddr,
     lifetime: Duration,
 ) -> (DemoServer<IdpState>, DemoServer<EchoState>, PathBuf) {
     let idp = start_token_endpoint(lifetime).await;
     let api = start_upstream(&idp).await;
     let config = format!(
         "[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"${{TP_TEST_SECRET}}\"\nscope = \"api://x/.default\"\n\n\
-         [[routes]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://{}/api\"\ncredential = \"api\"\n",
+         [[routes]]\nlisten = \"{listen}\"\nupstream = \"http://{}/api\"\ncredential = \"api\"\n",
         demo::token_url(&idp),
         api.addr()
     );
@@ -64,7 +64,7 @@ async fn stack_config(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_prints_lifetimes_never_tokens() {
-    let (idp, _api, path) = stack_config(free_port(), Duration::from_secs(3599)).await;
+    let (idp, _api, path) = stack_config(LOOPBACK, Duration::from_secs(3599)).await;
     let out = cli(
         &["check", "--config", path.to_str().unwrap()],
         &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)],
@@ -95,7 +95,7 @@ async fn check_tries_each_listener_and_upstream_and_ends_with_one_verdict() {
     let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = gone.local_addr().unwrap();
     drop(gone);
-    let (idp, api, _) = stack_config(0, Duration::from_secs(60)).await;
+    let (idp, api, _) = stack_config(LOOPBACK, Duration::from_secs(60)).await;
     let pki = support::tls::private_pki();
     let (tls_addr, _guard) = support::tls::tls_front(&pki, api.addr()).await;
     let ca = temp_file("check-ca.pem", &pki.ca_pem);
@@ -143,7 +143,7 @@ async fn check_tries_unix_listeners_and_upstreams_through_a_forward_proxy() {
     let stale = dir.join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let plain = temp_file("plain.sock", "not a socket");
-    let (idp, api, _) = stack_config(0, Duration::from_secs(60)).await;
+    let (idp, api, _) = stack_config(LOOPBACK, Duration::from_secs(60)).await;
     let pki = support::tls::private_pki();
     let (tls_addr, _guard) = support::tls::tls_front(&pki, api.addr()).await;
     let ca = temp_file("check-ca.pem", &pki.ca_pem);
@@ -276,7 +276,7 @@ async fn check_tries_unix_listeners_and_upstreams_through_a_forward_proxy() {
 /// `check` names the fields a route sets and where its token goes, never a value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_the_fields_a_route_sets_without_their_values() {
-    let (_idp, _api, path) = stack_config(0, Duration::from_secs(60)).await;
+    let (_idp, _api, path) = stack_config(LOOPBACK, Duration::from_secs(60)).await;
     let key = temp_file("key", "file-value-never-shown");
     let config = std::fs::read_to_string(&path).unwrap();
     let extra = format!(
@@ -324,7 +324,7 @@ async fn check_fetches_a_managed_identity_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_with_a_wrong_secret_explains_and_fails() {
-    let (_idp, _api, path) = stack_config(free_port(), Duration::from_secs(60)).await;
+    let (_idp, _api, path) = stack_config(LOOPBACK, Duration::from_secs(60)).await;
     let out = cli(
         &["check", "--config", path.to_str().unwrap()],
         &[("TP_TEST_SECRET", "not-the-secret")],
@@ -341,7 +341,7 @@ async fn check_with_a_wrong_secret_explains_and_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_prints_one_access_token_for_scripts() {
-    let (idp, _api, path) = stack_config(free_port(), Duration::from_secs(60)).await;
+    let (idp, _api, path) = stack_config(LOOPBACK, Duration::from_secs(60)).await;
     let out = cli(
         &[
             "token",
@@ -478,10 +478,9 @@ async fn config_errors_name_file_key_and_fix_and_exit_2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_requests_in_flight_and_exits_0() {
-    let port = free_port();
-    let (_idp, api, path) = stack_config(port, Duration::from_secs(60)).await;
+    let addr = fresh_addr();
+    let (_idp, api, path) = stack_config(addr, Duration::from_secs(60)).await;
     let mut proc = Process::run_with(&path, "info", &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)]);
-    let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
     let slow = tokio::spawn(async move { get(addr, "/slow/1500").await });
     assert!(eventually(Duration::from_secs(5), || api.state().in_flight() == 1).await);
@@ -512,8 +511,8 @@ async fn sigterm_drains_requests_in_flight_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_at_trace_level_hold_no_secret_and_no_token() {
-    let port = free_port();
-    let (idp, _api, path) = stack_config(port, Duration::from_secs(2)).await;
+    let addr = fresh_addr();
+    let (idp, _api, path) = stack_config(addr, Duration::from_secs(2)).await;
     // A field the route sets is a secret too.
     let set = "set-header-secret-never-logged";
     let config = std::fs::read_to_string(&path).unwrap();
@@ -523,7 +522,6 @@ async fn logs_at_trace_level_hold_no_secret_and_no_token() {
     )
     .unwrap();
     let mut proc = Process::run_with(&path, "trace", &[("TP_TEST_SECRET", DEMO_CLIENT_SECRET)]);
-    let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
     for path in ["/a?token=1", "/status/401", "/b"] {
         get(addr, path).await;
@@ -572,10 +570,10 @@ async fn logs_at_trace_level_hold_no_secret_and_no_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_subcommand_serves_the_echo_api_through_the_proxy() {
-    let port = free_port();
+    let addr = fresh_addr();
     let stdout_path = temp_file("demo.out", "");
     let child = binary()
-        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["demo", "--listen", &addr.to_string()])
         .stdout(std::fs::File::create(&stdout_path).unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -584,16 +582,13 @@ async fn demo_subcommand_serves_the_echo_api_through_the_proxy() {
         child,
         stderr_path: stdout_path.clone(),
     };
-    let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
     let reply = get(addr, "/hello?name=world").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["target"], "/api/hello?name=world");
     let printed = std::fs::read_to_string(&stdout_path).unwrap();
     assert!(
-        printed.contains(&format!(
-            "curl -s 'http://127.0.0.1:{port}/hello?name=world'"
-        )),
+        printed.contains(&format!("curl -s 'http://{addr}/hello?name=world'")),
         "{printed}"
     );
     // The demo has an admin listener on a free loopback port, and says where.
@@ -638,15 +633,15 @@ async fn demo_on_a_busy_port_names_the_flag() {
 async fn json_access_log_metrics_and_the_health_probe() {
     let idp = start_token_endpoint(Duration::from_secs(3600)).await;
     let api = start_upstream(&idp).await;
-    let (port, admin) = (free_port(), free_port());
-    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    let (addr, admin) = (fresh_addr(), fresh_addr());
+    let readyz = format!("http://{admin}/readyz");
     // Nothing listens yet: the probe fails.
     let out = cli(&["health", "--url", &readyz, "--timeout", "1"], &[]).await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
 
     let config = format!(
-        "admin_listen = \"127.0.0.1:{admin}\"\n[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n\n\
-         [[routes]]\nname = \"main\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://{}/api\"\ncredential = \"api\"\n",
+        "admin_listen = \"{admin}\"\n[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n\n\
+         [[routes]]\nname = \"main\"\nlisten = \"{addr}\"\nupstream = \"http://{}/api\"\ncredential = \"api\"\n",
         demo::token_url(&idp),
         api.addr()
     );
@@ -657,7 +652,6 @@ async fn json_access_log_metrics_and_the_health_probe() {
         "info",
         &[],
     );
-    let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
     let ready = health_within(&readyz, Duration::from_secs(5)).await;
     assert!(ready, "health never exited 0: {}", proxy.stderr());
@@ -673,7 +667,7 @@ async fn json_access_log_metrics_and_the_health_probe() {
     // A config without an admin listener has nothing to probe: a config error.
     let bare = temp_file(
         "no-admin.toml",
-        &config.replace(&format!("admin_listen = \"127.0.0.1:{admin}\"\n"), ""),
+        &config.replace(&format!("admin_listen = \"{admin}\"\n"), ""),
     );
     let out = cli(&["health", "--config", bare.to_str().unwrap()], &[]).await;
     let stderr = text(&out.stderr);
@@ -687,7 +681,7 @@ async fn json_access_log_metrics_and_the_health_probe() {
         let reply = get(addr, &format!("/items/{i}?sig=query-secret-{i}")).await;
         assert_eq!(reply.status, StatusCode::OK);
     }
-    let metrics = get(([127, 0, 0, 1], admin).into(), "/metrics").await;
+    let metrics = get(admin, "/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK);
     let metrics = text(&metrics.body);
     for line in [

@@ -55,11 +55,7 @@ fn message(body: &serde_json::Value) -> &str {
 async fn idp_refusing_connections_is_503_with_the_reason() {
     let text = format!(
         "{}{}",
-        credential(
-            "api",
-            &format!("http://127.0.0.1:{}/token", free_port()),
-            ""
-        ),
+        credential("api", &format!("http://{}/token", fresh_addr()), ""),
         route("http://127.0.0.1:9", "api", "")
     );
     let proxy = start_proxy(&text).await;

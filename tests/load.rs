@@ -92,15 +92,14 @@ async fn two_hundred_clients_through_expiring_tokens_and_a_failing_idp() {
 async fn sigterm_under_load_loses_no_request_in_flight() {
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
-    let port = free_port();
+    let addr = fresh_addr();
     let config = format!(
         "[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"demo-client\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n\
-         [[routes]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
+         [[routes]]\nlisten = \"{addr}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
         demo::token_url(&idp),
         api.addr()
     );
     let mut proc = Process::run(&temp_file("load.toml", &config), "info");
-    let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
     let answered = Arc::new(Mutex::new(HashSet::new()));
     let stop = Arc::new(AtomicBool::new(false));

@@ -144,7 +144,7 @@ async fn upstream_answers_pass_through_untouched_and_redirects_are_not_followed(
 async fn upstream_down_is_502_json_and_slow_upstream_is_504_json() {
     let idp = start_token_endpoint(LIFETIME).await;
     let api = start_upstream(&idp).await;
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://{}", fresh_addr());
     let text = format!(
         "{}{}{}",
         credential("api", &demo::token_url(&idp), ""),

@@ -184,9 +184,9 @@ async fn two_second_tokens_under_continuous_load_never_reach_the_upstream_expire
 
 #[tokio::test]
 async fn idp_down_at_start_gives_503_json_then_recovers_without_restart() {
-    let port = free_port();
-    let token_url = format!("http://127.0.0.1:{port}/oauth2/v2.0/token");
-    // The upstream accepts tokens of the IdP that will later listen on `port`.
+    let idp_addr = fresh_addr();
+    let token_url = format!("http://{idp_addr}/oauth2/v2.0/token");
+    // The upstream accepts tokens of the IdP that will later listen on `idp_addr`.
     let tokens = Arc::new(demo::IssuedTokens::default());
     let api = demo::start_echo_api(LOOPBACK, tokens.clone())
         .await
@@ -223,13 +223,9 @@ async fn idp_down_at_start_gives_503_json_then_recovers_without_restart() {
     );
 
     // The IdP comes up on the configured address; the proxy recovers by itself.
-    let idp = demo::start_token_endpoint_with(
-        ([127, 0, 0, 1], port).into(),
-        Duration::from_secs(60),
-        tokens,
-    )
-    .await
-    .unwrap();
+    let idp = demo::start_token_endpoint_with(idp_addr, Duration::from_secs(60), tokens)
+        .await
+        .unwrap();
     let _ = idp.addr();
     // With requests waiting, the refresher retries within 9 s of each failure, whatever its
     // backoff, so a request soon gets a token.

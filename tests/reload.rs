@@ -15,14 +15,12 @@ use token_proxy::app::ReloadSummary;
 use token_proxy::config::Config;
 use token_proxy::demo::{self, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET};
 
-fn addr(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
-}
-
-fn config_text(token_url: &str, routes: &[(u16, String)]) -> String {
+fn config_text(token_url: &str, routes: &[(SocketAddr, String)]) -> String {
     let mut text = credential("api", token_url, "");
-    for (port, upstream) in routes {
-        text.push_str(&format!("[[routes]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\ncredential = \"api\"\n"));
+    for (listen, upstream) in routes {
+        text.push_str(&format!(
+            "[[routes]]\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\ncredential = \"api\"\n"
+        ));
     }
     text
 }
@@ -35,7 +33,7 @@ fn parse(text: &str) -> Config {
 async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (fresh_addr(), fresh_addr());
     let url = demo::token_url(&idp);
     let mut running = token_proxy::app::start(&parse(&config_text(
         &url,
@@ -43,10 +41,10 @@ async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
     )))
     .await
     .unwrap();
-    assert_eq!(get(addr(p1), "/x").await.json()["target"], "/v1/x");
+    assert_eq!(get(p1, "/x").await.json()["target"], "/v1/x");
 
     // A request in flight when the config changes finishes on the old config.
-    let slow = tokio::spawn(async move { get(addr(p1), "/slow/500").await });
+    let slow = tokio::spawn(async move { get(p1, "/slow/500").await });
     assert!(eventually(Duration::from_secs(5), || api.state().in_flight() == 1).await);
 
     let new = config_text(
@@ -67,12 +65,12 @@ async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
         }
     );
     assert_eq!(
-        get(addr(p1), "/x").await.json()["target"],
+        get(p1, "/x").await.json()["target"],
         "/v2/x",
         "new connections use the new route"
     );
     assert_eq!(
-        get(addr(p2), "/y").await.json()["target"],
+        get(p2, "/y").await.json()["target"],
         "/v3/y",
         "the added route listens"
     );
@@ -92,7 +90,7 @@ async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
     );
 
     // Remove the first route: its listener closes, and so do its idle kept-alive connections.
-    let mut idle = tokio::net::TcpStream::connect(addr(p1)).await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(p1).await.unwrap();
     assert!(answer_on(&mut idle, "/idle")
         .await
         .starts_with("HTTP/1.1 200"));
@@ -111,13 +109,11 @@ async fn reload_keeps_tokens_updates_adds_and_removes_routes() {
         .unwrap_or(0);
     assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
     assert!(
-        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(
-            addr(p1)
-        )
-        .is_err())
+        eventually(Duration::from_secs(5), || std::net::TcpStream::connect(p1)
+            .is_err())
         .await
     );
-    assert_eq!(get(addr(p2), "/z").await.status, StatusCode::OK);
+    assert_eq!(get(p2, "/z").await.status, StatusCode::OK);
     running.shutdown().await;
 }
 
@@ -126,13 +122,13 @@ async fn a_changed_credential_gets_a_new_token_and_a_broken_config_changes_nothi
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
     let (p1, busy) = (
-        free_port(),
+        fresh_addr(),
         std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
     );
     let url = demo::token_url(&idp);
     let base = config_text(&url, &[(p1, format!("http://{}", api.addr()))]);
     let mut running = token_proxy::app::start(&parse(&base)).await.unwrap();
-    assert_eq!(get(addr(p1), "/a").await.status, StatusCode::OK);
+    assert_eq!(get(p1, "/a").await.status, StatusCode::OK);
 
     // A new route on a port that is taken: the whole reload is refused, the old config runs.
     let broken = format!(
@@ -151,8 +147,8 @@ async fn a_changed_credential_gets_a_new_token_and_a_broken_config_changes_nothi
     );
     let err = running.apply(&parse(&broken)).await.unwrap_err();
     assert!(err.to_string().contains("cannot listen"), "{err}");
-    assert_eq!(running.route_addrs(), vec![addr(p1)]);
-    assert_eq!(get(addr(p1), "/b").await.status, StatusCode::OK);
+    assert_eq!(running.route_addrs(), vec![p1]);
+    assert_eq!(get(p1, "/b").await.status, StatusCode::OK);
 
     // A changed credential (new scope): a new refresher and a new token.
     let changed = base.replace(
@@ -163,7 +159,7 @@ async fn a_changed_credential_gets_a_new_token_and_a_broken_config_changes_nothi
     assert_eq!(summary.credentials_started, 1);
     assert_eq!(summary.credentials_stopped, 1);
     assert_eq!(summary.routes_updated, 1);
-    assert_eq!(get(addr(p1), "/c").await.status, StatusCode::OK);
+    assert_eq!(get(p1, "/c").await.status, StatusCode::OK);
     let last = idp.state().requests().pop().unwrap();
     assert!(
         last.form.contains(&("scope".into(), "new/.default".into())),
@@ -181,13 +177,13 @@ async fn a_changed_credential_gets_a_new_token_and_a_broken_config_changes_nothi
 async fn sighup_with_a_broken_file_keeps_serving_and_a_good_file_applies() {
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (fresh_addr(), fresh_addr());
     let url = demo::token_url(&idp);
     let good = config_text(&url, &[(p1, format!("http://{}/one", api.addr()))]);
     let path = temp_file("hup.toml", &good);
     let mut proc = Process::run(&path, "info");
-    wait_listening(addr(p1), Duration::from_secs(10)).await;
-    assert_eq!(get(addr(p1), "/x").await.json()["target"], "/one/x");
+    wait_listening(p1, Duration::from_secs(10)).await;
+    assert_eq!(get(p1, "/x").await.json()["target"], "/one/x");
 
     std::fs::write(&path, "this is [not toml").unwrap();
     proc.signal("HUP");
@@ -200,7 +196,7 @@ async fn sighup_with_a_broken_file_keeps_serving_and_a_good_file_applies() {
         proc.stderr()
     );
     assert_eq!(
-        get(addr(p1), "/x").await.json()["target"],
+        get(p1, "/x").await.json()["target"],
         "/one/x",
         "the old config keeps serving"
     );
@@ -214,8 +210,8 @@ async fn sighup_with_a_broken_file_keeps_serving_and_a_good_file_applies() {
     );
     std::fs::write(&path, better).unwrap();
     proc.signal("HUP");
-    wait_listening(addr(p2), Duration::from_secs(5)).await;
-    assert_eq!(get(addr(p2), "/y").await.json()["target"], "/two/y");
+    wait_listening(p2, Duration::from_secs(5)).await;
+    assert_eq!(get(p2, "/y").await.json()["target"], "/two/y");
     assert_eq!(
         idp.state().request_count(),
         1,
@@ -229,7 +225,7 @@ async fn sighup_with_a_broken_file_keeps_serving_and_a_good_file_applies() {
 async fn a_changed_route_closes_its_open_keep_alive_connections_after_their_requests() {
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
-    let p1 = free_port();
+    let p1 = fresh_addr();
     let url = demo::token_url(&idp);
     let mut running = token_proxy::app::start(&parse(&config_text(
         &url,
@@ -237,7 +233,7 @@ async fn a_changed_route_closes_its_open_keep_alive_connections_after_their_requ
     )))
     .await
     .unwrap();
-    let mut conn = tokio::net::TcpStream::connect(addr(p1)).await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect(p1).await.unwrap();
     assert!(answer_on(&mut conn, "/a").await.contains("/old/a"));
     let mut buf = vec![0u8; 8192];
     running
@@ -253,7 +249,7 @@ async fn a_changed_route_closes_its_open_keep_alive_connections_after_their_requ
         .unwrap()
         .unwrap_or(0);
     assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
-    assert_eq!(get(addr(p1), "/b").await.json()["target"], "/new/b");
+    assert_eq!(get(p1, "/b").await.json()["target"], "/new/b");
     running.shutdown().await;
 }
 

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -70,10 +69,6 @@ impl TwoApis {
     }
 }
 
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// The one target each upstream last received, and that it came with its own token.
 fn last_target(api: &DemoServer<EchoState>) -> String {
     let records = api.state().records();
@@ -85,14 +80,13 @@ fn last_target(api: &DemoServer<EchoState>) -> String {
 #[tokio::test]
 async fn two_prefixes_on_one_listener_reach_their_own_upstream_with_their_own_token() {
     let apis = TwoApis::start().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let addr = fresh_addr();
+    let listen = addr.to_string();
     let proxy = start_proxy(&apis.config(&[
         apis.graph_route(&listen, ""),
         apis.items_route(&listen, "strip_prefix = false"),
     ]))
     .await;
-    let addr = loopback(port);
     assert_eq!(proxy.route_addrs(), vec![addr, addr]);
 
     // The front door's lean path: the prefix cut (graph) or kept (items).
@@ -162,12 +156,11 @@ async fn two_prefixes_on_one_listener_reach_their_own_upstream_with_their_own_to
 #[tokio::test]
 async fn the_path_is_normalised_before_it_is_matched_and_never_climbs_above_the_base_path() {
     let apis = TwoApis::start().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let addr = fresh_addr();
+    let listen = addr.to_string();
     let _proxy =
         start_proxy(&apis.config(&[apis.graph_route(&listen, ""), apis.items_route(&listen, "")]))
             .await;
-    let addr = loopback(port);
     // Read as the upstream would read it: /graph/x, the graph route's.
     let reply = get(addr, "/items/../graph/x").await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -197,8 +190,8 @@ async fn the_path_is_normalised_before_it_is_matched_and_never_climbs_above_the_
 async fn the_longest_prefix_wins() {
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let addr = fresh_addr();
+    let listen = addr.to_string();
     let route = |prefix: &str, base: &str| {
         format!(
             "[[routes]]\nlisten = \"{listen}\"\npath_prefix = \"{prefix}\"\nupstream = \"http://{}{base}\"\ncredential = \"api\"\n",
@@ -213,7 +206,6 @@ async fn the_longest_prefix_wins() {
         route("/a", "/a-only"),
     );
     let _proxy = start_proxy(&text).await;
-    let addr = loopback(port);
     for (sent, reached) in [
         ("/a/b/c", "/ab/c"),
         ("/a/b", "/ab"),
@@ -232,14 +224,13 @@ async fn the_longest_prefix_wins() {
 #[tokio::test]
 async fn metrics_and_access_lines_name_each_route_of_a_shared_listener() {
     let apis = TwoApis::start().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let addr = fresh_addr();
+    let listen = addr.to_string();
     let proxy = start_proxy(&apis.config(&[
         apis.graph_route(&listen, ""),
         apis.items_route(&listen, "name = \"items-api\""),
     ]))
     .await;
-    let addr = loopback(port);
     get(addr, "/graph/a").await;
     get(addr, "/items/b").await;
     get(addr, "/items/c").await;
@@ -261,9 +252,8 @@ async fn metrics_and_access_lines_name_each_route_of_a_shared_listener() {
 #[tokio::test]
 async fn a_reload_adds_changes_and_removes_routes_of_a_listener_that_stays_open() {
     let apis = TwoApis::start().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let addr = loopback(port);
+    let addr = fresh_addr();
+    let listen = addr.to_string();
     let mut proxy = start_proxy(&apis.config(&[apis.graph_route(&listen, "")])).await;
     assert_eq!(get(addr, "/items/1").await.json()["error"], "no_route");
     // A connection kept open across the reloads: the listener never closes.

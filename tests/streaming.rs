@@ -19,15 +19,14 @@ const PEAK_RSS_LIMIT_KIB: u64 = 48 * 1024;
 async fn a_1_gib_upload_and_download_pass_with_bounded_memory() {
     let idp = start_token_endpoint(Duration::from_secs(60)).await;
     let api = start_upstream(&idp).await;
-    let port = free_port();
+    let addr = fresh_addr();
     let config = format!(
         "workers = 1\n[credentials.api]\ntoken_url = \"{}\"\nclient_id = \"{DEMO_CLIENT_ID}\"\nclient_secret = \"{DEMO_CLIENT_SECRET}\"\n\
-         [[routes]]\nlisten = \"127.0.0.1:{port}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
+         [[routes]]\nlisten = \"{addr}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
         demo::token_url(&idp),
         api.addr()
     );
     let proc = Process::run(&temp_file("stream.toml", &config), "warn");
-    let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr, Duration::from_secs(10)).await;
     assert_eq!(get(addr, "/warm").await.status, StatusCode::OK);
     let idle_kib = proc.rss_kib();

@@ -223,13 +223,64 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
     check()
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Polls the async `check` every 20 ms until it holds or `limit` passes.
+pub async fn eventually_async<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check().await
+}
+
+/// Awaits `fut`, failing the test (naming `what`) if it takes more than 10 s: a socket read
+/// in a test must fail, never hang.
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 10 s"))
+}
+
+/// Reads `conn` until the peer closes it (a reset counts), failing the test after `limit`;
+/// how long the close took and the bytes read before it.
+pub async fn expect_closed(conn: &mut TcpStream, limit: Duration) -> (Duration, Vec<u8>) {
+    let started = Instant::now();
+    let mut read = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(started + limit, conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (started.elapsed(), read),
+            Ok(Ok(n)) => read.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "still open after {limit:?}; read {:?}",
+                String::from_utf8_lossy(&read)
+            ),
+        }
+    }
+}
+
+/// A loopback address for a listener that must be named before it is bound (several routes
+/// sharing one listener, a route kept across a reload, a child process's listener), or one
+/// where nothing listens. Each call gives a different address in `127.0.0.0/8` (Linux answers
+/// on all of it), on a port below the kernel's ephemeral range (32768 and up), so that neither
+/// another call nor a port the kernel hands out for `bind(0)` or `connect` can take it.
+/// Where the address need not be known first, bind `127.0.0.1:0` and ask the listener.
+pub fn fresh_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // The process id and a counter pick the address: no two calls, in this process or in
+    // another test binary running at the same time, share one.
+    let n = (std::process::id() % 2048) << 12 | NEXT.fetch_add(1, Ordering::Relaxed) % 4096;
+    let [_, a, b, c] = n.to_be_bytes();
+    let ip = std::net::Ipv4Addr::new(127, 100 + a, b, c);
+    let port = 20_000 + fastrand::u16(..10_000);
+    SocketAddr::new(ip.into(), port)
 }
 
 /// Writes `text` to a fresh file under the system temp dir and returns its path.
@@ -369,12 +420,14 @@ pub const PROXY_PASSWORD: &str = "proxy-pw-never-logged";
 
 impl ForwardProxy {
     pub async fn start() -> ForwardProxy {
-        let port = free_port();
+        let addr = fresh_addr();
         let log = temp_file("tinyproxy.log", "");
         let conf = temp_file(
             "tinyproxy.conf",
             &format!(
-                "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 200\nBasicAuth {PROXY_USER} {PROXY_PASSWORD}\n",
+                "Port {}\nListen {}\nTimeout 30\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 200\nBasicAuth {PROXY_USER} {PROXY_PASSWORD}\n",
+                addr.port(),
+                addr.ip(),
                 log.display()
             ),
         );
@@ -385,7 +438,6 @@ impl ForwardProxy {
             .stderr(Stdio::null())
             .spawn()
             .expect("tinyproxy (apt-get install -y tinyproxy)");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         wait_listening(addr, Duration::from_secs(10)).await;
         ForwardProxy { child, addr, log }
     }
