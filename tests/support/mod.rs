@@ -276,7 +276,7 @@ pub fn fresh_addr() -> SocketAddr {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     // The process id and a counter pick the address: no two calls, in this process or in
     // another test binary running at the same time, share one.
-    let n = (std::process::id() % 2048) << 12 | NEXT.fetch_add(1, Ordering::Relaxed) % 4096;
+    let n = ((std::process::id() % 2048) << 12) | (NEXT.fetch_add(1, Ordering::Relaxed) % 4096);
     let [_, a, b, c] = n.to_be_bytes();
     let ip = std::net::Ipv4Addr::new(127, 100 + a, b, c);
     let port = 20_000 + fastrand::u16(..10_000);
