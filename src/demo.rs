@@ -163,14 +163,18 @@ pub struct IdpState {
     requests: Mutex<Vec<TokenRequestRecord>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
-    client_secret: Mutex<String>,
+    client_secrets: Mutex<Vec<String>>,
     fail_every: AtomicUsize,
 }
 
 impl IdpState {
-    /// Accept `secret` as the client secret from now on (a rotation).
+    /// Accept `secret` as the client secret from now on, and no other.
     pub fn set_client_secret(&self, secret: &str) {
-        *self.client_secret.lock().unwrap() = secret.into();
+        self.set_client_secrets(&[secret]);
+    }
+    /// Accept any of `secrets`, as Azure does while an app has two during a rotation.
+    pub fn set_client_secrets(&self, secrets: &[&str]) {
+        *self.client_secrets.lock().unwrap() = secrets.iter().map(|s| s.to_string()).collect();
     }
     /// Answer every `n`-th token request with `500` (0: never).
     pub fn set_fail_every(&self, n: usize) {
@@ -323,7 +327,7 @@ pub async fn start_token_endpoint_with(
         requests: Mutex::default(),
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
-        client_secret: Mutex::new(DEMO_CLIENT_SECRET.into()),
+        client_secrets: Mutex::new(vec![DEMO_CLIENT_SECRET.into()]),
         fail_every: AtomicUsize::new(0),
     });
     start_server(addr, state, |state, _tasks, req| async move {
@@ -412,7 +416,8 @@ async fn token_answer(state: &IdpState, req: Request<Incoming>) -> Response<Demo
             field("client_secret").unwrap_or("").to_string(),
         ),
     };
-    if id != DEMO_CLIENT_ID || secret != *state.client_secret.lock().unwrap() {
+    let known = state.client_secrets.lock().unwrap().contains(&secret);
+    if id != DEMO_CLIENT_ID || !known {
         return json_reply(
             StatusCode::UNAUTHORIZED,
             json!({

@@ -286,8 +286,11 @@ async fn rotated_secret_file_is_used_at_the_next_refresh() {
         get(proxy.route_addrs()[0], "/one").await.status,
         StatusCode::OK
     );
-    // Kubernetes-style swap: a new file, then the link is replaced atomically.
-    idp.state().set_client_secret("second-secret-value");
+    // Kubernetes-style swap: a new file, then the link is replaced atomically. The IdP takes
+    // both secrets meanwhile, as Azure does during a rotation: a refresh that read the file
+    // just before the swap must not be refused (a permanent error, retried a minute later).
+    idp.state()
+        .set_client_secrets(&["first-secret-value", "second-secret-value"]);
     let tmp = dir.join("current.tmp");
     std::os::unix::fs::symlink(dir.join("secret-2"), &tmp).unwrap();
     std::fs::rename(&tmp, &link).unwrap();
@@ -302,10 +305,15 @@ async fn rotated_secret_file_is_used_at_the_next_refresh() {
         eventually(Duration::from_secs(5), used_second).await,
         "the new secret was never sent"
     );
+    // The old secret is revoked: from here on only the file's new secret gets tokens, and
+    // tokens keep coming (they last 2 s).
+    idp.state().set_client_secret("second-secret-value");
+    let issued = idp.state().tokens.all().len();
     assert!(
-        eventually(Duration::from_secs(3), || idp.state().tokens.all().len()
-            >= 2)
-        .await
+        eventually(Duration::from_secs(5), || idp.state().tokens.all().len()
+            >= issued + 2)
+        .await,
+        "refreshes with the new secret"
     );
     assert_eq!(
         get(proxy.route_addrs()[0], "/two").await.status,
@@ -421,6 +429,20 @@ async fn upstream_401_is_passed_through_when_retry_on_401_is_off() {
     );
     assert_eq!(s.idp.state().request_count(), 1);
     assert_eq!(s.api.state().records().len(), 1);
+    // The token is kept, not retired: a retired one shows `expired` until the refresher's
+    // next fetch (a second later at most), and that fetch would count a second request.
+    let ready = get(s.admin(), "/readyz").await.json();
+    assert_eq!(ready["credentials"]["api"]["state"], "valid", "{ready}");
+    assert_eq!(get(s.addr(), "/again").await.status, StatusCode::OK);
+    assert_eq!(s.idp.state().request_count(), 1, "the same token, kept");
+    let sent: Vec<_> = s
+        .api
+        .state()
+        .records()
+        .iter()
+        .map(|r| r.headers["authorization"].clone())
+        .collect();
+    assert_eq!(sent[0], sent[1]);
 }
 
 #[tokio::test]
@@ -442,64 +464,99 @@ async fn client_disconnecting_mid_upload_leaves_the_proxy_serving() {
         .await
         .unwrap();
     stream.write_all(&[b'u'; 10_000]).await.unwrap();
+    // The upload is under way at the upstream before the client goes.
+    assert!(
+        eventually(Duration::from_secs(5), || s.api.state().in_flight() == 1).await,
+        "the upload reached the upstream"
+    );
     drop(stream);
-    assert!(eventually(Duration::from_secs(5), || s.api.state().in_flight() == 0).await);
+    assert!(
+        eventually(Duration::from_secs(5), || s.api.state().in_flight() == 0).await,
+        "the upstream request was ended when the client went"
+    );
     assert_eq!(get(s.addr(), "/after").await.status, StatusCode::OK);
 }
 
+/// A client that trickles a header line every 100 ms never finishes its head: the 0.5 s
+/// timer counts from the first byte, not from the last read, so the connection is closed at
+/// about 0.5 s, without an answer. A timer restarted on every read would never fire.
 #[tokio::test]
 async fn slowloris_headers_are_cut_off() {
     let s = Stack::start_with("header_read_timeout_secs = 0.5", MINUTE, "", "").await;
-    let mut stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
     let started = tokio::time::Instant::now();
-    let mut closed = false;
-    for chunk in [
-        &b"GET / HTTP/1.1\r\n"[..],
-        b"Host: x\r\n",
-        b"X-A: 1\r\n",
-        b"X-B: 2\r\n",
-        b"X-C: 3\r\n",
-    ] {
-        if stream.write_all(chunk).await.is_err() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    if !closed {
-        let mut buf = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+    let trickle = tokio::spawn(async move {
+        if writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
             .await
-            .unwrap()
-            .unwrap_or(0);
-        let answer = String::from_utf8_lossy(&buf[..n]).to_string();
-        assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
-    }
-    assert!(started.elapsed() < Duration::from_secs(3));
+            .is_err()
+        {
+            return;
+        }
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let line = format!("X-Slow-{i}: 1\r\n");
+            if writer.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut read = Vec::new();
+    let mut buf = [0u8; 1024];
+    let closed_after = loop {
+        match tokio::time::timeout_at(started + Duration::from_secs(3), reader.read(&mut buf)).await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(n)) => read.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("still open after 3 s of trickled headers"),
+        }
+    };
+    trickle.abort();
+    assert!(
+        read.is_empty(),
+        "no answer: {}",
+        String::from_utf8_lossy(&read)
+    );
+    assert!(
+        closed_after >= Duration::from_millis(450) && closed_after < Duration::from_millis(1200),
+        "closed after {closed_after:?}, not at the 0.5 s timeout"
+    );
     assert!(s.api.state().records().is_empty());
 }
 
+/// A kept-alive connection is kept between requests (a second request at 0.25 s is served
+/// on it), and closed once it has been idle for the 0.5 s timeout.
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let s = Stack::start_with("header_read_timeout_secs = 0.5", MINUTE, "", "").await;
-    let mut stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
-    stream
-        .write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    let mut conn = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+    assert!(answer_on(&mut conn, "/one")
         .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let n = stream.read(&mut buf).await.unwrap();
-    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    // Then idle: the proxy closes the connection after the timeout.
-    let rest = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+        .starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(answer_on(&mut conn, "/two")
         .await
-        .unwrap();
-    assert!(matches!(rest, Ok(0) | Err(_)) || buf.starts_with(b"HTTP/1.1 408"));
+        .starts_with("HTTP/1.1 200"));
+    let (idle, read) = expect_closed(&mut conn, Duration::from_secs(3)).await;
+    assert!(
+        read.is_empty(),
+        "no answer: {}",
+        String::from_utf8_lossy(&read)
+    );
+    assert!(
+        idle >= Duration::from_millis(400) && idle < Duration::from_millis(1500),
+        "closed after {idle:?} idle, not at the 0.5 s timeout"
+    );
+    assert_eq!(s.api.state().records().len(), 2);
 }
 
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_400_and_closes() {
-    let s = Stack::start(MINUTE, "", "").await;
+    // A raw upstream records whatever reaches it, both headers or either one.
+    let upstream = ScriptedUpstream::start(names_the_target).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, MINUTE, "").await;
+    let addr = proxy.route_addrs()[0];
     for raw in [
         "POST /clte HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         "POST /tecl HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -509,14 +566,18 @@ async fn content_length_with_transfer_encoding_is_400_and_closes() {
         // desync of CL.TE and TE.CL smuggling): refused, as nginx and Envoy do, and the
         // connection closed, since where the next request would start is unknown.
         let started = tokio::time::Instant::now();
-        let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(3)).await;
+        let answer = raw_exchange(addr, raw.as_bytes(), Duration::from_secs(3)).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         assert!(answer.contains("\"error\":\"bad_request\""), "{answer}");
         assert!(answer.contains("Content-Length and Transfer-Encoding"), "{answer}");
         assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
         assert!(started.elapsed() < Duration::from_secs(2), "the proxy closed the connection");
     }
-    assert!(s.api.state().records().is_empty(), "nothing was forwarded");
+    assert!(
+        upstream.seen().is_empty(),
+        "forwarded: {:?}",
+        upstream.seen()
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use support::*;
 use token_proxy::demo::{self, DEMO_CLIENT_SECRET};
 
@@ -118,7 +118,18 @@ async fn sigterm_under_load_loses_no_request_in_flight() {
                     match tokio::time::timeout(Duration::from_secs(10), client().request(req)).await
                     {
                         Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
-                            answered.lock().unwrap().insert(format!("/{id}/slow/150"));
+                            // Answered means the whole body arrived, not just the head.
+                            let body = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                resp.into_body().collect(),
+                            )
+                            .await
+                            .expect("body within 10 s");
+                            if let Ok(body) = body {
+                                let body = body.to_bytes();
+                                assert_eq!(&body[..], br#"{"slept_ms":"150"}"#, "request {id}");
+                                answered.lock().unwrap().insert(format!("/{id}/slow/150"));
+                            }
                         }
                         Ok(Ok(resp)) => panic!("request {id} got {}", resp.status()),
                         Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,

@@ -384,8 +384,21 @@ mod tests {
         answers.extend((0..100).map(|_| Err(rejected(500, None))));
         let script = Script::new(answers);
         let slot = Arc::new(TokenSlot::new("c"));
-        let calls = attempts(&script, &slot, 54).await;
+        // Past the expiry too: the attempt after the last one before it shows that wait.
+        let calls = attempts(&script, &slot, 54 + 40).await;
         let before_expiry: Vec<f64> = calls.iter().copied().filter(|t| *t < 54.0).collect();
+        // Each wait after a failure with the token still valid is at most half the time it
+        // had left (but 3 s at least). Without that rule the wait after the last failure
+        // before the expiry outlasts the time left, so this check cannot pass by chance.
+        for pair in calls.windows(2).skip(1).filter(|p| p[0] < 54.0) {
+            let half_left = ((54.0 - pair[0]) / 2.0).max(3.0);
+            assert!(
+                pair[1] - pair[0] <= half_left + 0.001,
+                "a retry at {} s waited over half the {} s left: {calls:?}",
+                pair[0],
+                54.0 - pair[0]
+            );
+        }
         let last = *before_expiry.last().unwrap();
         assert!(
             last >= 48.0,
