@@ -797,7 +797,12 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
         .await
         .unwrap();
     let mut buf = vec![0u8; 4096];
-    assert!(first.read(&mut buf).await.unwrap() > 0);
+    assert!(
+        within("the first answer", first.read(&mut buf))
+            .await
+            .unwrap()
+            > 0
+    );
     // The second connection is queued: no answer while the first stays open.
     let second = tokio::spawn(async move { get(addr, "/second").await.status });
     tokio::time::sleep(Duration::from_millis(300)).await;

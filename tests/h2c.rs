@@ -67,7 +67,9 @@ async fn exchange(send: &mut SendRequest<Full<Bytes>>, req: Request<Full<Bytes>>
         .expect("an answer within 10 s")
         .expect("the request is answered");
     let (parts, body) = response.into_parts();
-    let collected = body.collect().await.expect("the whole body");
+    let collected = within("the whole body", body.collect())
+        .await
+        .expect("the whole body");
     let trailers = collected.trailers().cloned();
     Answer {
         status: parts.status,

@@ -35,24 +35,39 @@ async fn a_1_gib_upload_and_download_pass_with_bounded_memory() {
     let req = Request::post(format!("http://{addr}/upload"))
         .body(RepeatBody::new(SIZE))
         .unwrap();
-    let resp = uploader.request(req).await.unwrap();
+    // A stalled transfer fails the test rather than hanging it.
+    let transfer = Duration::from_secs(60);
+    let resp = tokio::time::timeout(transfer, uploader.request(req))
+        .await
+        .expect("the upload is answered within 60 s")
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = within("the upload's answer body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
     let echoed: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(echoed["body_bytes"], SIZE);
 
     let req = Request::get(format!("http://{addr}/download/{SIZE}"))
         .body(Default::default())
         .unwrap();
-    let resp = client().request(req).await.unwrap();
+    let resp = within("the download's head", client().request(req))
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let mut received = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.unwrap().into_data() {
-            received += data.len() as u64;
+    let download = async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                received += data.len() as u64;
+            }
         }
-    }
+    };
+    tokio::time::timeout(transfer, download)
+        .await
+        .expect("the download ends within 60 s");
     assert_eq!(received, SIZE);
 
     let peak_kib = proc.peak_rss_kib();

@@ -137,7 +137,9 @@ async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         assert_eq!(
-            stream.read(&mut byte).await.unwrap(),
+            within("the upgrade's answer", stream.read(&mut byte))
+                .await
+                .unwrap(),
             1,
             "{}",
             String::from_utf8_lossy(&head)
@@ -151,7 +153,9 @@ async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
     );
     stream.write_all(b"over tls").await.unwrap();
     let mut echoed = [0u8; 8];
-    stream.read_exact(&mut echoed).await.unwrap();
+    within("the echo over the upgrade", stream.read_exact(&mut echoed))
+        .await
+        .unwrap();
     assert_eq!(&echoed, b"over tls");
     assert_eq!(api.state().records()[2].version, Version::HTTP_11);
 }
@@ -169,7 +173,7 @@ async fn certificates_are_verified_without_the_private_ca() {
 
     // Token endpoint without the CA: the token request fails verification, nothing is sent.
     let text = format!(
-        "{}{}",
+        "admin_listen = \"127.0.0.1:0\"\n{}{}",
         credential(
             "api",
             &format!("https://localhost:{}/token", idp_tls.port()),
@@ -189,6 +193,17 @@ async fn certificates_are_verified_without_the_private_ca() {
         idp.state().request_count(),
         0,
         "no token request passed an unverified TLS handshake"
+    );
+    let ready = get(proxy.admin_addr().expect("admin listener"), "/readyz")
+        .await
+        .json();
+    let last_error = ready["credentials"]["api"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last_error.contains("certificate"),
+        "/readyz names the cause: {ready}"
     );
 
     // Upstream without the CA: 502, the token never leaves.
@@ -366,6 +381,11 @@ async fn mutual_tls_presents_the_routes_client_certificate() {
         StatusCode::BAD_GATEWAY,
         "the upstream wants a client certificate"
     );
+    let message = reply.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.to_ascii_lowercase().contains("certificate"),
+        "the answer names the cause: {message}"
+    );
     assert_eq!(api.state().records().len(), 1);
 
     // Half a pair is a config error that names the missing key.
@@ -394,7 +414,13 @@ async fn a_changed_ca_file_is_picked_up_without_a_restart() {
     let text = https_route_config(&idp, api_tls, &ca_file);
     let proxy = start_proxy(&text).await;
     let addr = proxy.route_addrs()[0];
-    assert_eq!(get(addr, "/x").await.status, StatusCode::BAD_GATEWAY);
+    let reply = get(addr, "/x").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    let message = reply.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("invalid peer certificate"),
+        "the answer names the cause: {message}"
+    );
 
     // The CA bundle is replaced the way Kubernetes does it: a new file renamed over the old.
     let fresh = ca_file.with_extension("new");

@@ -14,6 +14,7 @@
 //! others wait for it rather than each making their own.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,9 +52,27 @@ struct Connecting {
     waiters: Vec<Waker>,
 }
 
+/// How many ended sessions of a thread remember why they ended.
+const ENDED_KEPT: usize = 8;
+
 thread_local! {
     static SESSIONS: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
     static CONNECTING: RefCell<Vec<Connecting>> = const { RefCell::new(Vec::new()) };
+    /// Why the thread's last few sessions ended. A session leaves the table before its
+    /// streams are woken, so they look here to answer with the cause (a refused client
+    /// certificate, say) rather than only that the connection closed.
+    static ENDED: RefCell<VecDeque<(Key, String)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+/// Why session `key` ended, as far as this thread still knows.
+fn ended(key: Key) -> String {
+    ENDED
+        .with_borrow(|all| {
+            all.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, why)| why.clone())
+        })
+        .unwrap_or_else(|| "the HTTP/2 connection closed".into())
 }
 
 static SERIAL: AtomicU64 = AtomicU64::new(1);
@@ -264,6 +283,12 @@ async fn drive(
     .await;
     if let Some(why) = &end {
         tracing::debug!(error = %why, "upstream HTTP/2 connection ended");
+        ENDED.with_borrow_mut(|all| {
+            if all.len() == ENDED_KEPT {
+                all.pop_front();
+            }
+            all.push_back((key, why.clone()));
+        });
     }
     let entry = SESSIONS.with_borrow_mut(|all| {
         let i = all.iter().position(|e| e.key == key)?;
@@ -304,7 +329,7 @@ pub async fn send_for_client(
     method: &Method,
     client: &mut ClientHead<'_>,
 ) -> Result<(StatusCode, H2Body, ClientFraming), StreamError> {
-    let gone = || StreamError::Refused("the HTTP/2 connection closed".into());
+    let gone = || StreamError::Refused(ended(key));
     let id = with(key, |s| s.open(head, method)).ok_or_else(gone)??;
     let mut opened = Opened {
         key,
@@ -312,11 +337,8 @@ pub async fn send_for_client(
         armed: true,
     };
     let response: ResponseHead = poll_fn(|cx| {
-        with(key, |s| s.poll_head(id, cx)).unwrap_or_else(|| {
-            Poll::Ready(Err(StreamError::Connection(
-                "the HTTP/2 connection closed".into(),
-            )))
-        })
+        with(key, |s| s.poll_head(id, cx))
+            .unwrap_or_else(|| Poll::Ready(Err(StreamError::Connection(ended(key)))))
     })
     .await?;
     opened.armed = false;
@@ -372,11 +394,8 @@ impl Body for H2Body {
             return Poll::Ready(None);
         }
         let (key, id) = (self.key, self.id);
-        let polled = with(key, |s| s.poll_data(id, cx)).unwrap_or_else(|| {
-            Poll::Ready(Some(Err(StreamError::Connection(
-                "the HTTP/2 connection closed".into(),
-            ))))
-        });
+        let polled = with(key, |s| s.poll_data(id, cx))
+            .unwrap_or_else(|| Poll::Ready(Some(Err(StreamError::Connection(ended(key))))));
         match &polled {
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.ended = true,
             Poll::Ready(Some(Ok(frame))) => {
