@@ -2312,11 +2312,38 @@ credential = "api"
 
     #[test]
     fn bad_urls_are_refused() {
-        for bad in ["ftp://x/y", "not a url", "https://user:pw@host/"] {
+        for bad in [
+            "ftp://x/y",
+            "not a url",
+            "https://user:pw@host/",
+            "https://host/?q=1",
+            "https://host/#top",
+        ] {
             let e = parse(&GOOD.replace("https://api.example.com/base/", bad))
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("routes[0].upstream"), "{bad}: {e}");
+        }
+        // Credentials in the token URL would be sent (and logged) with every request.
+        for (bad, fix) in [
+            (
+                "https://user:pw@login.example.com/t",
+                "remove `user:password@`",
+            ),
+            (
+                "https://user@login.example.com/t",
+                "remove `user:password@`",
+            ),
+            ("https://login.example.com/t#frag", "remove the #fragment"),
+        ] {
+            let e = parse(&GOOD.replace("https://login.example.com/t/oauth2/v2.0/token", bad))
+                .unwrap_err();
+            assert_eq!(e.key, "credentials.api.token_url", "{bad}: {e}");
+            assert!(e.to_string().contains(fix), "{bad}: {e}");
+            assert!(
+                !e.to_string().contains("pw@"),
+                "the password is not echoed: {e}"
+            );
         }
     }
 

@@ -672,3 +672,122 @@ async fn heads_the_front_door_does_not_take_get_hyper_answers() {
         "only the HTTP/1.0 GET went on"
     );
 }
+
+/// Checks one raw answer of the proxy's own: its status, JSON with `code`, and
+/// `Cache-Control: no-store` (an error must not be served from a cache in front).
+fn assert_own_answer(answer: &str, status: u16, code: &str) {
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no head: {answer}"));
+    let lower = head.to_ascii_lowercase();
+    assert!(
+        lower.starts_with(&format!("http/1.1 {status} ")),
+        "{status} {code}: {answer}"
+    );
+    assert!(lower.contains("\r\ncache-control: no-store"), "{answer}");
+    assert!(
+        lower.contains("\r\ncontent-type: application/json"),
+        "{answer}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert_eq!(json["error"], code, "{answer}");
+    assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+}
+
+/// Every answer the proxy makes itself, from the front door's codec, hyper's path and the
+/// lean path alike, is JSON with `Cache-Control: no-store`; the upstream's pass unchanged.
+#[tokio::test]
+async fn the_proxys_own_answers_are_json_and_never_cached() {
+    let s = Stack::start_with("max_headers = 20", LIFETIME, "", "max_body_bytes = 10").await;
+    let many: String = (0..30).map(|i| format!("X-H{i}: v\r\n")).collect();
+    for (raw, status, code) in [
+        (
+            "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\nConnection: close\r\n\r\n"
+                .to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n".into(),
+            400,
+            "bad_request",
+        ),
+        (
+            "POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n".into(),
+            501,
+            "not_implemented",
+        ),
+        (
+            format!("GET /x HTTP/1.1\r\nHost: x\r\n{many}\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world"
+                .into(),
+            413,
+            "payload_too_large",
+        ),
+    ] {
+        let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(3)).await;
+        assert_own_answer(&answer, status, code);
+    }
+    assert!(s.api.state().records().is_empty(), "nothing was forwarded");
+
+    // The upstream's own answer gets no `Cache-Control` added.
+    let reply = get(s.addr(), "/x").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers.get("cache-control").is_none());
+
+    // No token to be had: 503 on the lean path (a bodiless GET) and on hyper's (a body).
+    let api = start_upstream(&s.idp).await;
+    let text = format!(
+        "{}{}",
+        credential("api", "http://127.0.0.1:1/token", "token_timeout_secs = 1"),
+        route(
+            &format!("http://{}", api.addr()),
+            "api",
+            "token_wait_secs = 1"
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let addr = proxy.route_addrs()[0];
+    for raw in [
+        "GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    ] {
+        let answer = raw_exchange(addr, raw.as_bytes(), Duration::from_secs(5)).await;
+        assert_own_answer(&answer, 503, "token_unavailable");
+    }
+    assert!(api.state().records().is_empty());
+}
+
+/// The admin listener's other paths and methods get JSON errors, not a hang or an empty 200.
+#[tokio::test]
+async fn admin_answers_404_and_405_with_json() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    for (raw, status, code) in [
+        (
+            "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            404,
+            "not_found",
+        ),
+        (
+            "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "DELETE /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            405,
+            "method_not_allowed",
+        ),
+    ] {
+        let answer = raw_exchange(s.admin(), raw.as_bytes(), Duration::from_secs(3)).await;
+        assert_own_answer(&answer, status, code);
+    }
+    let reply = get(s.admin(), "/healthz").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["status"], "ok");
+}

@@ -293,3 +293,71 @@ async fn a_reload_retries_a_failing_credential_at_once() {
     assert_eq!(idp.state().request_count(), 2);
     running.shutdown().await;
 }
+
+/// A route open beyond loopback with no inbound check starts, with a warning at start and at
+/// each reload; one with `allowed_clients` starts quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_remote_route_is_warned_about_at_start_and_reload() {
+    const WARNING: &str = "route listens beyond loopback with no inbound_token_file";
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let url = demo::token_url(&idp);
+    let port = fresh_addr().port();
+    let route = |extra: &str| {
+        format!(
+            "{}[[routes]]\nlisten = \"0.0.0.0:{port}\"\nupstream = \"http://{}\"\ncredential = \"api\"\nallow_remote = true\n{extra}",
+            credential("api", &url, ""),
+            api.addr()
+        )
+    };
+    let path = temp_file("remote.toml", &route(""));
+    let mut proc = Process::run(&path, "info");
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(local, Duration::from_secs(10)).await;
+    assert_eq!(get(local, "/x").await.status, StatusCode::OK);
+    assert_eq!(
+        proc.stderr().matches(WARNING).count(),
+        1,
+        "{}",
+        proc.stderr()
+    );
+
+    proc.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || proc
+            .stderr()
+            .contains("configuration reloaded"))
+        .await,
+        "{}",
+        proc.stderr()
+    );
+    assert_eq!(
+        proc.stderr().matches(WARNING).count(),
+        2,
+        "{}",
+        proc.stderr()
+    );
+
+    // Guarded by client networks: no warning on this reload.
+    std::fs::write(&path, route("allowed_clients = [\"127.0.0.0/8\"]\n")).unwrap();
+    proc.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(5), || proc
+            .stderr()
+            .matches("configuration reloaded")
+            .count()
+            == 2)
+        .await,
+        "{}",
+        proc.stderr()
+    );
+    assert_eq!(
+        proc.stderr().matches(WARNING).count(),
+        2,
+        "{}",
+        proc.stderr()
+    );
+    assert_eq!(get(local, "/x").await.status, StatusCode::OK);
+    proc.signal("TERM");
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)).await, Some(0));
+}

@@ -432,6 +432,71 @@ mod tests {
         );
     }
 
+    /// A writer for a test's log, kept in memory.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A wrong secret is one line, not one a minute: a permanent error repeated unchanged is
+    /// logged at debug; a different one, or the same after a success, is news again.
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_permanent_error_is_logged_at_debug() {
+        let script = Script::new(vec![
+            Err(rejected(401, None)),
+            Err(rejected(401, None)),
+            Err(rejected(401, None)),
+            Err(rejected(400, None)),
+            Ok(S(600)),
+            Err(rejected(400, None)),
+        ]);
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let slot = Arc::new(TokenSlot::new("c"));
+        // Permanent errors are retried a minute apart; the 600 s token is refreshed at 300 s.
+        let calls = attempts(&script, &slot, 4 * 75 + 340).await;
+        assert!(calls.len() >= 6, "{calls:?}");
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let failures: Vec<(&str, &str)> = text
+            .lines()
+            .filter(|l| l.contains("token refresh failed"))
+            .map(|l| {
+                let level = l.split_whitespace().next().unwrap();
+                let status = ["401", "400"]
+                    .into_iter()
+                    .find(|s| l.contains(s))
+                    .unwrap_or("?");
+                (level, status)
+            })
+            .collect();
+        assert_eq!(
+            failures,
+            [
+                ("ERROR", "401"),
+                ("DEBUG", "401"),
+                ("DEBUG", "401"),
+                ("ERROR", "400"),
+                ("WARN", "400"),
+            ],
+            "{text}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waiting_requests_do_not_override_retry_after() {
         let script = Script::new(vec![Err(rejected(503, Some(20))), Ok(S(600))]);
