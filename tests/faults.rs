@@ -690,6 +690,16 @@ async fn body_over_the_route_limit_is_413() {
     let raw = format!("POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunk}{chunk}0\r\n\r\n");
     let answer = raw_exchange(s.addr(), raw.as_bytes(), Duration::from_secs(3)).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("\"error\":\"payload_too_large\""),
+        "{answer}"
+    );
+    // The upload is cut off: the upstream never has the whole body (it may have a start).
+    assert!(
+        s.api.state().records().iter().all(|r| r.body_bytes <= 1000),
+        "{:?}",
+        s.api.state().records()
+    );
     let req = Request::post(format!("http://{}/small", s.addr()))
         .body(Full::new(vec![b'a'; 900].into()))
         .unwrap();

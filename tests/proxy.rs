@@ -225,10 +225,9 @@ async fn trailers_pass_both_ways() {
     assert!(answer.contains("\"body_bytes\":5"), "{answer}");
 }
 
-#[tokio::test]
-async fn websocket_upgrade_tunnels_bytes_both_ways() {
-    let s = Stack::start(LIFETIME, "", "").await;
-    let mut stream = tokio::net::TcpStream::connect(s.addr()).await.unwrap();
+/// Opens a WebSocket through the proxy at `addr` (the demo upstream echoes its bytes).
+async fn open_websocket(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let handshake = "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
                      Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     stream.write_all(handshake.as_bytes()).await.unwrap();
@@ -250,6 +249,13 @@ async fn websocket_upgrade_tunnels_bytes_both_ways() {
     let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    stream
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_bytes_both_ways() {
+    let s = Stack::start(LIFETIME, "", "").await;
+    let mut stream = open_websocket(s.addr()).await;
     for msg in [&b"ping one"[..], b"and two"] {
         stream.write_all(msg).await.unwrap();
         let mut echoed = vec![0u8; msg.len()];
@@ -790,4 +796,44 @@ async fn admin_answers_404_and_405_with_json() {
     let reply = get(s.admin(), "/healthz").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.json()["status"], "ok");
+}
+
+/// At shutdown a request in flight may finish within `shutdown_grace_secs`, and the wait ends
+/// there; an upgraded connection (a WebSocket has no end of its own) is closed at once.
+#[tokio::test]
+async fn shutdown_waits_its_grace_at_most_and_closes_websockets() {
+    let Stack {
+        idp: _idp,
+        api,
+        proxy,
+    } = Stack::start_with("shutdown_grace_secs = 0.5", LIFETIME, "", "").await;
+    let addr = proxy.route_addrs()[0];
+    let mut ws = open_websocket(addr).await;
+    let quick = tokio::spawn(async move { get(addr, "/slow/300").await });
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /slow/5000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || api.state().in_flight() == 2).await,
+        "both requests reached the upstream"
+    );
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(proxy.shutdown());
+    let (closed_after, read) = expect_closed(&mut ws, Duration::from_secs(3)).await;
+    assert!(
+        closed_after < Duration::from_millis(400),
+        "the WebSocket closed after {closed_after:?}, not at once"
+    );
+    assert!(read.is_empty(), "{}", String::from_utf8_lossy(&read));
+    let drained = within("shutdown", shutdown).await.unwrap();
+    let took = started.elapsed();
+    assert!(!drained, "the 5 s request outlasted the grace");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(2000),
+        "shutdown took {took:?}, not the 0.5 s grace"
+    );
+    let quick = within("the quick request", quick).await.unwrap();
+    assert_eq!(quick.status, StatusCode::OK, "finished within the grace");
+    assert_eq!(quick.json()["slept_ms"], "300");
 }

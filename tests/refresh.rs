@@ -363,3 +363,47 @@ async fn healthz_is_up_and_readyz_never_shows_a_token() {
         assert!(!text.contains(&token));
     }
 }
+
+/// A token that runs out with the endpoint failing is reported `expired` (not `pending`, which
+/// means none was ever had): `/readyz` answers 503 with the error, and requests get 503
+/// rather than the stale token.
+#[tokio::test]
+async fn a_token_that_runs_out_unreplaced_is_expired_in_readyz() {
+    let s = Stack::start(Duration::from_secs(2), "", "").await;
+    assert_eq!(get(s.addr(), "/x").await.status, StatusCode::OK);
+    let ready = get(s.admin(), "/readyz").await.json();
+    assert_eq!(ready["credentials"]["api"]["state"], "valid", "{ready}");
+    s.idp.state().set_canned(Some(CannedResponse::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "text/plain",
+        "down",
+    )));
+    // Usable for 1.8 s: by 5 s it has run out, whatever the retries did.
+    let admin = s.admin();
+    let expired = eventually_async(Duration::from_secs(5), || async move {
+        get(admin, "/readyz").await.json()["credentials"]["api"]["state"] == "expired"
+    })
+    .await;
+    // The endpoint keeps failing: `expired` stays.
+    let reply = get(admin, "/readyz").await;
+    let last = reply.json();
+    assert!(expired, "{last}");
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(last["ready"], false);
+    assert_eq!(last["credentials"]["api"]["expires_in_secs"], 0, "{last}");
+    assert!(
+        last["credentials"]["api"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("500")),
+        "{last}"
+    );
+    let served = s.api.state().records().len();
+    let reply = get(s.addr(), "/after").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["error"], "token_unavailable");
+    assert_eq!(
+        s.api.state().records().len(),
+        served,
+        "no stale token was sent"
+    );
+}

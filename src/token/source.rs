@@ -906,6 +906,20 @@ mod tests {
         assert_eq!(parse(500, "busy").unwrap_err().retry_after(), None);
     }
 
+    /// Seconds are taken (capped at an hour); an HTTP date, as RFC 9110 also allows, is
+    /// ignored: the usual backoff applies, as for an answer without `Retry-After`.
+    #[test]
+    fn retry_after_is_seconds_and_an_http_date_is_ignored() {
+        let parsed = |v: &str| parse_retry_after(&HeaderValue::from_str(v).unwrap());
+        assert_eq!(parsed("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parsed(" 5 "), Some(Duration::from_secs(5)));
+        assert_eq!(parsed("0"), Some(Duration::ZERO));
+        assert_eq!(parsed("86400"), Some(Duration::from_secs(3600)));
+        for ignored in ["Wed, 21 Oct 2015 07:28:00 GMT", "-5", "1.5", "soon", ""] {
+            assert_eq!(parsed(ignored), None, "{ignored:?}");
+        }
+    }
+
     #[test]
     fn html_error_page_is_described() {
         let e = parse(500, "<html><body>Bad Gateway</body></html>")
