@@ -391,6 +391,22 @@ mod tests {
         assert_eq!(h[HOST], "up:1");
     }
 
+    /// The options `keep-alive` and `close` (and `upgrade` on an upgrade) are not field names
+    /// to look up; empty list members are skipped; everything else is, in any case.
+    #[test]
+    fn connection_names_fields_besides_its_options() {
+        let named = |v: &str, upgrade| -> Vec<String> {
+            connection_named(v.as_bytes(), upgrade)
+                .map(|t| String::from_utf8(t.to_vec()).unwrap())
+                .collect()
+        };
+        let value = "Keep-Alive, ,close, X-Foo ,, Upgrade,CLOSE";
+        assert_eq!(named(value, false), ["X-Foo", "Upgrade"]);
+        assert_eq!(named(value, true), ["X-Foo"]);
+        assert!(named("keep-alive", false).is_empty());
+        assert!(named("", false).is_empty());
+    }
+
     #[test]
     fn client_authorization_is_replaced_not_duplicated() {
         let mut h = map(&[
