@@ -133,24 +133,9 @@ async fn https_token_endpoint_and_upstream_with_a_private_ca_and_h2() {
         )
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            within("the upgrade's answer", stream.read(&mut byte))
-                .await
-                .unwrap(),
-            1,
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let (head, rest) = read_answer(&mut stream, true).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(rest.is_empty(), "nothing after the 101 yet: {rest}");
     stream.write_all(b"over tls").await.unwrap();
     let mut echoed = [0u8; 8];
     within("the echo over the upgrade", stream.read_exact(&mut echoed))
