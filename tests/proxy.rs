@@ -399,91 +399,35 @@ async fn unix_socket_listener_serves_with_its_file_mode() {
     assert!(!sock.exists(), "the socket file is removed at shutdown");
 }
 
-/// A hand-written HTTP/1.1 upstream that answers the first `answer` requests of each
-/// connection with `200 ok` (keep-alive) and then closes the connection on the next request
-/// without answering: a kept-alive connection the upstream dropped as a request went out.
-struct FlakyKeepAlive {
-    addr: std::net::SocketAddr,
-    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl FlakyKeepAlive {
-    async fn start(answer: usize) -> FlakyKeepAlive {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let (c, r) = (connections.clone(), requests.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                c.fetch_add(1, Ordering::SeqCst);
-                let r = r.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut answered = 0;
-                    loop {
-                        // Read one request head (the test sends bodies of at most a few
-                        // bytes, which arrive with it and are skipped).
-                        let mut chunk = [0u8; 4096];
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buf.clear();
-                        r.fetch_add(1, Ordering::SeqCst);
-                        if answered == answer {
-                            return; // drop the connection without answering
-                        }
-                        answered += 1;
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(reply).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        FlakyKeepAlive {
-            addr,
-            connections,
-            requests,
+/// An upstream that answers the first `answer` requests of each connection with `200 ok`
+/// (keep-alive) and closes the connection on the next request without answering: a
+/// kept-alive connection the upstream dropped as a request went out.
+async fn flaky_keep_alive(answer: usize) -> ScriptedUpstream {
+    ScriptedUpstream::start(move |seen| {
+        if seen.nth == answer {
+            vec![Step::Close]
+        } else {
+            vec![Step::Write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            )]
         }
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn requests(&self) -> usize {
-        self.requests.load(std::sync::atomic::Ordering::SeqCst)
-    }
+    })
+    .await
 }
 
-async fn proxy_to(
-    upstream: std::net::SocketAddr,
-) -> (demo::DemoServer<demo::IdpState>, token_proxy::app::Running) {
-    let idp = start_token_endpoint(LIFETIME).await;
-    let text = format!(
-        "{}{}",
-        credential("api", &demo::token_url(&idp), ""),
-        route(&format!("http://{upstream}"), "api", "")
-    );
-    let proxy = start_proxy(&text).await;
-    (idp, proxy)
+/// How many of `upstream`'s connections carried a request.
+fn connections(upstream: &ScriptedUpstream) -> usize {
+    let seen = upstream.seen();
+    let mut conns: Vec<usize> = seen.iter().map(|s| s.conn).collect();
+    conns.sort_unstable();
+    conns.dedup();
+    conns.len()
 }
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
-    let upstream = FlakyKeepAlive::start(usize::MAX).await;
-    let (_idp, proxy) = proxy_to(upstream.addr).await;
+    let upstream = flaky_keep_alive(usize::MAX).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
     let addr = proxy.route_addrs()[0];
     for i in 0..20 {
         // A new client connection each time: reuse is the proxy's, not the client's.
@@ -491,9 +435,9 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(&reply.body[..], b"ok");
     }
-    assert_eq!(upstream.requests(), 20);
+    assert_eq!(upstream.seen().len(), 20);
     assert_eq!(
-        upstream.connections(),
+        connections(&upstream),
         1,
         "sequential requests share one upstream connection"
     );
@@ -502,8 +446,8 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 #[tokio::test]
 async fn an_idempotent_request_on_a_connection_the_upstream_dropped_is_sent_again() {
     // Each upstream connection answers one request and drops the second one unanswered.
-    let upstream = FlakyKeepAlive::start(1).await;
-    let (_idp, proxy) = proxy_to(upstream.addr).await;
+    let upstream = flaky_keep_alive(1).await;
+    let (_idp, proxy) = proxy_to_scripted(upstream.addr, LIFETIME, "").await;
     let addr = proxy.route_addrs()[0];
     // Bodiless GETs take the lean exchange, PUTs with a body hyper's client: in each, the
     // first request opens a connection, and each later one goes out on the kept-alive
@@ -512,8 +456,8 @@ async fn an_idempotent_request_on_a_connection_the_upstream_dropped_is_sent_agai
         let reply = get(addr, &format!("/r{i}")).await;
         assert_eq!(reply.status, StatusCode::OK, "GET {i}: {:?}", reply.body);
     }
-    assert_eq!(upstream.connections(), 3);
-    assert_eq!(upstream.requests(), 5);
+    assert_eq!(connections(&upstream), 3);
+    assert_eq!(upstream.seen().len(), 5);
     for i in 0..3 {
         let req = Request::put(format!("http://{addr}/p{i}"))
             .body(Full::new(Bytes::from_static(b"x")))
@@ -521,8 +465,8 @@ async fn an_idempotent_request_on_a_connection_the_upstream_dropped_is_sent_agai
         let reply = send(&client(), req).await;
         assert_eq!(reply.status, StatusCode::OK, "PUT {i}: {:?}", reply.body);
     }
-    assert_eq!(upstream.connections(), 6);
-    assert_eq!(upstream.requests(), 10);
+    assert_eq!(connections(&upstream), 6);
+    assert_eq!(upstream.seen().len(), 10);
 
     // A POST is not sent twice: the client hears that the connection was lost.
     let req = Request::post(format!("http://{addr}/submit"))
@@ -532,7 +476,7 @@ async fn an_idempotent_request_on_a_connection_the_upstream_dropped_is_sent_agai
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.json()["error"], "upstream_unavailable");
     assert_eq!(
-        upstream.requests(),
+        upstream.seen().len(),
         11,
         "the POST reached the upstream once"
     );

@@ -485,6 +485,8 @@ pub enum Step {
 pub struct Seen {
     /// Which accepted connection it came on (0, 1, ...).
     pub conn: usize,
+    /// Which request of that connection it is (0, 1, ...).
+    pub nth: usize,
     pub method: String,
     pub target: String,
     /// The head as sent, lines and all.
@@ -568,10 +570,11 @@ async fn serve_scripted(
     record: Arc<std::sync::Mutex<Vec<Seen>>>,
 ) {
     let mut buf = Vec::new();
-    loop {
-        let Some(seen) = read_request(&mut stream, &mut buf, conn).await else {
+    for nth in 0.. {
+        let Some(mut seen) = read_request(&mut stream, &mut buf, conn).await else {
             return;
         };
+        seen.nth = nth;
         record.lock().unwrap().push(seen.clone());
         for step in script(&seen) {
             match step {
@@ -613,6 +616,7 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>, conn: usize) ->
     let target = line.next().unwrap_or_default().to_string();
     let mut seen = Seen {
         conn,
+        nth: 0,
         method,
         target,
         head,
