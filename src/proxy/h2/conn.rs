@@ -64,6 +64,16 @@ thread_local! {
     static ENDED: RefCell<VecDeque<(Key, String)>> = const { RefCell::new(VecDeque::new()) };
 }
 
+/// Keeps why session `key` ended, forgetting the oldest kept beyond [`ENDED_KEPT`].
+fn remember_end(key: Key, why: String) {
+    ENDED.with_borrow_mut(|all| {
+        if all.len() == ENDED_KEPT {
+            all.pop_front();
+        }
+        all.push_back((key, why));
+    });
+}
+
 /// Why session `key` ended, as far as this thread still knows.
 fn ended(key: Key) -> String {
     ENDED
@@ -283,12 +293,7 @@ async fn drive(
     .await;
     if let Some(why) = &end {
         tracing::debug!(error = %why, "upstream HTTP/2 connection ended");
-        ENDED.with_borrow_mut(|all| {
-            if all.len() == ENDED_KEPT {
-                all.pop_front();
-            }
-            all.push_back((key, why.clone()));
-        });
+        remember_end(key, why.clone());
     }
     let entry = SESSIONS.with_borrow_mut(|all| {
         let i = all.iter().position(|e| e.key == key)?;
@@ -431,4 +436,28 @@ impl Drop for H2Body {
 /// Whether `io` chose HTTP/2 by ALPN.
 pub fn chose_h2(io: &UpstreamStream) -> bool {
     io.alpn() == Some(b"h2".as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last [`ENDED_KEPT`] sessions' causes are kept, each under its own key; older
+    /// ones and unknown keys read as the connection closing.
+    #[test]
+    fn the_last_few_sessions_remember_why_they_ended() {
+        let key = |serial| Key { pool: 7, serial };
+        for serial in 0..=ENDED_KEPT as u64 {
+            remember_end(key(serial), format!("cause {serial}"));
+        }
+        assert_eq!(ended(key(0)), "the HTTP/2 connection closed");
+        for serial in 1..=ENDED_KEPT as u64 {
+            assert_eq!(ended(key(serial)), format!("cause {serial}"));
+        }
+        assert_eq!(
+            ended(Key { pool: 8, serial: 1 }),
+            "the HTTP/2 connection closed"
+        );
+        ENDED.with_borrow(|all| assert_eq!(all.len(), ENDED_KEPT));
+    }
 }
