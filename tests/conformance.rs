@@ -1668,6 +1668,26 @@ fn upgrade() -> Vec<Case> {
         ));
     }
     let ws = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+    // RFC 9110 §7.8: `Upgrade` asks for a switch only with the `upgrade` connection option;
+    // without it the request is a plain one (and `Upgrade`, hop-by-hop, goes).
+    let not_asked: [(&str, String); 2] = [
+        (
+            "websocket without Connection",
+            format!("Upgrade: websocket\r\n{ws}"),
+        ),
+        (
+            "websocket with Connection: keep-alive only",
+            format!("Connection: keep-alive\r\nUpgrade: websocket\r\n{ws}"),
+        ),
+    ];
+    for (name, fields) in not_asked {
+        cases.push(case(
+            F,
+            name,
+            format!("GET /ws HTTP/1.1\r\nHost: h\r\n{fields}\r\n").into_bytes(),
+            fwd(vec![get("/ws").field(Field::Absent("upgrade"))]),
+        ));
+    }
     let websocket: [(&str, String); 3] = [
         (
             "websocket",
