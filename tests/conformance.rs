@@ -1667,6 +1667,14 @@ fn upgrade() -> Vec<Case> {
                 .field(Field::Absent("http2-settings"))]),
         ));
     }
+    // HTTP2-Settings belongs to an h2c upgrade only: alone (a request the front door serves
+    // itself, having no `Upgrade`) it goes all the same.
+    cases.push(case(
+        F,
+        "HTTP2-Settings without Upgrade",
+        format!("GET /u HTTP/1.1\r\nHost: h\r\n{settings}\r\n").into_bytes(),
+        fwd(vec![get("/u").field(Field::Absent("http2-settings"))]),
+    ));
     let ws = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
     // RFC 9110 §7.8: `Upgrade` asks for a switch only with the `upgrade` connection option;
     // without it the request is a plain one (and `Upgrade`, hop-by-hop, goes).

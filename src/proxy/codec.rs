@@ -593,6 +593,42 @@ mod tests {
         }
     }
 
+    /// A `max_headers` beyond what fits on the stack parses on the heap, up to that limit.
+    #[test]
+    fn more_fields_than_the_stack_holds_are_parsed_up_to_max_headers() {
+        let fields: String = (0..200).map(|i| format!("X-F{i}: v\r\n")).collect();
+        let text = format!("GET / HTTP/1.1\r\nHost: x\r\n{fields}\r\n");
+        let mut scratch = Vec::new();
+        let parsed = parse_request(text.as_bytes(), 300, 64 * 1024, &mut scratch, false);
+        assert!(matches!(parsed, Ok(Parsed::Head(_))), "{parsed:?}");
+        assert_eq!(scratch.len(), 201);
+        let parsed = parse_request(text.as_bytes(), 150, 64 * 1024, &mut scratch, false);
+        assert!(matches!(parsed, Err(Refusal::TooLarge(_))), "{parsed:?}");
+    }
+
+    #[test]
+    fn the_four_target_forms_and_nothing_else() {
+        let get = Method::GET;
+        for ok in [&b"/p?q"[..], b"*", b"http://a/b", b"h2c+x-1.y://a"] {
+            assert!(target_form_ok(ok, &get), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b""[..],
+            b"a",
+            b"://a",
+            b"1http://a",
+            b"http:/a",
+            b"a.example:443",
+        ] {
+            assert!(
+                !target_form_ok(bad, &get),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(target_form_ok(b"a.example:443", &Method::CONNECT));
+    }
+
     #[test]
     fn request_framing_follows_rfc_9112_and_refuses_what_is_ambiguous() {
         let r = |fields: &str| body_of(&format!("POST / HTTP/1.1\r\nHost: x\r\n{fields}\r\n"));

@@ -407,6 +407,26 @@ mod tests {
         assert!(named("", false).is_empty());
     }
 
+    /// Each hop-by-hop field is found on its own too, not only among others: `TE: trailers`
+    /// alone is reported, a `Connection` alone still removes what it names, and an upgrade
+    /// always carries `Connection: upgrade`.
+    #[test]
+    fn a_lone_hop_by_hop_field_is_handled_as_among_others() {
+        let mut h = map(&[("te", "trailers"), ("x-keep", "1")]);
+        assert!(strip_hop_by_hop(&mut h, false, false), "TE: trailers seen");
+        assert!(h.get(TE).is_none());
+
+        let mut h = map(&[("connection", "X-Foo"), ("x-foo", "1"), ("x-keep", "1")]);
+        assert!(!strip_hop_by_hop(&mut h, false, false));
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-keep"]);
+
+        let mut h = map(&[("x-keep", "1")]);
+        strip_hop_by_hop(&mut h, true, false);
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h["x-keep"], "1");
+    }
+
     #[test]
     fn client_authorization_is_replaced_not_duplicated() {
         let mut h = map(&[
