@@ -341,12 +341,17 @@ async fn redirects_to_the_upstreams_own_origin_come_back_to_the_proxy() {
                 String::new(),
             ),
             "/base/sibling" => (format!("http://{origin}/base2/x"), String::new()),
+            // Shorter than any scheme: relative, left as it is.
+            "/base/relative" => ("x".to_string(), String::new()),
             _ => (
                 format!("http://{origin}/base/next?x=1"),
                 format!("HTTP://{}/base", origin.to_ascii_uppercase()),
             ),
         };
-        let mut head = format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\n");
+        // Only `Location` and `Content-Location` are rewritten, not other fields naming a URL.
+        let mut head = format!(
+            "HTTP/1.1 302 Found\r\nLocation: {location}\r\nX-Resource: http://{origin}/base/l\r\n"
+        );
         if !content_location.is_empty() {
             head.push_str(&format!("Content-Location: {content_location}\r\n"));
         }
@@ -372,10 +377,18 @@ async fn redirects_to_the_upstreams_own_origin_come_back_to_the_proxy() {
             answer.contains("\r\ncontent-location: http://proxy.local:8080/\r\n"),
             "{answer}"
         );
+        assert!(
+            answer.contains(&format!(
+                "\r\nx-resource: http://{}/base/l\r\n",
+                upstream.addr
+            )),
+            "{answer}"
+        );
     }
     for (target, kept) in [
         ("/out", "https://elsewhere.example/base/x"),
         ("/sibling", "/base2/x"),
+        ("/relative", "\r\nlocation: x\r\n"),
     ] {
         let answer = exchange(
             &mut conn,

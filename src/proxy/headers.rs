@@ -490,6 +490,10 @@ mod tests {
         assert!(bearer_matches(Some(&v), b"0123456789abcdef"));
         assert!(!bearer_matches(Some(&v), b"0123456789abcdeX"));
         assert!(!bearer_matches(Some(&v), b"0123456789abcde"));
+        // Differences that cancel out when combined carelessly (each byte xor'ed into one
+        // accumulator): every differing byte must count.
+        assert!(!bearer_matches(Some(&v), b"1023456789abcdef"));
+        assert!(!bearer_matches(Some(&v), b"0123456789abcdfe"));
         assert!(!bearer_matches(None, b"0123456789abcdef"));
         assert!(!bearer_matches(
             Some(&HeaderValue::from_static("Basic 0123456789abcdef")),
