@@ -800,6 +800,10 @@ mod tests {
             );
         }
         assert!(chunk_size_line(&[b'1'; MAX_CHUNK_LINE + 1]).is_err());
+        // Exactly the limit is still only incomplete.
+        let mut at_limit = vec![b'0'; MAX_CHUNK_LINE - 1];
+        at_limit.push(b';');
+        assert_eq!(chunk_size_line(&at_limit), Ok(None));
     }
 
     #[test]
