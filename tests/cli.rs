@@ -550,6 +550,10 @@ async fn logs_at_trace_level_hold_no_secret_and_no_token() {
         "the log was captured: {log}"
     );
     assert!(
+        log.contains("refresh{credential=api}"),
+        "the refresh span names the credential: {log}"
+    );
+    assert!(
         log.contains("invalid_request"),
         "the failure was logged: {log}"
     );

@@ -66,11 +66,6 @@ impl Token {
         self.expires_at
     }
 
-    /// The lifetime the token endpoint granted.
-    pub fn lifetime(&self) -> Duration {
-        self.lifetime
-    }
-
     /// Whether the token may still be sent at `now`.
     pub fn is_valid_at(&self, now: Instant) -> bool {
         now < self.expires_at
@@ -101,7 +96,13 @@ mod tests {
         .unwrap();
         assert!(t.header().is_sensitive());
         assert_eq!(t.header().as_bytes(), b"Bearer tok-abc");
-        assert!(!format!("{t:?}").contains("tok-abc"));
+        let debug = format!("{t:?}");
+        assert!(!debug.contains("tok-abc"), "{debug}");
+        // Still useful when debugging: what it is and how long it lasts, without the token.
+        assert!(
+            debug.starts_with("Token {") && debug.contains("<redacted>") && debug.contains("1s"),
+            "{debug}"
+        );
         assert!(Token::new(&Secret::new("bad\nvalue"), Instant::now(), Duration::ZERO).is_none());
     }
 }
