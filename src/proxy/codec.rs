@@ -818,6 +818,7 @@ mod tests {
         assert!(trailer_section(b"\n", 100).is_err());
         assert!(trailer_section(b"X: 1\r\r\n\r\n", 100).is_err());
         assert!(trailer_section(&[b'x'; 101], 100).is_err());
+        assert_eq!(trailer_section(&[b'x'; 100], 100), Ok(None), "at the limit");
         for bad in [
             &b"X y\r\n\r\n"[..],
             b"X : y\r\n\r\n",
