@@ -503,8 +503,8 @@ pub fn is_forbidden_trailer(name: &[u8]) -> bool {
 }
 
 /// The target as hyper's path forwards it, with the bytes the `http` crate refuses
-/// percent-encoded (`<`, `>` and a
-/// backtick anywhere, a `"` in the query), or `None` if it has none.
+/// percent-encoded (`<` and `>` anywhere, a backtick in the path, a `"` in the query), or
+/// `None` if it has none.
 pub fn hyper_target(target: &[u8]) -> Option<Vec<u8>> {
     let query = target
         .iter()
