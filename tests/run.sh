@@ -1,36 +1,13 @@
 #!/usr/bin/env bash
 # The test suite, as README.md gives it and CI runs it: `bash tests/run.sh [cargo test args]`.
 #
-# Besides Rust, the tests need openssl (tests/oauth.rs makes a key pair), tinyproxy (a real
-# forward proxy for tests/tls.rs and tests/cli.rs), and Node.js 18 or later with npm (the OAuth
-# server of tests/oauth.rs). This installs what is missing (apt-get, as root or with sudo), so a
-# missing tool never shows up as a failing test, then runs every test file: one that fails
-# does not stop the others (`--no-fail-fast`).
+# It installs what the tests need besides Rust (tests/deps.sh: openssl, tinyproxy, Node.js and
+# npm), then runs every test file: one that fails does not stop the others (`--no-fail-fast`).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-missing=()
-command -v openssl > /dev/null || missing+=(openssl)
-command -v tinyproxy > /dev/null || missing+=(tinyproxy)
-if ! command -v node > /dev/null || ! command -v npm > /dev/null; then missing+=(nodejs npm); fi
-if ((${#missing[@]})); then
-    echo "==> installing what the tests need: ${missing[*]}"
-    if ! command -v apt-get > /dev/null; then
-        echo "tests/run.sh: ${missing[*]} missing, and no apt-get here to install them: install them, then run this again" >&2
-        exit 2
-    fi
-    sudo=()
-    if [[ "$(id -u)" != 0 ]]; then sudo=(sudo); fi
-    "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-fi
-
-node_major="$(node -p 'process.versions.node.split(".")[0]')"
-if ((node_major < 18)); then
-    echo "tests/run.sh: Node.js $(node --version) is too old for tests/oauth-server (oidc-provider 8 needs 18 or later)" >&2
-    exit 2
-fi
+bash tests/deps.sh
 npm ci --prefix tests/oauth-server --no-audit --no-fund --silent
 
 exec cargo test --locked --no-fail-fast "$@"

@@ -332,13 +332,21 @@ mod tests {
         let copied = |now| slot.with_header_at(now, <[u8]>::to_vec);
         assert!(slot.header_at(Instant::now()).is_none());
         assert!(copied(Instant::now()).is_none());
+        assert_eq!(
+            slot.status(Instant::now()),
+            (SlotState::Pending, None, None)
+        );
         slot.store(token(Duration::from_secs(10)));
         assert!(slot.header_at(Instant::now()).is_some());
+        let in_4s = Instant::now() + Duration::from_secs(4);
+        let valid = (SlotState::Valid, Some(Duration::from_secs(6)), None);
+        assert_eq!(slot.status(in_4s), valid);
         assert_eq!(copied(Instant::now()).as_deref(), Some(&b"Bearer t"[..]));
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(slot.header_at(Instant::now()).is_none());
         assert!(copied(Instant::now()).is_none());
-        assert_eq!(slot.status(Instant::now()).0, SlotState::Expired);
+        let expired = (SlotState::Expired, Some(Duration::ZERO), None);
+        assert_eq!(slot.status(Instant::now()), expired);
     }
 
     #[tokio::test(start_paused = true)]
@@ -442,5 +450,73 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("waited 2.0 s"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fetches_are_counted_by_outcome_and_attempts_tracked() {
+        let slot = TokenSlot::new("c");
+        assert!(slot.fetch_counts().is_empty());
+        for outcome in ["ok", "http_401", "ok"] {
+            slot.count_fetch(outcome);
+        }
+        let want = [("http_401".to_string(), 1), ("ok".to_string(), 2)];
+        assert_eq!(slot.fetch_counts(), want);
+        assert!(!slot.is_fetching());
+        slot.begin_attempt();
+        assert!(slot.is_fetching());
+        slot.store(token(Duration::from_secs(60)));
+        assert!(!slot.is_fetching());
+    }
+
+    /// The answer names the credential and the last error once, and how long until the next
+    /// attempt: what a client reads in its `503`.
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_token_is_explained_exactly() {
+        let slot = TokenSlot::new("c");
+        slot.begin_attempt();
+        let at = Instant::now() + Duration::from_secs(60);
+        slot.record_failure("connection refused".into(), at, at);
+        let e = slot.wait_for_header(Duration::from_secs(5)).await;
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "no valid token for credential c: connection refused (next attempt in 60.0 s)"
+        );
+        slot.begin_attempt();
+        let e = slot.wait_for_header(Duration::from_secs(2)).await;
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "no valid token for credential c: waited 2.0 s for the token endpoint; \
+             last error: connection refused"
+        );
+    }
+
+    /// Told that a request waits, the refresher retries within DEMAND_SPREAD of now even when
+    /// its wanted time has passed: a request waits for that only if its deadline is later.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_counts_on_a_demanded_retry_only_within_its_deadline() {
+        let slot = Arc::new(TokenSlot::new("c"));
+        slot.begin_attempt();
+        let now = Instant::now();
+        slot.record_failure("HTTP 503".into(), now + Duration::from_secs(60), now);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let short = DEMAND_SPREAD - Duration::from_secs(1);
+        let e = slot.wait_for_header(short).await.unwrap_err().to_string();
+        assert!(e.ends_with("HTTP 503 (next attempt in 5.0 s)"), "{e}");
+
+        let s = slot.clone();
+        let waiter = tokio::spawn(async move { s.wait_for_header(DEMAND_SPREAD * 2).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "waits for the retry");
+        slot.begin_attempt();
+        slot.store(token(Duration::from_secs(60)));
+        assert!(waiter.await.unwrap().is_ok());
+    }
+
+    /// The names `/readyz` reports, as README lists them.
+    #[test]
+    fn states_have_their_readyz_names() {
+        let names =
+            [SlotState::Pending, SlotState::Valid, SlotState::Expired].map(SlotState::as_str);
+        assert_eq!(names, ["pending", "valid", "expired"]);
     }
 }

@@ -309,57 +309,46 @@ impl TokenSource {
     /// The `application/x-www-form-urlencoded` body of a token request; `secret` is the
     /// client secret or the client assertion, as the credential says.
     fn form(&self, secret: &Secret) -> String {
-        // Sized up front so the buffer holding the secret never reallocates (a reallocation
-        // would leave a copy behind that is not zeroed).
-        let extra: usize = self
-            .config
-            .extra_params
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 2)
-            .sum();
-        let optional = [
-            &self.config.scope,
-            &self.config.audience,
-            &self.config.resource,
-        ];
-        let raw = 128
-            + self.config.client_id.len()
-            + secret.expose().len()
-            + optional
-                .iter()
-                .map(|o| o.as_ref().map_or(0, String::len))
-                .sum::<usize>()
-            + extra;
-        let mut form = form_urlencoded::Serializer::new(String::with_capacity(raw * 3));
-        form.append_pair("grant_type", "client_credentials");
-        match &self.config.client_credential {
+        let c = &self.config;
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(7 + c.extra_params.len());
+        pairs.push(("grant_type", "client_credentials"));
+        match &c.client_credential {
             ClientCredential::Secret(_) => {
-                if self.config.auth_method == AuthMethod::ClientSecretPost {
-                    form.append_pair("client_id", &self.config.client_id);
-                    form.append_pair("client_secret", secret.expose());
+                if c.auth_method == AuthMethod::ClientSecretPost {
+                    pairs.push(("client_id", &c.client_id));
+                    pairs.push(("client_secret", secret.expose()));
                 }
             }
             ClientCredential::PrivateKey(_) | ClientCredential::AssertionFile(_) => {
-                form.append_pair("client_id", &self.config.client_id);
-                form.append_pair("client_assertion_type", ASSERTION_TYPE);
-                form.append_pair("client_assertion", secret.expose());
+                pairs.push(("client_id", &c.client_id));
+                pairs.push(("client_assertion_type", ASSERTION_TYPE));
+                pairs.push(("client_assertion", secret.expose()));
             }
             // A managed identity's request is a `GET` (see `managed_identity_request`).
             ClientCredential::ManagedIdentity(_) => {}
         }
         for (name, value) in [
-            ("scope", &self.config.scope),
-            ("audience", &self.config.audience),
-            ("resource", &self.config.resource),
+            ("scope", &c.scope),
+            ("audience", &c.audience),
+            ("resource", &c.resource),
         ] {
             if let Some(value) = value {
-                form.append_pair(name, value);
+                pairs.push((name, value));
             }
         }
-        for (k, v) in &self.config.extra_params {
-            form.append_pair(k, v);
-        }
-        form.finish()
+        pairs.extend(c.extra_params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        // Sized exactly, so the buffer holding the secret never reallocates (a reallocation
+        // would leave a copy behind that is not zeroed): `name=value` joined by `&`.
+        let len = pairs
+            .iter()
+            .map(|(k, v)| encoded_len(k) + 1 + encoded_len(v))
+            .sum::<usize>()
+            + pairs.len().saturating_sub(1);
+        let mut form = form_urlencoded::Serializer::new(String::with_capacity(len));
+        form.extend_pairs(pairs);
+        let form = form.finish();
+        debug_assert_eq!(form.len(), len, "the token request form is sized exactly");
+        form
     }
 
     /// A managed identity's token request: a `GET` of the endpoint with the API version,
@@ -517,6 +506,17 @@ async fn read_secret_file(path: &PathBuf) -> Result<Secret, TokenError> {
     Ok(Secret::new(trimmed))
 }
 
+/// The length of `s` once form-urlencoded, as `form_urlencoded` encodes it: alphanumerics
+/// and `*-._` stay, a space becomes `+`, every other byte `%XX`.
+fn encoded_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' | b' ' => 1,
+            _ => 3,
+        })
+        .sum()
+}
+
 /// `Basic base64(urlencode(id) ":" urlencode(secret))`, as RFC 6749 §2.3.1 asks.
 fn basic_auth(client_id: &str, secret: &Secret) -> HeaderValue {
     use zeroize::Zeroizing;
@@ -525,9 +525,12 @@ fn basic_auth(client_id: &str, secret: &Secret) -> HeaderValue {
         Zeroizing::new(form_urlencoded::byte_serialize(secret.expose().as_bytes()).collect());
     let pair = Zeroizing::new(format!("{id}:{}", pw.as_str()));
     let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
-    let mut header = Vec::with_capacity(6 + encoded.len());
+    // Sized exactly, as the form is: the buffer holding the secret never reallocates.
+    let len = 6 + encoded.len();
+    let mut header = Vec::with_capacity(len);
     header.extend_from_slice(b"Basic ");
     header.extend_from_slice(encoded.as_bytes());
+    debug_assert_eq!(header.len(), len, "the Basic header is sized exactly");
     let mut value = HeaderValue::from_maybe_shared(crate::secret::zeroizing_bytes(header))
         .expect("base64 is a valid header value");
     value.set_sensitive(true);
@@ -937,5 +940,232 @@ mod tests {
             .decode(b64)
             .unwrap();
         assert_eq!(raw, b"id%3A1:p%40ss+word");
+    }
+
+    fn credential(extra: &str) -> CredentialConfig {
+        let text = format!(
+            "[credentials.api]\ntoken_url = \"https://login.example.com/t/token\"\n\
+             client_id = \"id\"\nclient_secret = \"s\"\n{extra}\n\
+             [[routes]]\nlisten = \"127.0.0.1:8080\"\nupstream = \"https://api.example.com/\"\n\
+             credential = \"api\"\n"
+        );
+        let config = crate::config::Config::parse(&text, "test.toml", &|_| None).unwrap();
+        config.credential("api").unwrap().clone()
+    }
+
+    /// The form's buffer is sized exactly (`form` asserts it), so the secret is never left
+    /// behind in a reallocated one: every field at its worst, each byte encoded to three, and
+    /// the fields that stay as they are; and what was encoded reads back as what was given.
+    #[test]
+    fn form_is_sized_exactly_and_reads_back() {
+        let every_byte: String = (1u8..=127).map(char::from).collect::<String>() + "é€ +";
+        let mut cfg = credential("scope = \"app/.default\"");
+        cfg.client_id = every_byte.clone();
+        cfg.scope = Some(every_byte.clone());
+        cfg.audience = Some("aud".into());
+        cfg.resource = Some(every_byte.clone());
+        cfg.extra_params = (0..50)
+            .map(|i| (format!("&{i}"), "&".repeat(i)))
+            .chain([("Type".into(), "oauth2".into())])
+            .collect();
+        let source = TokenSource::new(&cfg).unwrap();
+        let secret = Secret::new(every_byte.repeat(20));
+        let form = source.form(&secret);
+        let back: Vec<(String, String)> = form_urlencoded::parse(form.as_bytes())
+            .into_owned()
+            .collect();
+        let mut want: Vec<(String, String)> = [
+            ("grant_type", "client_credentials"),
+            ("client_id", &every_byte),
+            ("client_secret", secret.expose()),
+            ("scope", &every_byte),
+            ("audience", "aud"),
+            ("resource", &every_byte),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .to_vec();
+        want.extend(cfg.extra_params.iter().cloned());
+        assert!(back == want, "the form does not read back as its fields");
+
+        cfg.auth_method = AuthMethod::ClientSecretBasic;
+        cfg.scope = None;
+        cfg.audience = None;
+        cfg.resource = None;
+        cfg.extra_params.clear();
+        let form = TokenSource::new(&cfg).unwrap().form(&secret);
+        assert_eq!(
+            form, "grant_type=client_credentials",
+            "basic: no secret in the body"
+        );
+    }
+
+    /// Each OAuth error code gets its own fix, and a managed identity's differ.
+    #[test]
+    fn every_error_code_has_its_hint() {
+        let hint = |error: &str, managed_identity| {
+            let e = OAuthError {
+                error: error.into(),
+                managed_identity,
+                ..Default::default()
+            };
+            e.hint()
+        };
+        for (error, says) in [
+            ("invalid_client", "check client_id and the client secret"),
+            (
+                "unauthorized_client",
+                "may not use the client_credentials grant",
+            ),
+            ("invalid_scope", "check scope (Azure expects"),
+            ("invalid_request", "check token_url (tenant)"),
+            ("invalid_grant", "check the grant settings"),
+            (
+                "unsupported_grant_type",
+                "does not support the client_credentials grant",
+            ),
+            ("temporarily_unavailable", "retries with backoff"),
+            ("server_error", "retries with backoff"),
+            ("something_else", "see error_description"),
+        ] {
+            assert!(hint(error, false).contains(says), "{error}");
+        }
+        assert!(hint("invalid_request", true).starts_with("check that the identity"));
+        assert!(hint("other", true).starts_with("the platform's identity endpoint refused"));
+    }
+
+    /// The parts of an OAuth error that are there, in order, and nothing for those that are
+    /// not; the kind and the `/metrics` outcome of every error.
+    #[test]
+    fn errors_read_exactly() {
+        let bare = parse(400, r#"{"error":"invalid_grant"}"#).unwrap_err();
+        assert_eq!(
+            bare.to_string(),
+            "token endpoint answered HTTP 400: invalid_grant; hint: check the grant settings of the app registration"
+        );
+        assert_eq!(bare.kind_key(), "400 invalid_grant []");
+        assert_eq!(
+            bare.oauth_error().map(|o| o.error.as_str()),
+            Some("invalid_grant")
+        );
+        let full = parse(
+            401,
+            r#"{"error":"e","error_description":"d","error_codes":[1,2],"trace_id":"t","correlation_id":"c"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            full.oauth_error().unwrap().to_string(),
+            "e: d (error_codes [1, 2]) trace_id=t correlation_id=c; hint: see error_description"
+        );
+        assert_eq!(full.kind_key(), "401 e [1, 2]");
+        let errors = [
+            (parse(502, "").unwrap_err(), "502", "http_502"),
+            (
+                TokenError::SecretFile {
+                    path: "f".into(),
+                    problem: "gone".into(),
+                },
+                "secret file: gone",
+                "secret_file",
+            ),
+            (
+                TokenError::Timeout {
+                    url: "u".into(),
+                    secs: 1.0,
+                },
+                "timeout",
+                "timeout",
+            ),
+            (
+                TokenError::Unreachable {
+                    url: "u".into(),
+                    problem: "refused".into(),
+                },
+                "unreachable: refused",
+                "unreachable",
+            ),
+            (
+                TokenError::InvalidResponse("x".into()),
+                "invalid: x",
+                "invalid_response",
+            ),
+            (
+                TokenError::Credential("k".into()),
+                "credential: k",
+                "credential_file",
+            ),
+        ];
+        for (e, key, outcome) in errors {
+            assert_eq!(
+                (e.kind_key(), e.outcome()),
+                (key.to_string(), outcome.to_string())
+            );
+            assert!(e.oauth_error().is_none() && !e.is_permanent() && e.retry_after().is_none());
+        }
+        assert_eq!(
+            parse(502, "").unwrap_err().to_string(),
+            "token endpoint answered HTTP 502: empty body"
+        );
+        // A code that names the request as wrong is permanent whatever the status.
+        assert!(parse(403, r#"{"error":"invalid_scope"}"#)
+            .unwrap_err()
+            .is_permanent());
+        assert!(parse(403, r#"{"error":"unauthorized_client"}"#)
+            .unwrap_err()
+            .is_permanent());
+        assert!(!parse(403, r#"{"error":"access_denied"}"#)
+            .unwrap_err()
+            .is_permanent());
+        // An error in a 200 answer is still an error.
+        let ok_status = parse(200, r#"{"error":"invalid_client","access_token":"x"}"#).unwrap_err();
+        assert_eq!(ok_status.kind_key(), "200 invalid_client []");
+    }
+
+    /// Error texts are cut at MAX_TEXT characters, control characters become spaces, and the
+    /// secret is redacted, but an empty secret redacts nothing.
+    #[test]
+    fn error_texts_are_shortened_and_cleaned() {
+        let secret = Secret::new("s3");
+        let at_limit = "é".repeat(MAX_TEXT);
+        assert_eq!(sanitize(&at_limit, &secret), at_limit);
+        let over = at_limit.clone() + "x";
+        assert_eq!(sanitize(&over, &secret), at_limit + "…");
+        assert_eq!(sanitize("a\r\nb s3", &secret), "a  b <redacted>");
+        assert_eq!(sanitize("abc", &Secret::new("")), "abc");
+    }
+
+    /// What a body that is not JSON looks like: an HTML page by its content type or by its
+    /// first character, its size, and at most its first 120 bytes.
+    #[test]
+    fn bodies_that_are_not_json_are_described() {
+        let secret = Secret::new("s3");
+        let html = "an HTML page (a proxy, gateway or wrong token_url?)";
+        let d = describe_body("text/html", b"oops", &secret);
+        assert_eq!(d, format!("{html} (text/html, 4 bytes, starting \"oops\")"));
+        let d = describe_body("", b"  <p>s3</p>", &secret);
+        assert_eq!(
+            d,
+            format!("{html} (no content-type, 11 bytes, starting \"<p><redacted></p>\")")
+        );
+        let long = "x".repeat(200);
+        let d = describe_body("text/plain", long.as_bytes(), &secret);
+        let start = "x".repeat(120);
+        assert_eq!(
+            d,
+            format!("a non-JSON body (text/plain, 200 bytes, starting \"{start}\")")
+        );
+    }
+
+    /// An `expires_on` that is not a Unix time after 1970 counts as absent: the default
+    /// lifetime applies.
+    #[test]
+    fn expires_on_that_is_no_time_is_absent() {
+        for v in ["0", "-5", "\"soon\"", "\"\"", "null", "true"] {
+            let body = format!(r#"{{"access_token":"t","expires_on":{v}}}"#);
+            assert_eq!(
+                parse(200, &body).unwrap().1,
+                Duration::from_secs(600),
+                "{v}"
+            );
+        }
     }
 }
