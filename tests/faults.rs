@@ -115,6 +115,44 @@ async fn idp_body_over_1_mib_is_refused() {
     );
 }
 
+/// The limit is exact: a token response of 1 MiB (1048576 bytes) is taken, one byte more is
+/// refused.
+#[tokio::test]
+async fn idp_body_limit_is_exactly_1_mib() {
+    const LIMIT: usize = 1024 * 1024;
+    for (size, state) in [(LIMIT, "valid"), (LIMIT + 1, "pending")] {
+        let head = r#"{"access_token":"tok","expires_in":3600,"pad":""#;
+        let body = format!("{head}{}\"}}", "x".repeat(size - head.len() - 2));
+        assert_eq!(body.len(), size);
+        let idp = start_token_endpoint(MINUTE).await;
+        idp.state().set_canned(Some(CannedResponse::new(
+            StatusCode::OK,
+            "application/json",
+            body,
+        )));
+        let text = format!(
+            "admin_listen = \"127.0.0.1:0\"\n{}{}",
+            credential("api", &demo::token_url(&idp), ""),
+            route("http://127.0.0.1:9", "api", "")
+        );
+        let proxy = start_proxy(&text).await;
+        let admin = proxy.admin_addr().unwrap();
+        assert!(eventually(Duration::from_secs(5), || idp.state().request_count() == 1).await);
+        let settled = eventually_async(Duration::from_secs(5), || async {
+            let ready = get(admin, "/readyz").await.json();
+            let c = &ready["credentials"]["api"];
+            c["state"] == state && (state == "valid") == c["last_error"].is_null()
+        })
+        .await;
+        let ready = get(admin, "/readyz").await.json();
+        assert!(settled, "{size} bytes: {ready}");
+        if state == "pending" {
+            let e = ready["credentials"]["api"]["last_error"].as_str().unwrap();
+            assert!(e.contains("larger than 1048576 bytes"), "{e}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn idp_500_html_page_is_named_as_such() {
     let canned = CannedResponse::new(

@@ -425,6 +425,54 @@ async fn a_changed_ca_file_is_picked_up_without_a_restart() {
     }
 }
 
+/// The credential's `ca_file` too: the token client is rebuilt at the next token request once
+/// the file changes, and keeps working as long as it does not.
+#[tokio::test]
+async fn a_changed_ca_file_of_the_token_endpoint_is_picked_up_at_the_next_token_request() {
+    let pki = private_pki();
+    let other = private_pki();
+    let idp = start_token_endpoint(Duration::from_secs(60)).await;
+    let api = start_upstream(&idp).await;
+    let (idp_tls, _front) = tls_front(&pki, idp.addr()).await;
+    let ca_file = temp_file("idp-ca.pem", &other.ca_pem);
+    let text = format!(
+        "admin_listen = \"127.0.0.1:0\"\n{}{}",
+        credential(
+            "api",
+            &format!("https://localhost:{}/oauth2/v2.0/token", idp_tls.port()),
+            &format!("ca_file = \"{}\"", ca_file.display())
+        ),
+        route(
+            &format!("http://{}", api.addr()),
+            "api",
+            "token_wait_secs = 1"
+        )
+    );
+    let proxy = start_proxy(&text).await;
+    let admin = proxy.admin_addr().unwrap();
+    let refused = eventually_async(Duration::from_secs(5), || async {
+        let ready = get(admin, "/readyz").await.json();
+        let e = ready["credentials"]["api"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        e.contains("certificate")
+    })
+    .await;
+    assert!(refused, "the wrong CA refuses the token endpoint");
+    assert_eq!(idp.state().request_count(), 0);
+
+    let fresh = ca_file.with_extension("new");
+    std::fs::write(&fresh, &pki.ca_pem).unwrap();
+    std::fs::rename(&fresh, &ca_file).unwrap();
+    let through = eventually_async(Duration::from_secs(15), || async {
+        get(proxy.route_addrs()[0], "/x").await.status == StatusCode::OK
+    })
+    .await;
+    assert!(through, "a token through the new CA");
+    assert_eq!(idp.state().request_count(), 1);
+}
+
 #[tokio::test]
 async fn an_upstream_that_speaks_only_h2_gets_bodiless_requests_over_h2() {
     // The lean exchange offers only http/1.1; this upstream refuses it in the handshake.

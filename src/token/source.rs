@@ -458,12 +458,6 @@ impl TokenSource {
                         secs: self.config.token_timeout.as_secs_f64(),
                     })
                 }
-                Ok(Err(e)) if e.is_timeout() => {
-                    return Err(TokenError::Timeout {
-                        url: url.into(),
-                        secs: self.config.token_timeout.as_secs_f64(),
-                    })
-                }
                 Ok(Err(e)) => {
                     return Err(TokenError::Unreachable {
                         url: url.into(),
@@ -742,6 +736,8 @@ fn build_client(cfg: &CredentialConfig) -> Result<reqwest::Client, tls::TlsError
         .tls_backend_preconfigured(tls)
         // The secret goes in the body: never let a redirect carry it to another host.
         .redirect(reqwest::redirect::Policy::none())
+        // A backstop only: `exchange`'s own timeout, of the same length, starts first, so it
+        // is the one that fires and names the failure.
         .connect_timeout(cfg.token_timeout)
         .timeout(cfg.token_timeout)
         .user_agent(concat!("token-proxy/", env!("CARGO_PKG_VERSION")))
@@ -824,6 +820,8 @@ mod tests {
             r#"{"access_token":"a","expires_in":"soon"}"#,
             r#"{"token_type":"Bearer","expires_in":10}"#,
             r#"{"access_token":"a","token_type":"mac"}"#,
+            r#"{"access_token":"","expires_in":10}"#,
+            r#"{"access_token":5,"expires_in":10}"#,
             "<!DOCTYPE html><html>oops</html>",
         ] {
             assert!(parse(200, body).is_err(), "{body}");
