@@ -615,4 +615,34 @@ mod tests {
             "the reload waits out Retry-After, not its spread: {calls:?}"
         );
     }
+
+    /// A reload within MIN_RETRY of the last attempt plans the retry for MIN_RETRY after it,
+    /// and says so to the slot: a request that arrives meanwhile waits for that retry, rather
+    /// than failing fast on the old plan (a permanent error's long backoff).
+    #[tokio::test(start_paused = true)]
+    async fn a_request_after_a_reload_waits_for_the_retry_it_planned() {
+        let script = Script::new(vec![Err(rejected(401, None)), Ok(S(600))]);
+        let Running {
+            slot,
+            t0,
+            cancel,
+            task,
+        } = start(&script, S(300));
+        until_calls(&script, 1, S(1)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        slot.retry_failing();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let asked = Instant::now();
+        let header = slot.wait_for_header(MIN_RETRY).await;
+        assert!(header.is_ok(), "{header:?}");
+        assert!(
+            asked.elapsed() > Duration::from_millis(500),
+            "{:?}",
+            asked.elapsed()
+        );
+        cancel.cancel();
+        task.await.unwrap();
+        let calls = script.calls(t0);
+        assert!((0.999..1.1).contains(&(calls[1] - calls[0])), "{calls:?}");
+    }
 }

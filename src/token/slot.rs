@@ -410,6 +410,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn invalidation_retires_only_the_exact_token_and_is_rate_limited() {
         let slot = TokenSlot::new("c");
+        // Not at once: the interval is counted from the last invalidation, not from the start.
+        tokio::time::advance(Duration::from_secs(10)).await;
         slot.store(token(Duration::from_secs(60)));
         let used = slot.header_at(Instant::now()).unwrap();
         assert!(slot.invalidate(used.as_bytes()));
@@ -518,5 +520,24 @@ mod tests {
         let names =
             [SlotState::Pending, SlotState::Valid, SlotState::Expired].map(SlotState::as_str);
         assert_eq!(names, ["pending", "valid", "expired"]);
+    }
+
+    /// An invalidation in the slot's very first millisecond starts the interval too (its
+    /// time is stored one more than the milliseconds since the slot was made: 0 means never).
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_holds_from_the_slots_first_millisecond() {
+        let slot = TokenSlot::new("c");
+        slot.store(token(Duration::from_secs(60)));
+        let used = slot.header_at(Instant::now()).unwrap();
+        assert!(slot.invalidate(used.as_bytes()));
+        let newer = Token::new(
+            &Secret::new("t2"),
+            Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
+        slot.store(newer.unwrap());
+        let newer = slot.header_at(Instant::now()).unwrap();
+        assert!(!slot.invalidate(newer.as_bytes()), "rate limited");
+        assert!(slot.header_at(Instant::now()).is_some());
     }
 }
