@@ -883,13 +883,17 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs()
-            + 600;
+            + 900; // not the default lifetime (600 s)
         let (_, lifetime) = parse(
             200,
             &format!(r#"{{"access_token":"t","expires_on":"{at}","token_type":"Bearer"}}"#),
         )
         .unwrap();
-        assert!((598..=600).contains(&lifetime.as_secs()), "{lifetime:?}");
+        assert!((898..=900).contains(&lifetime.as_secs()), "{lifetime:?}");
+        // As a number, too.
+        let (_, lifetime) =
+            parse(200, &format!(r#"{{"access_token":"t","expires_on":{at}}}"#)).unwrap();
+        assert!((898..=900).contains(&lifetime.as_secs()), "{lifetime:?}");
         let past = parse(200, r#"{"access_token":"t","expires_on":"1000"}"#).unwrap_err();
         assert!(past.to_string().contains("expires_on"), "{past}");
     }
