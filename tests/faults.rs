@@ -115,6 +115,27 @@ async fn idp_body_over_1_mib_is_refused() {
     );
 }
 
+/// A proxy whose token endpoint answers `body` (HTTP 200, JSON), once it has made its first
+/// token request; its route goes nowhere. The endpoint and the proxy.
+async fn proxy_after_one_token_answer(
+    body: impl Into<String>,
+) -> (demo::DemoServer<demo::IdpState>, token_proxy::app::Running) {
+    let idp = start_token_endpoint(MINUTE).await;
+    idp.state().set_canned(Some(CannedResponse::new(
+        StatusCode::OK,
+        "application/json",
+        body,
+    )));
+    let text = format!(
+        "admin_listen = \"127.0.0.1:0\"\n{}{}",
+        credential("api", &demo::token_url(&idp), ""),
+        route("http://127.0.0.1:9", "api", "")
+    );
+    let proxy = start_proxy(&text).await;
+    assert!(eventually(Duration::from_secs(5), || idp.state().request_count() == 1).await);
+    (idp, proxy)
+}
+
 /// The limit is exact: a token response of 1 MiB (1048576 bytes) is taken, one byte more is
 /// refused.
 #[tokio::test]
@@ -124,20 +145,8 @@ async fn idp_body_limit_is_exactly_1_mib() {
         let head = r#"{"access_token":"tok","expires_in":3600,"pad":""#;
         let body = format!("{head}{}\"}}", "x".repeat(size - head.len() - 2));
         assert_eq!(body.len(), size);
-        let idp = start_token_endpoint(MINUTE).await;
-        idp.state().set_canned(Some(CannedResponse::new(
-            StatusCode::OK,
-            "application/json",
-            body,
-        )));
-        let text = format!(
-            "admin_listen = \"127.0.0.1:0\"\n{}{}",
-            credential("api", &demo::token_url(&idp), ""),
-            route("http://127.0.0.1:9", "api", "")
-        );
-        let proxy = start_proxy(&text).await;
+        let (_idp, proxy) = proxy_after_one_token_answer(body).await;
         let admin = proxy.admin_addr().unwrap();
-        assert!(eventually(Duration::from_secs(5), || idp.state().request_count() == 1).await);
         let settled = eventually_async(Duration::from_secs(5), || async {
             let ready = get(admin, "/readyz").await.json();
             let c = &ready["credentials"]["api"];
@@ -258,20 +267,8 @@ async fn idp_expires_in_huge_is_clamped_and_missing_uses_the_default() {
             3_599,
         ),
     ] {
-        let idp = start_token_endpoint(MINUTE).await;
-        idp.state().set_canned(Some(CannedResponse::new(
-            StatusCode::OK,
-            "application/json",
-            body,
-        )));
-        let text = format!(
-            "admin_listen = \"127.0.0.1:0\"\n{}{}",
-            credential("api", &demo::token_url(&idp), ""),
-            route("http://127.0.0.1:9", "api", "")
-        );
-        let proxy = start_proxy(&text).await;
+        let (_idp, proxy) = proxy_after_one_token_answer(body).await;
         let admin = proxy.admin_addr().unwrap();
-        assert!(eventually(Duration::from_secs(5), || idp.state().request_count() == 1).await);
         let mut left = 0;
         for _ in 0..50 {
             let ready = get(admin, "/readyz").await;
