@@ -482,9 +482,10 @@ mod tests {
             .filter(|l| l.contains("token refresh failed"))
             .map(|l| {
                 let level = l.split_whitespace().next().unwrap();
+                // By "HTTP <status>": a bare "401" can turn up in the random retry time.
                 let status = ["401", "400"]
                     .into_iter()
-                    .find(|s| l.contains(s))
+                    .find(|s| l.contains(&format!("HTTP {s}")))
                     .unwrap_or("?");
                 (level, status)
             })
