@@ -500,14 +500,11 @@ async fn read_secret_file(path: &PathBuf) -> Result<Secret, TokenError> {
     Ok(Secret::new(trimmed))
 }
 
-/// The length of `s` once form-urlencoded, as `form_urlencoded` encodes it: alphanumerics
-/// and `*-._` stay, a space becomes `+`, every other byte `%XX`.
+/// The length of `s` once form-urlencoded, by `form_urlencoded`'s own encoder (its pieces
+/// borrow from `s` or are static: nothing is allocated).
 fn encoded_len(s: &str) -> usize {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' | b' ' => 1,
-            _ => 3,
-        })
+    form_urlencoded::byte_serialize(s.as_bytes())
+        .map(str::len)
         .sum()
 }
 
